@@ -1,0 +1,46 @@
+# The two commands of the quick start:
+#   make run    set up .venv, then plan, validate and plot the built-in demo (configs/demo.toml)
+#   make test   set up .venv, then lint (ruff, mypy) and run the whole test suite
+# Both need only a Python >= 3.11 on PATH; everything else is installed into .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= out
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format bench notebooks clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/sharding-roofline run configs/demo.toml --out-dir $(OUT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks notebooks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests benchmarks notebooks
+	$(BIN)/ruff format src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/planner_speed.py
+	$(BIN)/python benchmarks/xla_agreement.py
+
+notebooks: $(STAMP)
+	$(BIN)/python -m sharding_roofline._notebooks notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache
