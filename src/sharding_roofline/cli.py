@@ -1,0 +1,293 @@
+"""The ``sharding-roofline`` command line. ``--json`` output is the stable interface
+(``shared/cli_contract.md``); human output may evolve. Our errors print one line on stderr
+and exit 1; usage errors exit 2; neither prints a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .collectives import Collective, collective_cost, parse_collective
+from .einsum import Einsum
+from .errors import ShardingRooflineError, SpecError
+from .estimate import Overlap
+from .mesh import DeviceMesh
+from .planner import Planner
+from .presets import list_presets, load_preset
+from .report import (
+    collective_dict,
+    format_collective,
+    format_hardware,
+    format_hardware_list,
+    format_plan,
+    format_ranking,
+    hardware_dict,
+    mesh_dict,
+    plan_dict,
+    ranking_dict,
+)
+from .sharding import ShardingSpec
+
+_LETTERS = "ijklmnopqrstuvwxyz"
+
+
+def _mesh_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hardware", required=True, help="a preset (see 'hardware list') or a .toml path")
+    parser.add_argument("--topology", help="TPU slice (4x4x8) or GPU NODESxGPUS (32x8); default: the mesh shape")
+    parser.add_argument("--num-slices", type=int, default=1, help="TPU slices joined over DCN (default 1)")
+    parser.add_argument("--mesh", required=True, help="named axes, major to minor: x=4,y=4")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> None:
+    _mesh_args(parser)
+    parser.add_argument("--einsum", required=True, help="two-operand equation, e.g. bd,df->bf")
+    parser.add_argument("--dims", required=True, help="global size of every letter: b=8192,d=8192,f=32768")
+    parser.add_argument("--dtype", default="bfloat16", help="operand dtype (default bfloat16)")
+    parser.add_argument("--accum-dtype", help="dtype of the result and its reductions (default: --dtype)")
+    for role in ("lhs", "rhs", "out"):
+        parser.add_argument(
+            f"--{role}",
+            required=required_specs,
+            help=f"PartitionSpec of the {role} (e.g. x,None; x+y for two axes; None replicated)",
+        )
+    parser.add_argument(
+        "--overlap",
+        choices=[o.value for o in Overlap],
+        default=Overlap.FULL.value,
+        help="how compute and communication combine: full (max, default) or none (sum)",
+    )
+    parser.add_argument("--crossover-dim", help="letter whose crossover size to report (default: the batch)")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the strategy breakdown to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharding-roofline",
+        description="Plan and cost sharded einsums on TPU and GPU meshes (after the scaling book).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    hw = sub.add_parser("hardware", help="list or show hardware presets")
+    hw_sub = hw.add_subparsers(dest="hardware_command", required=True, metavar="ACTION")
+    hw_list = hw_sub.add_parser("list", help="the shipped presets")
+    hw_list.add_argument("--json", action="store_true")
+    hw_show = hw_sub.add_parser("show", help="one preset, with every number's source")
+    hw_show.add_argument("name", help="a preset name or a .toml path")
+    hw_show.add_argument("--json", action="store_true")
+
+    coll = sub.add_parser("collective", help="the cost of one collective on one array")
+    _mesh_args(coll)
+    coll.add_argument("--op", required=True, help=", ".join(k.value for k in Collective))
+    coll.add_argument("--axes", required=True, help="mesh axes the collective runs over: y or x,y")
+    coll.add_argument("--shape", required=True, help="the array's global shape: 2048,8192")
+    coll.add_argument("--spec", default="", help="its PartitionSpec before the collective (default replicated)")
+    coll.add_argument("--dtype", default="bfloat16")
+    coll.add_argument(
+        "--dim",
+        type=int,
+        help="array dimension to scatter onto (reduce-scatter) or move the axes to (all-to-all)",
+    )
+
+    est = sub.add_parser("estimate", help="cost one sharding strategy")
+    _einsum_args(est, required_specs=True)
+
+    pl = sub.add_parser("plan", help="rank every strategy (fix any of --lhs/--rhs/--out)")
+    _einsum_args(pl, required_specs=False)
+    pl.add_argument("--top", type=int, default=10, help="how many strategies to show (default 10)")
+    pl.add_argument("--explain", action="store_true", help="also list rejected candidates and why")
+    pl.add_argument("--no-memory-check", action="store_true", help="keep strategies that overflow HBM")
+
+    run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
+    run.add_argument("config", help="path of a .toml experiment config")
+    run.add_argument("--out-dir", default="out", help="where to write the report and figures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ShardingRooflineError as exc:
+        print(f"sharding-roofline: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # pragma: no cover - e.g. piped into head
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "hardware":
+        return _hardware(args)
+    if args.command == "collective":
+        return _collective(args)
+    if args.command in ("estimate", "plan"):
+        return _plan(args)
+    if args.command == "run":
+        from .experiments import run_config
+
+        run_config(args.config, args.out_dir)
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=False))
+    else:
+        print(text)
+
+
+def _hardware(args: argparse.Namespace) -> int:
+    if args.hardware_command == "list":
+        specs = [load_preset(name) for name in list_presets()]
+        _emit(args, {"presets": [hardware_dict(s) for s in specs]}, format_hardware_list(specs))
+        return 0
+    spec = load_preset(args.name)
+    _emit(args, hardware_dict(spec), format_hardware(spec))
+    return 0
+
+
+def make_mesh(args: argparse.Namespace) -> DeviceMesh:
+    return DeviceMesh.create(
+        load_preset(args.hardware), args.mesh, args.topology, num_slices=args.num_slices
+    )
+
+
+def _collective(args: argparse.Namespace) -> int:
+    mesh = make_mesh(args)
+    kind = parse_collective(args.op)
+    axes = [a.strip() for a in args.axes.split(",") if a.strip()]
+    if not axes:
+        raise SpecError("--axes names no mesh axis; give one or more, e.g. --axes y or --axes x,y")
+    ordered = mesh.ordered(axes)
+    try:
+        shape = tuple(int(s) for s in args.shape.replace("x", ",").split(","))
+    except ValueError:
+        raise SpecError(f"--shape {args.shape!r} must be sizes like 2048,8192") from None
+    axis_size = {a.name: a.size for a in mesh.axes}
+    spec = ShardingSpec.parse(args.spec or None, rank=len(shape))
+    letters = _LETTERS[: len(shape)]
+    spec.check(shape=shape, axis_size=axis_size, what="A", letters=letters)
+    after, unreduced = _collective_after(kind, spec, ordered, shape, axis_size, args.dim)
+    elements = 1
+    for size in spec.local_shape(shape, axis_size):
+        elements *= size
+    cost = collective_cost(mesh, kind, ordered, elements_in_per_chip=elements, dtype=args.dtype)
+    sub = "".join(ordered) if all(len(a) == 1 for a in ordered) else "{" + ",".join(ordered) + "}"
+    u_sub = " {U_" + sub + "}" if unreduced else ""
+    notation = (
+        f"{kind.book_name}_{sub} {spec.notation('A', letters)}{u_sub} -> {after.notation('A', letters)}"
+    )
+    data = {
+        **collective_dict(cost, notation=notation),
+        **mesh_dict(mesh),
+        "shape": list(shape),
+        "spec": spec.text(),
+        "spec_after": after.text(),
+    }
+    _emit(args, data, f"{mesh}\n" + format_collective(cost, notation))
+    return 0
+
+
+def _collective_after(
+    kind: Collective,
+    spec: ShardingSpec,
+    axes: tuple[str, ...],
+    shape: tuple[int, ...],
+    axis_size: dict[str, int],
+    dim: int | None,
+) -> tuple[ShardingSpec, bool]:
+    """The array's sharding after the collective, checking the request makes sense."""
+    used = set(spec.axes)
+    group = 1
+    for a in axes:
+        group *= axis_size[a]
+    if kind in (Collective.ALL_GATHER, Collective.ALL_TO_ALL):
+        missing = [a for a in axes if a not in used]
+        if missing:
+            raise SpecError(
+                f"{kind.value} over {'+'.join(axes)} needs the array sharded over "
+                f"{', '.join(missing)}, but --spec {spec.text()!r} does not use it; gathering or "
+                "moving an axis the array is replicated over does nothing"
+            )
+    if kind in (Collective.REDUCE_SCATTER, Collective.ALL_REDUCE):
+        clash = [a for a in axes if a in used]
+        if clash:
+            raise SpecError(
+                f"{kind.value} over {'+'.join(axes)} reduces partial sums held across "
+                f"{', '.join(clash)}, so --spec must not shard a dimension over it (got "
+                f"{spec.text()!r}); give the layout of the unreduced array"
+            )
+    if kind is Collective.ALL_GATHER:
+        return spec.without(axes), False
+    if kind is Collective.ALL_REDUCE:
+        return spec, True
+    if kind is Collective.COLLECTIVE_PERMUTE:
+        return spec, False
+    local = spec.local_shape(shape, axis_size)
+    source = next((i for i, d in enumerate(spec.dims) if set(axes) & set(d)), None)
+    if dim is None:
+        dim = next(
+            (i for i, n in enumerate(local) if n % group == 0 and i != source), None
+        )
+        if dim is None:
+            raise SpecError(
+                f"no dimension of {tuple(shape)} (local {local}) divides into {group} pieces for "
+                f"{kind.value} over {'+'.join(axes)}; choose sizes divisible by {group}"
+            )
+    if not 0 <= dim < len(shape):
+        raise SpecError(f"--dim {dim} is out of range for a rank-{len(shape)} array (0..{len(shape) - 1})")
+    if local[dim] % group:
+        raise SpecError(
+            f"--dim {dim} has local size {local[dim]}, which does not split into {group} pieces "
+            f"for {kind.value} over {'+'.join(axes)}"
+        )
+    base = spec.without(axes) if kind is Collective.ALL_TO_ALL else spec
+    return base.with_axes(dim, axes), kind is Collective.REDUCE_SCATTER
+
+
+def make_einsum(args: argparse.Namespace) -> Einsum:
+    return Einsum.create(args.einsum, args.dims, dtype=args.dtype, accum_dtype=args.accum_dtype)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    mesh = make_mesh(args)
+    einsum = make_einsum(args)
+    overlap = Overlap(args.overlap)
+    if args.crossover_dim:
+        einsum.size(args.crossover_dim.lower())
+    cross = args.crossover_dim.lower() if args.crossover_dim else None
+    if args.command == "estimate":
+        planner = Planner(einsum, mesh, lhs=args.lhs, rhs=args.rhs, out=args.out, overlap=overlap, check_memory=False)
+        ranking = planner.estimate(alternatives=0)
+        best = ranking.best
+        _emit(args, plan_dict(best, overlap=overlap, crossover_dim=cross), format_plan(best, overlap=overlap, crossover_dim=cross))
+        plans = [best]
+    else:
+        planner = Planner(
+            einsum,
+            mesh,
+            lhs=args.lhs,
+            rhs=args.rhs,
+            out=args.out,
+            overlap=overlap,
+            check_memory=not args.no_memory_check,
+        )
+        ranking = planner.search(top=max(1, args.top), explain=args.explain)
+        _emit(args, ranking_dict(ranking, crossover_dim=cross), format_ranking(ranking, crossover_dim=cross))
+        plans = list(ranking.strategies)
+    if args.plot:
+        from .plot import save_breakdown
+
+        save_breakdown(plans, args.plot, overlap=overlap)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

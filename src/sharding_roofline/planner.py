@@ -1,0 +1,799 @@
+"""Which collectives a sharded einsum needs, and the ranking of every strategy.
+
+A *strategy* assigns mesh axes to the einsum's letters, each axis to at most one letter
+(``σ``, e.g. ``b:x, f:y``). It fixes the layout of both operands at the op, so the local
+einsum is valid by construction: a letter shared by the operands is split the same way in
+both, and no mesh axis splits two different letters (the book's invalid case 4). Axes on
+summed letters leave the local result unreduced (``{U_y}``).
+
+Around that local einsum the planner adds the cheapest exact sequence of collectives:
+
+* before it, each operand goes from its stored layout to its layout at the op
+  (all-gather, all-to-all, or a free dynamic slice of a replicated dimension);
+* after it, the unreduced axes are reduced, by reduce-scatter onto a dimension the output
+  wants split by that axis, else by all-reduce, and the result is resharded to the
+  requested output.
+
+The book's four cases fall out: case 1 needs nothing; case 2 (``A[I, J_x]·B[J, K]``) is
+either an all-gather of A, or a free slice of B, a partial matmul and an all-reduce, and
+the cheaper wins; case 3 reduces; case 4 gathers one input. ``estimate`` fixes the stored
+operand layouts and the output and picks the best strategy; ``search`` also chooses the
+free layouts and ranks every candidate. Invalid candidates are never errors inside the
+search: they become ``Rejected(strategy, reason)``, which ``plan --explain`` prints.
+
+Each resharding step is exact about layout: an all-gather removes the minor-most axes of a
+dimension, a slice or reduce-scatter appends minor-most axes, and an all-to-all moves the
+minor-most axes of one dimension to the end of another, so a ``shard_map`` program can issue
+exactly these steps (the validator does).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .collectives import Collective, CollectiveCost, collective_cost, group_bytes, rate
+from .dtypes import dtype_bytes
+from .einsum import Einsum
+from .errors import PlanError, SpecError
+from .estimate import CommTerm, Cost, Overlap, local_cost
+from .mesh import DeviceMesh
+from .sharding import ShardedOperation, ShardingSpec
+from .units import format_bytes
+
+Dims = tuple[tuple[str, ...], ...]
+ROLES = ("lhs", "rhs", "out")
+_NAMES = {"lhs": "A", "rhs": "B", "out": "C"}
+
+
+# -- plan objects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One step on one array: a collective, or (``kind is None``) a free local slice."""
+
+    operand: str
+    kind: Collective | None
+    axes: tuple[str, ...]
+    before: ShardingSpec
+    after: ShardingSpec
+    unreduced_before: tuple[str, ...] = ()
+    unreduced_after: tuple[str, ...] = ()
+    cost: CollectiveCost | None = None
+
+    def notation(self, letters: str) -> str:
+        """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation)."""
+        name = _NAMES[self.operand]
+        label = self.kind.book_name if self.kind else "DynamicSlice"
+        sub = "".join(self.axes) if all(len(a) == 1 for a in self.axes) else "{" + ",".join(self.axes) + "}"
+        before = self.before.notation(name, letters) + _unreduced(self.unreduced_before)
+        after = self.after.notation(name, letters) + _unreduced(self.unreduced_after)
+        return f"{label}_{sub} {before} -> {after}"
+
+
+def _unreduced(axes: tuple[str, ...]) -> str:
+    if not axes:
+        return ""
+    sub = "".join(axes) if all(len(a) == 1 for a in axes) else "{" + ",".join(axes) + "}"
+    return " {U_" + sub + "}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A strategy with its collectives and its cost per chip."""
+
+    einsum: Einsum
+    mesh: DeviceMesh
+    lhs: ShardingSpec  # as stored
+    rhs: ShardingSpec  # as stored
+    out: ShardingSpec  # as produced
+    assignment: tuple[tuple[str, tuple[str, ...]], ...]  # σ: letter -> axes
+    operation: ShardedOperation  # the local einsum at the op
+    steps: tuple[Step, ...]
+    cost: Cost
+    peak_memory_bytes: int
+
+    @property
+    def collectives(self) -> tuple[Step, ...]:
+        return tuple(step for step in self.steps if step.kind is not None)
+
+    @property
+    def strategy(self) -> str:
+        """The stored operands and produced output: ``A[B_x, D] · B[D, F_y] -> C[B_x, F_y]``."""
+        spec = self.einsum.spec
+        return (
+            f"{self.lhs.notation('A', spec.lhs)} · {self.rhs.notation('B', spec.rhs)} -> "
+            f"{self.out.notation('C', spec.out)}"
+        )
+
+    def describe(self) -> str:
+        """The strategy, then each step in order with the local einsum among them."""
+        spec = self.einsum.spec
+        lines = [self.strategy]
+        for step in self.steps:
+            if step.operand == "out":
+                break
+            lines.append("  " + step.notation(spec.operand(step.operand)))
+        lines.append(f"  local: {self.operation}")
+        lines.extend(
+            "  " + step.notation(spec.out) for step in self.steps if step.operand == "out"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.strategy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejected:
+    """A candidate the planner did not keep, and why."""
+
+    strategy: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ranking:
+    """The result of a search: the best strategies first, and what was left out."""
+
+    einsum: Einsum
+    mesh: DeviceMesh
+    overlap: Overlap
+    strategies: tuple[Plan, ...]
+    num_candidates: int
+    num_valid: int
+    num_rejected: int
+    rejected: tuple[Rejected, ...] = ()
+
+    @property
+    def best(self) -> Plan:
+        return self.strategies[0]
+
+
+# -- the exact resharding engine ---------------------------------------------------------------
+
+_RawStep = tuple[Collective | None, tuple[str, ...], Dims, Dims, tuple[str, ...], tuple[str, ...]]
+
+
+@functools.lru_cache(maxsize=65536)
+def reshard_path(
+    src: Dims, dst: Dims, unreduced: tuple[str, ...] = (), mesh_order: tuple[str, ...] = ()
+) -> tuple[_RawStep, ...]:
+    """The steps taking an array from layout ``src`` (unreduced over ``unreduced``) to
+    ``dst``. Each step: (kind or None for a slice, axes, before, after, unreduced before,
+    unreduced after).
+
+    Per dimension the common prefix of ``src`` and ``dst`` stays; the rest of ``src`` is
+    removed (from the minor end) and the rest of ``dst`` appended in order. Greedy, cheapest
+    first: free slices and reduce-scatters shrink the array before anything moves; an axis
+    leaving one dimension for another goes by all-to-all; all-reduce handles unreduced axes
+    the output does not split; all-gathers come last, when the array is smallest.
+    """
+    rank = len(dst)
+    current = [list(d) for d in src]
+    pending_u = list(unreduced)
+    prefix = [_common_prefix(src[d], dst[d]) for d in range(rank)]
+    queue = [list(dst[d][prefix[d] :]) for d in range(rank)]
+    wanted_in = {axis: d for d in range(rank) for axis in queue[d]}
+    added = [False] * rank  # dimension d has started taking its new axes
+    steps: list[_RawStep] = []
+
+    def removals(d: int) -> list[str]:
+        # what is left of src beyond the kept prefix; appends happen only once it is empty
+        return current[d][prefix[d] :] if len(current[d]) > prefix[d] and not added[d] else []
+
+    def snapshot() -> Dims:
+        return tuple(tuple(d) for d in current)
+
+    def emit(kind: Collective | None, axes: list[str], before: Dims, u_before: list[str]) -> None:
+        steps.append((kind, tuple(axes), before, snapshot(), tuple(u_before), tuple(pending_u)))
+
+    guard = 0
+    while True:
+        guard += 1
+        if guard > 8 * (rank + len(unreduced) + 4) ** 2:  # pragma: no cover - a bug guard
+            raise PlanError(f"resharding {src} -> {dst} did not converge (a planner bug)")
+        progress = False
+        used = {axis for d in current for axis in d}
+        # 1. append to dimensions whose removals are done: slices, reduce-scatters, moves
+        for e in range(rank):
+            if removals(e):
+                continue
+            while queue[e]:
+                head = queue[e][0]
+                added[e] = True
+                before, u_before = snapshot(), list(pending_u)
+                if head in pending_u:
+                    group = _take_while(queue[e], lambda a: a in pending_u)
+                    for axis in group:
+                        pending_u.remove(axis)
+                    current[e].extend(group)
+                    emit(Collective.REDUCE_SCATTER, group, before, u_before)
+                elif head not in used:
+                    group = _take_while(queue[e], lambda a: a not in used and a not in pending_u)
+                    current[e].extend(group)
+                    emit(None, group, before, u_before)
+                else:
+                    source = next(d for d in range(rank) if head in current[d])
+                    tail = removals(source)
+                    if source == e or not tail or head not in tail:
+                        break
+                    # move the run of queue heads that sit, in order, at the end of `source`
+                    start = tail.index(head)
+                    run = tail[start:]
+                    if queue[e][: len(run)] != run:
+                        break
+                    del queue[e][: len(run)]
+                    del current[source][len(current[source]) - len(run) :]
+                    current[e].extend(run)
+                    emit(Collective.ALL_TO_ALL, run, before, u_before)
+                progress = True
+                used = {axis for d in current for axis in d}
+        if progress:
+            continue
+        # 2. all-reduce the unreduced axes the output does not split
+        leftover = [axis for axis in pending_u if axis not in wanted_in]
+        if leftover:
+            before, u_before = snapshot(), list(pending_u)
+            for axis in leftover:
+                pending_u.remove(axis)
+            emit(Collective.ALL_REDUCE, _in_order(leftover, mesh_order), before, u_before)
+            continue
+        # 3. all-gather: the longest minor run of axes not wanted in another dimension
+        pending_dims = [d for d in range(rank) if removals(d)]
+        if not pending_dims:
+            break
+        for d in pending_dims:
+            tail = removals(d)
+            run: list[str] = []
+            for axis in reversed(tail):
+                if wanted_in.get(axis, d) != d:
+                    break
+                run.insert(0, axis)
+            if run:
+                break
+        else:
+            d = pending_dims[0]
+            run = removals(d)[-1:]  # break a cycle (x<->y swaps): gather one axis
+        before, u_before = snapshot(), list(pending_u)
+        del current[d][len(current[d]) - len(run) :]
+        emit(Collective.ALL_GATHER, run, before, u_before)
+    if snapshot() != dst or pending_u:  # pragma: no cover - a bug guard
+        raise PlanError(f"resharding {src} -> {dst} ended at {snapshot()} (a planner bug)")
+    return tuple(steps)
+
+
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _take_while(queue: list[str], keep: Any) -> list[str]:
+    taken: list[str] = []
+    while queue and keep(queue[0]):
+        taken.append(queue.pop(0))
+    return taken
+
+
+def _in_order(axes: Sequence[str], order: tuple[str, ...]) -> list[str]:
+    if not order:
+        return list(axes)
+    return sorted(axes, key=order.index)
+
+
+# -- the search --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Path:
+    steps: tuple[_RawStep, ...]
+    time_s: float
+    bytes_sent: float
+
+
+_EMPTY = _Path((), 0.0, 0.0)
+
+
+@dataclass(slots=True)
+class _Context:
+    """Per-request caches for the hot path: sizes, collective rates, paths."""
+
+    einsum: Einsum
+    mesh: DeviceMesh
+    overlap: Overlap
+    fixed: dict[str, Dims]
+    axis_size: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    letters: dict[str, str] = field(default_factory=dict)
+    itemsize: dict[str, int] = field(default_factory=dict)
+    peak_flops_per_s: float = 0.0
+    hbm_bytes_per_s: float = 0.0
+    hbm_capacity_bytes: float = 0.0
+    mesh_order: tuple[str, ...] = ()
+    _elems: dict[tuple[str, Dims], int] = field(default_factory=dict)
+    _paths: dict[tuple[str, Dims, Dims, tuple[str, ...]], _Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = self.einsum.spec
+        self.axis_size = {axis.name: axis.size for axis in self.mesh.axes}
+        self.sizes = dict(self.einsum.dims)
+        self.letters = {"lhs": spec.lhs, "rhs": spec.rhs, "out": spec.out}
+        self.itemsize = {
+            "lhs": dtype_bytes(self.einsum.dtype),
+            "rhs": dtype_bytes(self.einsum.dtype),
+            "out": dtype_bytes(self.einsum.accum_dtype),
+        }
+        chip = self.mesh.hardware.chip
+        self.peak_flops_per_s = chip.peak_flops_per_s_for(self.einsum.dtype)
+        self.hbm_bytes_per_s = chip.hbm_bytes_per_s
+        self.hbm_capacity_bytes = chip.hbm_capacity_bytes
+        self.mesh_order = self.mesh.axis_names
+
+    def elements(self, role: str, dims: Dims) -> int:
+        key = (role, dims)
+        value = self._elems.get(key)
+        if value is None:
+            value = 1
+            for letter, axes in zip(self.letters[role], dims, strict=True):
+                value *= self.sizes[letter] // math.prod(self.axis_size[a] for a in axes)
+            self._elems[key] = value
+        return value
+
+    def divisible(self, role: str, dims: Dims) -> bool:
+        for letter, axes in zip(self.letters[role], dims, strict=True):
+            if self.sizes[letter] % math.prod(self.axis_size[a] for a in axes):
+                return False
+        return True
+
+    def path(self, role: str, src: Dims, dst: Dims, unreduced: tuple[str, ...] = ()) -> _Path:
+        key = (role, src, dst, unreduced)
+        cached = self._paths.get(key)
+        if cached is not None:
+            return cached
+        if src == dst and not unreduced:
+            self._paths[key] = _EMPTY
+            return _EMPTY
+        steps = reshard_path(src, dst, unreduced, self.mesh_order)
+        time_s = 0.0
+        sent = 0.0
+        itemsize = self.itemsize[role]
+        for kind, axes, before, _after, _ub, _ua in steps:
+            if kind is None:
+                continue
+            if not self.divisible(role, before):
+                time_s = math.inf  # an intermediate layout the sizes cannot take
+                break
+            r = rate(self.mesh, kind, axes)
+            if r.group_size == 1:
+                continue
+            elements = self.elements(role, before)
+            time_s += r.time_s(group_bytes(kind, elements, r.group_size, itemsize))
+            sent += _sent(kind, elements * itemsize, r.group_size)
+        path = _Path(steps, time_s, sent)
+        self._paths[key] = path
+        return path
+
+
+def _sent(kind: Collective, chip_bytes: float, group: int) -> float:
+    fraction = (group - 1) / group
+    if kind is Collective.ALL_GATHER:
+        return fraction * chip_bytes * group
+    if kind is Collective.ALL_REDUCE:
+        return 2 * fraction * chip_bytes
+    if kind is Collective.COLLECTIVE_PERMUTE:
+        return chip_bytes
+    return fraction * chip_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """A strategy in the hot path: σ and the output it produces, with its numbers."""
+
+    key: tuple[Any, ...]
+    sigma: tuple[tuple[str, ...], ...]
+    out: Dims
+    memory_bytes: int
+
+
+def _sigma_dims(sigma: Mapping[str, tuple[str, ...]], letters: str) -> Dims:
+    return tuple(sigma[c] for c in letters)
+
+
+class Planner:
+    """Plans one einsum on one mesh. ``estimate`` (every layout fixed) and ``search``."""
+
+    def __init__(
+        self,
+        einsum: Einsum,
+        mesh: DeviceMesh,
+        *,
+        lhs: Any = None,
+        rhs: Any = None,
+        out: Any = None,
+        overlap: Overlap = Overlap.FULL,
+        check_memory: bool = True,
+    ) -> None:
+        self.einsum = einsum
+        self.mesh = mesh
+        self.overlap = overlap
+        self.check_memory = check_memory
+        spec = einsum.spec
+        axis_size = {axis.name: axis.size for axis in mesh.axes}
+        fixed: dict[str, Dims] = {}
+        for role, given in (("lhs", lhs), ("rhs", rhs), ("out", out)):
+            if given is None:
+                continue
+            letters = spec.operand(role)
+            sharding = ShardingSpec.parse(given, rank=None)
+            if sharding.rank != len(letters):
+                raise SpecError(
+                    f"--{role} {sharding.text()!r} has {sharding.rank} entries but the {role} "
+                    f"{letters!r} of {spec.equation!r} has {len(letters)} dimensions; give one "
+                    "entry per dimension (None for a replicated one)"
+                )
+            sharding.check(
+                shape=einsum.shape(role), axis_size=axis_size, what=_NAMES[role], letters=letters
+            )
+            fixed[role] = sharding.dims
+        self.fixed = fixed
+        self.ctx = _Context(einsum=einsum, mesh=mesh, overlap=overlap, fixed=fixed)
+        self.letters = spec.letters
+        self.summed = set(spec.summed)
+
+    # -- enumeration ----------------------------------------------------------------------
+
+    def assignments(self) -> Iterator[dict[str, tuple[str, ...]]]:
+        """Every σ: each mesh axis of size > 1 to one letter or to none. Within a letter,
+        axes go in mesh order, unless a fixed layout splits that letter over exactly the same
+        axes in another order (then that order, so no resharding is needed)."""
+        axes = [axis.name for axis in self.mesh.axes if axis.size > 1]
+        choices = (*self.letters, None)
+        preferred: dict[str, dict[frozenset[str], tuple[str, ...]]] = {}
+        for role, dims in self.fixed.items():
+            for letter, group in zip(self.einsum.spec.operand(role), dims, strict=True):
+                if group:
+                    preferred.setdefault(letter, {}).setdefault(frozenset(group), group)
+        for targets in itertools.product(choices, repeat=len(axes)):
+            sigma: dict[str, list[str]] = {letter: [] for letter in self.letters}
+            for axis, letter in zip(axes, targets, strict=True):
+                if letter is not None:
+                    sigma[letter].append(axis)
+            yield {
+                letter: preferred.get(letter, {}).get(frozenset(group), tuple(group))
+                for letter, group in sigma.items()
+            }
+
+    def _out_variants(
+        self, sigma: Mapping[str, tuple[str, ...]], unreduced: tuple[str, ...]
+    ) -> Iterator[Dims]:
+        """The outputs a free ``out`` may take: σ's output layout, with each unreduced axis
+        either all-reduced away or reduce-scattered onto one output letter."""
+        spec = self.einsum.spec
+        base = _sigma_dims(sigma, spec.out)
+        targets = (None, *range(len(spec.out)))
+        for choice in itertools.product(targets, repeat=len(unreduced)):
+            dims = [list(d) for d in base]
+            for axis, target in zip(unreduced, choice, strict=True):
+                if target is not None:
+                    dims[target].append(axis)
+            yield tuple(tuple(d) for d in dims)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(
+        self, sigma: Mapping[str, tuple[str, ...]], out: Dims | None
+    ) -> Iterator[_Candidate | Rejected]:
+        ctx = self.ctx
+        spec = self.einsum.spec
+        lhs_op = _sigma_dims(sigma, spec.lhs)
+        rhs_op = _sigma_dims(sigma, spec.rhs)
+        local = _sigma_dims(sigma, spec.out)
+        unreduced = tuple(
+            axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c]
+        )
+        for letter, axes in sigma.items():
+            if axes and ctx.sizes[letter] % math.prod(ctx.axis_size[a] for a in axes):
+                yield Rejected(
+                    strategy=self._sigma_text(sigma),
+                    reason=(
+                        f"{letter.upper()} (size {ctx.sizes[letter]}) does not divide over "
+                        f"{'+'.join(axes)} ({math.prod(ctx.axis_size[a] for a in axes)} pieces)"
+                    ),
+                )
+                return
+        flops = 2
+        for letter, axes in sigma.items():
+            flops *= ctx.sizes[letter] // math.prod(ctx.axis_size[a] for a in axes)
+        stored_lhs = self.fixed.get("lhs", lhs_op)
+        stored_rhs = self.fixed.get("rhs", rhs_op)
+        pre_l = ctx.path("lhs", stored_lhs, lhs_op) if stored_lhs != lhs_op else _EMPTY
+        pre_r = ctx.path("rhs", stored_rhs, rhs_op) if stored_rhs != rhs_op else _EMPTY
+        lhs_bytes = ctx.elements("lhs", lhs_op) * ctx.itemsize["lhs"]
+        rhs_bytes = ctx.elements("rhs", rhs_op) * ctx.itemsize["rhs"]
+        local_bytes = ctx.elements("out", local) * ctx.itemsize["out"]
+        compute_s = flops / ctx.peak_flops_per_s
+        hbm_s = (lhs_bytes + rhs_bytes + local_bytes) / ctx.hbm_bytes_per_s
+        memory = (
+            ctx.elements("lhs", stored_lhs) * ctx.itemsize["lhs"]
+            + ctx.elements("rhs", stored_rhs) * ctx.itemsize["rhs"]
+            + (lhs_bytes if pre_l.steps else 0)
+            + (rhs_bytes if pre_r.steps else 0)
+            + local_bytes
+        )
+        outs = [out] if out is not None else list(self._out_variants(sigma, unreduced))
+        for target in outs:
+            if out is None and not ctx.divisible("out", target):
+                continue
+            post = ctx.path("out", local, target, unreduced)
+            comm_s = pre_l.time_s + pre_r.time_s + post.time_s
+            if math.isinf(comm_s):
+                yield Rejected(
+                    strategy=self._sigma_text(sigma),
+                    reason="an intermediate layout of the resharding does not divide the sizes",
+                )
+                continue
+            total_memory = memory + (
+                ctx.elements("out", target) * ctx.itemsize["out"] if post.steps else 0
+            )
+            lower = max(compute_s, hbm_s, comm_s)
+            upper = compute_s + hbm_s + comm_s
+            first, second = (lower, upper) if self.overlap is Overlap.FULL else (upper, lower)
+            sent = pre_l.bytes_sent + pre_r.bytes_sent + post.bytes_sent
+            key = (first, second, sent, stored_lhs, stored_rhs, target, lhs_op, rhs_op)
+            sig = tuple(sigma[c] for c in self.letters)
+            yield _Candidate(key=key, sigma=sig, out=target, memory_bytes=total_memory)
+
+    def _sigma_text(self, sigma: Mapping[str, tuple[str, ...]]) -> str:
+        spec = self.einsum.spec
+        return str(
+            ShardedOperation(
+                lhs=ShardingSpec(_sigma_dims(sigma, spec.lhs)),
+                rhs=ShardingSpec(_sigma_dims(sigma, spec.rhs)),
+                out=ShardingSpec(_sigma_dims(sigma, spec.out)),
+                lhs_letters=spec.lhs,
+                rhs_letters=spec.rhs,
+                out_letters=spec.out,
+            )
+        )
+
+    def candidates(self, *, keep_rejected: bool = False) -> Iterator[_Candidate | Rejected]:
+        """Every evaluated candidate, streamed; memory-rejected ones become ``Rejected``."""
+        out = self.fixed.get("out")
+        capacity = self.ctx.hbm_capacity_bytes
+        for sigma in self.assignments():
+            for item in self._evaluate(sigma, out):
+                if isinstance(item, Rejected):
+                    if keep_rejected:
+                        yield item
+                    else:
+                        yield _REJECTED
+                    continue
+                if self.check_memory and item.memory_bytes > capacity:
+                    if keep_rejected:
+                        yield Rejected(
+                            strategy=self._candidate_text(item),
+                            reason=(
+                                f"needs {format_bytes(item.memory_bytes)} per chip, more than "
+                                f"the {format_bytes(capacity)} of HBM on "
+                                f"{self.mesh.hardware.chip.name}"
+                            ),
+                        )
+                    else:
+                        yield _REJECTED
+                    continue
+                yield item
+
+    def _candidate_text(self, item: _Candidate) -> str:
+        spec = self.einsum.spec
+        sigma = dict(zip(self.letters, item.sigma, strict=True))
+        lhs = ShardingSpec(self.fixed.get("lhs", _sigma_dims(sigma, spec.lhs)))
+        rhs = ShardingSpec(self.fixed.get("rhs", _sigma_dims(sigma, spec.rhs)))
+        return (
+            f"{lhs.notation('A', spec.lhs)} · {rhs.notation('B', spec.rhs)} -> "
+            f"{ShardingSpec(item.out).notation('C', spec.out)}"
+        )
+
+    # -- public entry points ---------------------------------------------------------------
+
+    def search(self, top: int | None = 10, *, explain: bool = False) -> Ranking:
+        """Rank every strategy (deterministically; ties broken by layout), keeping ``top``."""
+        counts = {"candidates": 0, "valid": 0, "rejected": 0}
+        rejected: list[Rejected] = []
+        dedupe = bool(self.fixed) and set(self.fixed) != {"out"}
+
+        def stream() -> Iterator[_Candidate]:
+            for item in self.candidates(keep_rejected=explain):
+                counts["candidates"] += 1
+                if isinstance(item, Rejected):
+                    counts["rejected"] += 1
+                    if explain and item is not _REJECTED:
+                        rejected.append(item)
+                    continue
+                counts["valid"] += 1
+                yield item
+
+        if dedupe:
+            best: dict[tuple[Any, ...], _Candidate] = {}
+            for item in stream():
+                triple = item.key[3:6]
+                if triple not in best or item.key < best[triple].key:
+                    best[triple] = item
+            chosen = sorted(best.values(), key=lambda c: c.key)
+            if top is not None:
+                chosen = chosen[:top]
+        elif top is None:
+            chosen = sorted(stream(), key=lambda c: c.key)
+        else:
+            chosen = heapq.nsmallest(top, stream(), key=lambda c: c.key)
+        if not chosen:
+            reasons = "; ".join(sorted({r.reason for r in rejected})[:3]) if rejected else ""
+            raise PlanError(
+                f"no valid strategy for {self.einsum} on {self.mesh}"
+                + (f": {reasons}" if reasons else "")
+                + ". Try other layouts, a larger mesh axis for big operands (HBM), or sizes "
+                "divisible by the mesh axes (run plan --explain for every reason)"
+            )
+        return Ranking(
+            einsum=self.einsum,
+            mesh=self.mesh,
+            overlap=self.overlap,
+            strategies=tuple(self.build(c) for c in chosen),
+            num_candidates=counts["candidates"],
+            num_valid=counts["valid"],
+            num_rejected=counts["rejected"],
+            rejected=tuple(rejected),
+        )
+
+    def estimate(self, *, alternatives: int = 5) -> Ranking:
+        """Every layout fixed: the best strategy σ, and the runner-up alternatives."""
+        missing = [role for role in ROLES if role not in self.fixed]
+        if missing:
+            raise SpecError(
+                f"estimate needs --lhs, --rhs and --out; missing {', '.join(missing)} "
+                "(use plan to search over the ones you leave out)"
+            )
+        return self.search(top=1 + alternatives)
+
+    # -- materialising a plan ----------------------------------------------------------------
+
+    def build(self, candidate: _Candidate) -> Plan:
+        """The full ``Plan`` of a hot-path candidate (same numbers, with every object)."""
+        ctx = self.ctx
+        spec = self.einsum.spec
+        sigma = dict(zip(self.letters, candidate.sigma, strict=True))
+        lhs_op = _sigma_dims(sigma, spec.lhs)
+        rhs_op = _sigma_dims(sigma, spec.rhs)
+        local = _sigma_dims(sigma, spec.out)
+        unreduced = tuple(
+            axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c]
+        )
+        stored_lhs = self.fixed.get("lhs", lhs_op)
+        stored_rhs = self.fixed.get("rhs", rhs_op)
+        steps: list[Step] = []
+        for role, src, dst, u in (
+            ("lhs", stored_lhs, lhs_op, ()),
+            ("rhs", stored_rhs, rhs_op, ()),
+        ):
+            steps.extend(self._steps(role, ctx.path(role, src, dst, u).steps))
+        post = ctx.path("out", local, candidate.out, unreduced)
+        steps.extend(self._steps("out", post.steps))
+        flops = 2 * math.prod(
+            ctx.sizes[c] // math.prod(ctx.axis_size[a] for a in sigma[c]) for c in self.letters
+        )
+        hbm_bytes = sum(
+            ctx.elements(role, dims) * ctx.itemsize[role]
+            for role, dims in (("lhs", lhs_op), ("rhs", rhs_op), ("out", local))
+        )
+        cost = local_cost(
+            chip=self.mesh.hardware.chip, dtype=self.einsum.dtype, flops=flops, hbm_bytes=hbm_bytes
+        )
+        terms = tuple(
+            CommTerm(step.axes, step.cost.link, step.cost.time_s, step.cost.bytes_sent_per_chip)
+            for step in steps
+            if step.cost is not None and step.cost.group_size > 1
+        )
+        cost = Cost(
+            flops=cost.flops,
+            hbm_bytes=cost.hbm_bytes,
+            compute_s=cost.compute_s,
+            hbm_s=cost.hbm_s,
+            comm=terms,
+        )
+        operation = ShardedOperation(
+            lhs=ShardingSpec(lhs_op),
+            rhs=ShardingSpec(rhs_op),
+            out=ShardingSpec(local),
+            lhs_letters=spec.lhs,
+            rhs_letters=spec.rhs,
+            out_letters=spec.out,
+            unreduced=unreduced,
+        )
+        return Plan(
+            einsum=self.einsum,
+            mesh=self.mesh,
+            lhs=ShardingSpec(stored_lhs),
+            rhs=ShardingSpec(stored_rhs),
+            out=ShardingSpec(candidate.out),
+            assignment=tuple((c, sigma[c]) for c in self.letters),
+            operation=operation,
+            steps=tuple(steps),
+            cost=cost,
+            peak_memory_bytes=candidate.memory_bytes,
+        )
+
+    def _steps(self, role: str, raw: tuple[_RawStep, ...]) -> list[Step]:
+        out: list[Step] = []
+        dtype = self.einsum.accum_dtype if role == "out" else self.einsum.dtype
+        for kind, axes, before, after, u_before, u_after in raw:
+            cost = None
+            if kind is not None:
+                cost = collective_cost(
+                    self.mesh,
+                    kind,
+                    axes,
+                    elements_in_per_chip=self.ctx.elements(role, before),
+                    dtype=dtype,
+                )
+                if cost.group_size == 1:
+                    continue
+            out.append(
+                Step(
+                    operand=role,
+                    kind=kind,
+                    axes=axes,
+                    before=ShardingSpec(before),
+                    after=ShardingSpec(after),
+                    unreduced_before=u_before,
+                    unreduced_after=u_after,
+                    cost=cost,
+                )
+            )
+        return out
+
+
+_REJECTED = Rejected(strategy="", reason="")
+
+
+def plan(
+    einsum: Einsum,
+    mesh: DeviceMesh,
+    *,
+    lhs: Any = None,
+    rhs: Any = None,
+    out: Any = None,
+    top: int | None = 10,
+    overlap: Overlap = Overlap.FULL,
+    explain: bool = False,
+    check_memory: bool = True,
+) -> Ranking:
+    """Rank every strategy for ``einsum`` on ``mesh``; fix any of ``lhs``/``rhs``/``out``
+    (PartitionSpec strings like ``"x,None"`` or ``jax.sharding.PartitionSpec`` objects)."""
+    planner = Planner(
+        einsum, mesh, lhs=lhs, rhs=rhs, out=out, overlap=overlap, check_memory=check_memory
+    )
+    return planner.search(top=top, explain=explain)
+
+
+def estimate(
+    einsum: Einsum,
+    mesh: DeviceMesh,
+    *,
+    lhs: Any,
+    rhs: Any,
+    out: Any,
+    overlap: Overlap = Overlap.FULL,
+    check_memory: bool = False,
+) -> Plan:
+    """The best plan for fixed stored operands and output (the alternatives: ``plan``)."""
+    planner = Planner(
+        einsum, mesh, lhs=lhs, rhs=rhs, out=out, overlap=overlap, check_memory=check_memory
+    )
+    return planner.estimate().best

@@ -1,0 +1,260 @@
+"""The physical interconnect of a slice or cluster: dimensions of chips and the link tiers
+that join them.
+
+A ``Topology`` is a list of physical dimensions, major to minor, each belonging to one link
+*tier*. Chips are numbered row-major over the dimensions, so the last dimension is the
+innermost (neighbours on a torus axis, GPUs of one NVLink node).
+
+* TPU slice ``4x4x8`` on v5p: three torus dimensions of the ``ici`` tier, each wrapping
+  around or not by the chip's rule; with ``num_slices=2`` a ``dcn`` dimension of 2 in front.
+* GPU cluster ``128x8`` on h100 (128 nodes of 8 GPUs): the node count is split over the
+  fat tree's levels (32 nodes per leaf group, then 4 groups under the spine), giving the
+  dimensions ``spine=4, leaf=32, nvlink=8``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import TopologyError
+from .hardware import HardwareKind, HardwareSpec, LinkKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tier:
+    """A class of links. On a torus tier, bandwidth is per link and latency per hop; on a
+    switched tier (NVLink, InfiniBand, DCN), bandwidth is per chip and latency per step."""
+
+    name: str
+    link: LinkKind
+    is_torus: bool
+    bytes_per_s_per_direction: float
+    latency_s: float
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhysicalDim:
+    """One dimension of chips. ``wraps`` only means something on a torus tier."""
+
+    name: str
+    size: int
+    tier: int
+    wraps: bool = False
+
+
+_SHAPE = re.compile(r"^\s*\d+(\s*[xX*]\s*\d+)*\s*$")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"4x4x8" -> (4, 4, 8)``; a clear error for anything else."""
+    if not _SHAPE.match(text):
+        raise TopologyError(
+            f"topology {text!r} is not a shape; write sizes joined by 'x', e.g. 4x4x8 for a "
+            "TPU slice or 32x8 for 32 GPU nodes of 8"
+        )
+    shape = tuple(int(part) for part in re.split(r"[xX*]", text.replace(" ", "")))
+    if min(shape) < 1:
+        raise TopologyError(f"topology {text!r} has a dimension of size 0; sizes must be >= 1")
+    return shape
+
+
+def format_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(size) for size in shape)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    """Physical dimensions (major to minor) over link tiers, for one piece of hardware."""
+
+    hardware: HardwareSpec
+    dims: tuple[PhysicalDim, ...]
+    tiers: tuple[Tier, ...]
+    shape_text: str
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(dim.size for dim in self.dims)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(dim.size for dim in self.dims)
+
+    def describe(self) -> str:
+        """``4x4 torus (ici: no wraparound)`` or ``16 nodes x 8 GPUs (nvlink, leaf)``."""
+        parts = []
+        for dim in self.dims:
+            tier = self.tiers[dim.tier]
+            wrap = " wrap" if tier.is_torus and dim.wraps else ""
+            parts.append(f"{dim.name}={dim.size} [{tier.name}{wrap}]")
+        return ", ".join(parts)
+
+    @classmethod
+    def build(
+        cls, hardware: HardwareSpec, shape: tuple[int, ...] | str, *, num_slices: int = 1
+    ) -> Topology:
+        """The topology of ``shape`` on ``hardware`` (a TPU slice shape, or NODESxGPUS)."""
+        text = shape if isinstance(shape, str) else format_shape(shape)
+        dims = parse_shape(shape) if isinstance(shape, str) else tuple(shape)
+        if num_slices < 1:
+            raise TopologyError(f"num_slices must be >= 1, got {num_slices}")
+        if hardware.kind is HardwareKind.TPU:
+            return _tpu_topology(hardware, dims, text, num_slices)
+        if num_slices != 1:
+            raise TopologyError(
+                f"{hardware.name} is a GPU preset: give the cluster as --topology NODESxGPUS "
+                f"instead of {num_slices} slices"
+            )
+        return _gpu_topology(hardware, dims, text)
+
+
+def default_shape(hardware: HardwareSpec, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The topology assumed when none is given: the mesh shape itself for a TPU slice; for
+    GPUs the mesh shape when it is already NODESxGPUS, else the devices filled into whole
+    NVLink domains (``16 GPUs -> 2x8`` on 8-GPU nodes)."""
+    if hardware.kind is HardwareKind.TPU:
+        return mesh_shape
+    assert hardware.nvlink is not None  # a GPU preset always has one (checked on load)
+    per_domain = hardware.nvlink.gpus_per_domain
+    if len(mesh_shape) == 2 and mesh_shape[1] <= per_domain:
+        return mesh_shape
+    total = math.prod(mesh_shape)
+    if total <= per_domain:
+        return (1, total)
+    if total % per_domain:
+        raise TopologyError(
+            f"a mesh of {total} GPUs does not fill whole {per_domain}-GPU NVLink domains on "
+            f"{hardware.name}; pass --topology NODESxGPUS explicitly (e.g. "
+            f"{math.ceil(total / per_domain)}x{per_domain} with a mesh of that many devices)"
+        )
+    return (total // per_domain, per_domain)
+
+
+def _tpu_topology(
+    hardware: HardwareSpec, shape: tuple[int, ...], text: str, num_slices: int
+) -> Topology:
+    ici = hardware.ici
+    assert ici is not None  # a TPU preset always has one (checked on load)
+    if len(shape) > ici.num_torus_dims:
+        raise TopologyError(
+            f"topology {text} has {len(shape)} dimensions but {hardware.name} is a "
+            f"{ici.num_torus_dims}D torus; give at most {ici.num_torus_dims} sizes "
+            f"(e.g. {format_shape(ici.max_shape)} is a full pod)"
+        )
+    padded_max = sorted(ici.max_shape)[-len(shape) :]
+    if any(size > most for size, most in zip(sorted(shape), padded_max, strict=True)):
+        raise TopologyError(
+            f"topology {text} does not fit in one {hardware.name} pod of "
+            f"{format_shape(ici.max_shape)}; use a smaller slice, or several slices over DCN "
+            "with --num-slices"
+        )
+    tiers = [
+        Tier(
+            name="ici",
+            link=LinkKind.ICI,
+            is_torus=True,
+            bytes_per_s_per_direction=ici.link_bytes_per_s_per_direction,
+            latency_s=ici.hop_latency_s,
+            source=ici.source,
+        )
+    ]
+    wraps = ici.wraps(shape)
+    names = "xyz" if len(shape) <= 3 else [f"d{i}" for i in range(len(shape))]
+    dims = [
+        PhysicalDim(name=f"ici_{names[i]}", size=size, tier=0, wraps=wraps[i])
+        for i, size in enumerate(shape)
+    ]
+    if num_slices > 1:
+        dcn = [level for level in hardware.scale_out if level.link is LinkKind.DCN]
+        if not dcn:
+            raise TopologyError(
+                f"{hardware.name} describes no DCN ([[scale_out]] with link = 'dcn'), so it "
+                "cannot join several slices; add one to a copy of the preset"
+            )
+        level = dcn[0]
+        if level.children and num_slices > level.children:
+            raise TopologyError(
+                f"{num_slices} slices exceed the {level.children} that {hardware.name}'s DCN "
+                "level joins"
+            )
+        tiers.append(
+            Tier(
+                name=level.name,
+                link=level.link,
+                is_torus=False,
+                bytes_per_s_per_direction=level.bytes_per_s_per_chip_per_direction,
+                latency_s=level.latency_s,
+                source=level.source,
+            )
+        )
+        dims.insert(0, PhysicalDim(name="slice", size=num_slices, tier=1))
+        text = f"{num_slices} slices of {text}"
+    return Topology(hardware=hardware, dims=tuple(dims), tiers=tuple(tiers), shape_text=text)
+
+
+def _gpu_topology(hardware: HardwareSpec, shape: tuple[int, ...], text: str) -> Topology:
+    nvlink = hardware.nvlink
+    assert nvlink is not None  # a GPU preset always has one (checked on load)
+    if len(shape) == 1:
+        shape = (1, shape[0])
+    if len(shape) != 2:
+        raise TopologyError(
+            f"GPU topology {text} must be NODESxGPUS (e.g. 32x8 for 32 nodes of 8 GPUs), "
+            f"not {len(shape)} sizes"
+        )
+    nodes, gpus = shape
+    if gpus > nvlink.gpus_per_domain:
+        raise TopologyError(
+            f"topology {text} puts {gpus} GPUs in one node but an {hardware.name} NVLink "
+            f"domain holds {nvlink.gpus_per_domain}; write it as "
+            f"{nodes * math.ceil(gpus / nvlink.gpus_per_domain)}x{nvlink.gpus_per_domain}"
+        )
+    tiers = [
+        Tier(
+            name="nvlink",
+            link=LinkKind.NVLINK,
+            is_torus=False,
+            bytes_per_s_per_direction=nvlink.bytes_per_s_per_gpu_per_direction,
+            latency_s=nvlink.latency_s,
+            source=nvlink.source,
+        )
+    ]
+    dims = [PhysicalDim(name="gpu", size=gpus, tier=0)]
+    remaining = nodes
+    for level in hardware.scale_out:
+        if remaining == 1:
+            break
+        tiers.append(
+            Tier(
+                name=level.name,
+                link=level.link,
+                is_torus=False,
+                bytes_per_s_per_direction=level.bytes_per_s_per_chip_per_direction,
+                latency_s=level.latency_s,
+                source=level.source,
+            )
+        )
+        tier = len(tiers) - 1
+        unit = "node" if tier == 1 else f"{hardware.scale_out[tier - 2].name} group"
+        if level.children == 0 or remaining <= level.children:
+            dims.insert(0, PhysicalDim(name=level.name, size=remaining, tier=tier))
+            remaining = 1
+            break
+        if remaining % level.children:
+            raise TopologyError(
+                f"topology {text}: {remaining} {unit}s do not fill whole {level.name} groups of "
+                f"{level.children} on {hardware.name}; use at most {level.children} or a "
+                f"multiple of {level.children}"
+            )
+        dims.insert(0, PhysicalDim(name=level.name, size=level.children, tier=tier))
+        remaining //= level.children
+    if remaining > 1:
+        capacity = math.prod(level.children for level in hardware.scale_out) or 1
+        raise TopologyError(
+            f"topology {text} has more nodes than {hardware.name}'s fabric joins "
+            f"({capacity} nodes); use fewer nodes, or copy the preset and raise the outermost "
+            "[[scale_out]] level's children"
+        )
+    return Topology(hardware=hardware, dims=tuple(dims), tiers=tuple(tiers), shape_text=text)
