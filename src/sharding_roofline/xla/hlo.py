@@ -497,7 +497,9 @@ def parse_replica_groups(attr: str, num_devices: int | None = None) -> Groups:
         _check_perm(attr, perm, len(dims))
         if len(group_shape) != 2 or math.prod(group_shape) != math.prod(dims):
             raise _bad_groups(
-                attr, f"[{group_shape}] must be [num_groups, group_size] with prod == prod{dims}"
+                attr,
+                f"the group shape {list(group_shape)} must be [num_groups, group_size] holding "
+                f"the {math.prod(dims)} devices of the iota {list(dims)}",
             )
         flat = _transposed(range(math.prod(dims)), dims, perm)
         size = group_shape[1]

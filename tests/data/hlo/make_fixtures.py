@@ -1,0 +1,200 @@
+"""Regenerate the compiled-HLO fixtures in this folder (real ``compiled.as_text()`` output).
+
+Run with the pinned JAX (0.10.2) on simulated CPU devices; nothing executes, every case only
+compiles (about 0.1 s each)::
+
+    python tests/data/hlo/make_fixtures.py
+
+Each ``<case>.txt`` is the untouched per-device program of one jitted function on an
+Auto-axes mesh: ``(2, 4)`` named ``('x', 'y')`` over the first 8 of 16 simulated devices,
+or ``(4, 4)`` over all 16. The tests in ``tests/xla/test_hlo.py`` read them without JAX.
+The ``hand_*.txt`` files are hand-written (forms the CPU backend never prints: async
+``-start``/``-done`` ops, TPU tiled layouts, the TPU ``%all-reduce-scatter`` fusion) and are
+not touched by this script.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 16)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+M, K, N = 256, 512, 1024  # the jax_notes.md section 3.1 matmul: A[M, K] @ B[K, N]
+
+AUTO2 = (AxisType.Auto, AxisType.Auto)
+MESH_2X4 = jax.make_mesh((2, 4), ("x", "y"), axis_types=AUTO2, devices=jax.devices()[:8])
+MESH_4X4 = jax.make_mesh((4, 4), ("x", "y"), axis_types=AUTO2, devices=jax.devices()[:16])
+# The same 2x4 mesh with its devices in another order: HLO replica groups number the
+# *positions* in the mesh (partition ids), so this prints exactly what MESH_2X4 prints.
+MESH_2X4_PERMUTED = Mesh(
+    np.array(jax.devices()[:8])[[3, 1, 0, 2, 7, 5, 4, 6]].reshape(2, 4),
+    ("x", "y"),
+    axis_types=AUTO2,
+)
+
+wsc = jax.lax.with_sharding_constraint
+
+
+def sharding(mesh: Mesh, *spec: Any) -> NamedSharding:
+    return NamedSharding(mesh, P(*spec))
+
+
+def arg(shape: tuple[int, ...], dtype: Any, *spec: Any, mesh: Mesh = MESH_2X4) -> Any:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(mesh, *spec))
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    return a @ b
+
+
+def two_matmuls(a: jax.Array, b: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return a @ b, a @ c
+
+
+def scan_layers(x: jax.Array, w: jax.Array) -> jax.Array:
+    """6 layers, each a K-sharded matmul whose output is pinned back to P('x', None)."""
+
+    def layer(carry: jax.Array, w_i: jax.Array) -> tuple[jax.Array, None]:
+        return wsc(carry @ w_i, sharding(MESH_2X4, "x", None)), None
+
+    return jax.lax.scan(layer, x, w)[0]
+
+
+def nested_scan_layers(x: jax.Array, w: jax.Array) -> jax.Array:
+    """3 outer x 4 inner layers: the collective runs 12 times."""
+
+    def layer(carry: jax.Array, w_i: jax.Array) -> tuple[jax.Array, None]:
+        return wsc(carry @ w_i, sharding(MESH_2X4, "x", None)), None
+
+    def block(carry: jax.Array, w_block: jax.Array) -> tuple[jax.Array, None]:
+        return jax.lax.scan(layer, carry, w_block)[0], None
+
+    return jax.lax.scan(block, x, w)[0]
+
+
+def batched_einsum(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum("bmk,kn->bmn", a, b)
+
+
+bf16, f32 = jnp.bfloat16, jnp.float32
+S2, S4, SP = MESH_2X4, MESH_4X4, MESH_2X4_PERMUTED
+
+# name -> (function, args, out_shardings); names say the case and the dtype.
+CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any]] = {
+    # jax_notes.md section 3.1, A[256,512] @ B[512,1024] on 2x4.
+    "a_no_comm_bf16": (
+        matmul,
+        (arg((M, K), bf16, "x", None), arg((K, N), bf16, None, "y")),
+        sharding(S2, "x", "y"),
+    ),
+    "b_all_gather_mesh_bf16": (
+        matmul,
+        (arg((M, K), bf16, None, "y"), arg((K, N), bf16, None, None)),
+        sharding(S2),
+    ),
+    "c1_all_reduce_f32": (
+        matmul,
+        (arg((M, K), f32, "x", "y"), arg((K, N), f32, "y", None)),
+        sharding(S2, "x", None),
+    ),
+    "c2_reduce_scatter_bf16": (
+        matmul,
+        (arg((M, K), bf16, "x", "y"), arg((K, N), bf16, "y", None)),
+        sharding(S2, "x", "y"),
+    ),
+    "e_permute_all_gather_bf16": (
+        matmul,
+        (arg((M, K), bf16, "x", None), arg((K, N), bf16, None, "x")),
+        None,
+    ),
+    "f2_all_gather_all8_f32": (
+        matmul,
+        (arg((M, K), f32, "x", None), arg((K, N), f32, ("x", "y"), None)),
+        sharding(S2, "x", None),
+    ),
+    # Over x instead of y: the transposed iota and size-2 mesh-axes forms.
+    "reduce_scatter_x_f32": (
+        matmul,
+        (arg((M, K), f32, "y", "x"), arg((K, N), f32, "x", None)),
+        sharding(S2, "y", "x"),
+    ),
+    "all_gather_x_f32": (
+        matmul,
+        (arg((M, K), f32, None, "x"), arg((K, N), f32, None, None)),
+        sharding(S2),
+    ),
+    # Other collectives and printed forms (jax_notes.md section 3.2).
+    "all_to_all_bf16": (
+        lambda a: wsc(a, sharding(S2, None, "y")),
+        (arg((M, K), bf16, "y", None),),
+        None,
+    ),
+    "combined_all_reduce_f32": (
+        two_matmuls,
+        (arg((M, K), f32, None, "y"), arg((K, K), f32, "y", None), arg((K, M), f32, "y", None)),
+        (sharding(S2), sharding(S2)),
+    ),
+    "combined_mixed_f32": (
+        two_matmuls,
+        (arg((M, K), f32, None, "y"), arg((K, K), f32, "y", None), arg((K, M), f32, "y", None)),
+        (sharding(S2, None, "y"), sharding(S2)),
+    ),
+    "scan_f32": (
+        scan_layers,
+        (arg((M, K), f32, "x", "y"), arg((6, K, K), f32, None, "y", None)),
+        sharding(S2, "x", None),
+    ),
+    "nested_scan_f32": (
+        nested_scan_layers,
+        (arg((M, K), f32, "x", "y"), arg((3, 4, K, K), f32, None, None, "y", None)),
+        sharding(S2, "x", None),
+    ),
+    "einsum_batch_f32": (
+        batched_einsum,
+        (arg((4, M, K), f32, "x", None, "y"), arg((K, M), f32, "y", None)),
+        sharding(S2, "x", None, "y"),
+    ),
+    # A[-, (x,y)] @ B[x, y] -> C[-, x]: XLA gathers over sub-axes of y ({0,1},... and
+    # {0,2},...), printed as [4,2]<=[8] and the 3-D transposed iota [4,2]<=[2,2,2]T(0,2,1).
+    "sub_axis_all_gathers_bf16": (
+        matmul,
+        (arg((M, K), bf16, None, ("x", "y")), arg((K, M), bf16, "x", "y")),
+        sharding(S2, None, "x"),
+    ),
+    "mesh4x4_all_reduce_yx_f32": (
+        matmul,
+        (arg((M, K), f32, None, ("y", "x"), mesh=S4), arg((K, M), f32, None, None, mesh=S4)),
+        sharding(S4),
+    ),
+    "permuted_mesh_all_gather_bf16": (
+        matmul,
+        (arg((M, K), bf16, None, "y", mesh=SP), arg((K, N), bf16, None, None, mesh=SP)),
+        sharding(SP),
+    ),
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(CASES)
+    for name in names:
+        fn, args, out = CASES[name]
+        text = jax.jit(fn, out_shardings=out).lower(*args).compile().as_text()
+        path = HERE / f"{name}.txt"
+        path.write_text(text)
+        print(f"{path.name}: {len(text)} chars")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
