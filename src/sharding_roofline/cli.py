@@ -30,15 +30,21 @@ from .report import (
     plan_dict,
     ranking_dict,
 )
-from .sharding import ShardingSpec
+from .sharding import ShardingSpec, subscript, unreduced_suffix
 
 _LETTERS = "ijklmnopqrstuvwxyz"
 
 
 def _mesh_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hardware", required=True, help="a preset (see 'hardware list') or a .toml path")
-    parser.add_argument("--topology", help="TPU slice (4x4x8) or GPU NODESxGPUS (32x8); default: the mesh shape")
-    parser.add_argument("--num-slices", type=int, default=1, help="TPU slices joined over DCN (default 1)")
+    parser.add_argument(
+        "--hardware", required=True, help="a preset (see 'hardware list') or a .toml path"
+    )
+    parser.add_argument(
+        "--topology", help="TPU slice (4x4x8) or GPU NODESxGPUS (32x8); default: the mesh shape"
+    )
+    parser.add_argument(
+        "--num-slices", type=int, default=1, help="TPU slices joined over DCN (default 1)"
+    )
     parser.add_argument("--mesh", required=True, help="named axes, major to minor: x=4,y=4")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -46,9 +52,13 @@ def _mesh_args(parser: argparse.ArgumentParser) -> None:
 def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> None:
     _mesh_args(parser)
     parser.add_argument("--einsum", required=True, help="two-operand equation, e.g. bd,df->bf")
-    parser.add_argument("--dims", required=True, help="global size of every letter: b=8192,d=8192,f=32768")
+    parser.add_argument(
+        "--dims", required=True, help="global size of every letter: b=8192,d=8192,f=32768"
+    )
     parser.add_argument("--dtype", default="bfloat16", help="operand dtype (default bfloat16)")
-    parser.add_argument("--accum-dtype", help="dtype of the result and its reductions (default: --dtype)")
+    parser.add_argument(
+        "--accum-dtype", help="dtype of the result and its reductions (default: --dtype)"
+    )
     for role in ("lhs", "rhs", "out"):
         parser.add_argument(
             f"--{role}",
@@ -61,8 +71,12 @@ def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> No
         default=Overlap.FULL.value,
         help="how compute and communication combine: full (max, default) or none (sum)",
     )
-    parser.add_argument("--crossover-dim", help="letter whose crossover size to report (default: the batch)")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw the strategy breakdown to this file")
+    parser.add_argument(
+        "--crossover-dim", help="letter whose crossover size to report (default: the batch)"
+    )
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="also draw the strategy breakdown to this file"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     coll.add_argument("--op", required=True, help=", ".join(k.value for k in Collective))
     coll.add_argument("--axes", required=True, help="mesh axes the collective runs over: y or x,y")
     coll.add_argument("--shape", required=True, help="the array's global shape: 2048,8192")
-    coll.add_argument("--spec", default="", help="its PartitionSpec before the collective (default replicated)")
+    coll.add_argument(
+        "--spec", default="", help="its PartitionSpec before the collective (default replicated)"
+    )
     coll.add_argument("--dtype", default="bfloat16")
     coll.add_argument(
         "--dim",
@@ -101,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(pl, required_specs=False)
     pl.add_argument("--top", type=int, default=10, help="how many strategies to show (default 10)")
     pl.add_argument("--explain", action="store_true", help="also list rejected candidates and why")
-    pl.add_argument("--no-memory-check", action="store_true", help="keep strategies that overflow HBM")
+    pl.add_argument(
+        "--no-memory-check", action="store_true", help="keep strategies that overflow HBM"
+    )
 
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
@@ -129,7 +147,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("estimate", "plan"):
         return _plan(args)
     if args.command == "run":
-        from .experiments import run_config
+        from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
 
         run_config(args.config, args.out_dir)
         return 0
@@ -174,16 +192,15 @@ def _collective(args: argparse.Namespace) -> int:
     spec = ShardingSpec.parse(args.spec or None, rank=len(shape))
     letters = _LETTERS[: len(shape)]
     spec.check(shape=shape, axis_size=axis_size, what="A", letters=letters)
-    after, unreduced = _collective_after(kind, spec, ordered, shape, axis_size, args.dim)
+    after, unreduced = _collective_after(
+        kind, spec=spec, axes=ordered, shape=shape, axis_size=axis_size, dim=args.dim
+    )
     elements = 1
     for size in spec.local_shape(shape, axis_size):
         elements *= size
     cost = collective_cost(mesh, kind, ordered, elements_in_per_chip=elements, dtype=args.dtype)
-    sub = "".join(ordered) if all(len(a) == 1 for a in ordered) else "{" + ",".join(ordered) + "}"
-    u_sub = " {U_" + sub + "}" if unreduced else ""
-    notation = (
-        f"{kind.book_name}_{sub} {spec.notation('A', letters)}{u_sub} -> {after.notation('A', letters)}"
-    )
+    before = spec.notation("A", letters) + unreduced_suffix(ordered if unreduced else ())
+    notation = f"{kind.book_name}_{subscript(ordered)} {before} -> {after.notation('A', letters)}"
     data = {
         **collective_dict(cost, notation=notation),
         **mesh_dict(mesh),
@@ -197,6 +214,7 @@ def _collective(args: argparse.Namespace) -> int:
 
 def _collective_after(
     kind: Collective,
+    *,
     spec: ShardingSpec,
     axes: tuple[str, ...],
     shape: tuple[int, ...],
@@ -233,16 +251,16 @@ def _collective_after(
     local = spec.local_shape(shape, axis_size)
     source = next((i for i, d in enumerate(spec.dims) if set(axes) & set(d)), None)
     if dim is None:
-        dim = next(
-            (i for i, n in enumerate(local) if n % group == 0 and i != source), None
-        )
+        dim = next((i for i, n in enumerate(local) if n % group == 0 and i != source), None)
         if dim is None:
             raise SpecError(
                 f"no dimension of {tuple(shape)} (local {local}) divides into {group} pieces for "
                 f"{kind.value} over {'+'.join(axes)}; choose sizes divisible by {group}"
             )
     if not 0 <= dim < len(shape):
-        raise SpecError(f"--dim {dim} is out of range for a rank-{len(shape)} array (0..{len(shape) - 1})")
+        raise SpecError(
+            f"--dim {dim} is out of range for a rank-{len(shape)} array (0..{len(shape) - 1})"
+        )
     if local[dim] % group:
         raise SpecError(
             f"--dim {dim} has local size {local[dim]}, which does not split into {group} pieces "
@@ -264,10 +282,22 @@ def _plan(args: argparse.Namespace) -> int:
         einsum.size(args.crossover_dim.lower())
     cross = args.crossover_dim.lower() if args.crossover_dim else None
     if args.command == "estimate":
-        planner = Planner(einsum, mesh, lhs=args.lhs, rhs=args.rhs, out=args.out, overlap=overlap, check_memory=False)
+        planner = Planner(
+            einsum,
+            mesh,
+            lhs=args.lhs,
+            rhs=args.rhs,
+            out=args.out,
+            overlap=overlap,
+            check_memory=False,
+        )
         ranking = planner.estimate(alternatives=0)
         best = ranking.best
-        _emit(args, plan_dict(best, overlap=overlap, crossover_dim=cross), format_plan(best, overlap=overlap, crossover_dim=cross))
+        _emit(
+            args,
+            plan_dict(best, overlap=overlap, crossover_dim=cross),
+            format_plan(best, overlap=overlap, crossover_dim=cross),
+        )
         plans = [best]
     else:
         planner = Planner(
@@ -280,10 +310,14 @@ def _plan(args: argparse.Namespace) -> int:
             check_memory=not args.no_memory_check,
         )
         ranking = planner.search(top=max(1, args.top), explain=args.explain)
-        _emit(args, ranking_dict(ranking, crossover_dim=cross), format_ranking(ranking, crossover_dim=cross))
+        _emit(
+            args,
+            ranking_dict(ranking, crossover_dim=cross),
+            format_ranking(ranking, crossover_dim=cross),
+        )
         plans = list(ranking.strategies)
     if args.plot:
-        from .plot import save_breakdown
+        from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
 
         save_breakdown(plans, args.plot, overlap=overlap)
     return 0

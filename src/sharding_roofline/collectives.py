@@ -324,6 +324,7 @@ def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size:
 def group_rate(kind: Collective, group: AxisGroup) -> CollectiveRate:
     """The rate of ``kind`` over ``group``: the slowest tier's bandwidth term, the sum of the
     tiers' latencies; ReduceScatter as AllGather, AllReduce twice AllGather."""
+    base: Collective
     if kind in (Collective.ALL_TO_ALL, Collective.COLLECTIVE_PERMUTE):
         base = kind
     else:
@@ -342,14 +343,16 @@ def group_rate(kind: Collective, group: AxisGroup) -> CollectiveRate:
     )
 
 
-def rate(mesh: DeviceMesh, kind: Collective, axes: tuple[str, ...] | frozenset[str]) -> CollectiveRate:
+def rate(
+    mesh: DeviceMesh, kind: Collective, axes: tuple[str, ...] | frozenset[str]
+) -> CollectiveRate:
     """``group_rate`` memoised on the mesh: the planner's hot path calls this."""
     key = (kind, frozenset(axes))
     cached = mesh.memo.get(key)
     if cached is None:
         cached = group_rate(kind, mesh.group(axes))
         mesh.memo[key] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 # -- the cost of one collective on one array ---------------------------------------------------
@@ -380,7 +383,9 @@ class CollectiveCost:
         )
 
 
-def group_bytes(kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int) -> float:
+def group_bytes(
+    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int
+) -> float:
     """The book's ``V``: the gathered array (AllGather), the unreduced array (ReduceScatter,
     AllReduce), every chip's buffer together (AllToAll), one chip's buffer (permute)."""
     per_chip = elements_in_per_chip * itemsize
@@ -389,7 +394,9 @@ def group_bytes(kind: Collective, elements_in_per_chip: int, group_size: int, it
     return float(per_chip)
 
 
-def bytes_sent_per_chip(kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int) -> float:
+def bytes_sent_per_chip(
+    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int
+) -> float:
     """Bytes each chip sends in the ring algorithms the costs assume (the same figures
     XLA's partitioner implies: AllGather (g-1)/g of the result, ReduceScatter (g-1)/g of the
     input, AllReduce twice that, AllToAll (g-1)/g of the buffer, permute the buffer)."""

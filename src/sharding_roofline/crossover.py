@@ -71,7 +71,7 @@ def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
     """Solve ``comm(n) = compute(n)`` for the plan's strategy (bisection, exact to 1e-9)."""
     letter = dimension or default_dimension(plan)
     current = plan.einsum.size(letter)  # raises a clear error for an unknown letter
-    comm_now, compute_now = comm_and_compute_s(plan, letter, current)
+    comm_now, _ = comm_and_compute_s(plan, letter, current)
     if comm_now == 0:
         return Crossover(
             dimension=letter,

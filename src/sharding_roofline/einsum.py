@@ -147,9 +147,7 @@ class Einsum:
     ) -> Einsum:
         spec = equation if isinstance(equation, EinsumSpec) else EinsumSpec.parse(equation)
         sizes = parse_dims(dims) if isinstance(dims, str) else dict(dims)
-        return cls(
-            spec=spec, dims=tuple(sizes.items()), dtype=dtype, accum_dtype=accum_dtype or ""
-        )
+        return cls(spec=spec, dims=tuple(sizes.items()), dtype=dtype, accum_dtype=accum_dtype or "")
 
     @property
     def dims_text(self) -> str:

@@ -105,7 +105,9 @@ def run_collective(job: CollectiveJob) -> dict[str, Any]:
 
 def run_plan(job: PlanJob) -> Any:
     mesh = _mesh(job)
-    einsum = Einsum.create(job.einsum, job.dims, dtype=job.dtype, accum_dtype=job.accum_dtype or None)
+    einsum = Einsum.create(
+        job.einsum, job.dims, dtype=job.dtype, accum_dtype=job.accum_dtype or None
+    )
     planner = Planner(
         einsum,
         mesh,
@@ -146,10 +148,10 @@ def run_config(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         sections.append(
             "## Collectives\n\n" + table(rows, ["collective", "sent/chip", "time", "bound", "link"])
         )
-    for job in experiment.plan:
-        ranking = run_plan(job)
-        results["plans"].append({"name": job.name, **ranking_dict(ranking)})
-        sections.append(f"## Plan: {job.name}\n\n" + format_ranking(ranking))
+    for plan_job in experiment.plan:
+        ranking = run_plan(plan_job)
+        results["plans"].append({"name": plan_job.name, **ranking_dict(ranking)})
+        sections.append(f"## Plan: {plan_job.name}\n\n" + format_ranking(ranking))
     text = "\n\n".join(sections) + "\n"
     print(text)
     (out / "report.md").write_text(text, encoding="utf-8")

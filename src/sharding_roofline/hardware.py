@@ -57,6 +57,11 @@ class FrozenMap(Mapping[str, float]):
         return f"FrozenMap({dict(self._items)!r})"
 
 
+def _sourced(owner: str, source: str) -> None:
+    if not source.strip():
+        raise ConfigError(f"{owner}: source is empty; say where the numbers come from")
+
+
 class LinkKind(enum.Enum):
     """What physically carries bytes between two chips."""
 
@@ -76,7 +81,8 @@ class Wraparound(enum.Enum):
 
 
 def _positive(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):
         raise ConfigError(f"{owner}: {name} must be a positive finite number, got {value!r}")
 
 
@@ -91,8 +97,9 @@ class ChipSpec:
     source: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.peak_flops_per_s, FrozenMap):
-            object.__setattr__(self, "peak_flops_per_s", FrozenMap(self.peak_flops_per_s))
+        given: Mapping[str, float] = self.peak_flops_per_s
+        if not isinstance(given, FrozenMap):  # built in code from a dict: keep specs hashable
+            object.__setattr__(self, "peak_flops_per_s", FrozenMap(given))
         if not self.peak_flops_per_s:
             raise ConfigError(f"chip {self.name!r}: peak_flops_per_s lists no dtype")
         for dtype, rate in self.peak_flops_per_s.items():
@@ -102,6 +109,7 @@ class ChipSpec:
                     f"write {canonical_dtype(dtype)!r}"
                 )
             _positive(f"chip {self.name!r}", f"peak_flops_per_s.{dtype}", rate)
+        _sourced(f"chip {self.name!r}", self.source)
         _positive(f"chip {self.name!r}", "hbm_bytes_per_s", self.hbm_bytes_per_s)
         _positive(f"chip {self.name!r}", "hbm_capacity_bytes", self.hbm_capacity_bytes)
 
@@ -137,6 +145,7 @@ class IciSpec:
     def __post_init__(self) -> None:
         _positive("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
         _positive("[ici]", "hop_latency_s", self.hop_latency_s)
+        _sourced("[ici]", self.source)
         if self.num_torus_dims not in (1, 2, 3):
             raise ConfigError(f"[ici]: num_torus_dims must be 1, 2 or 3, got {self.num_torus_dims}")
         if len(self.max_shape) != self.num_torus_dims or min(self.max_shape) < 1:
@@ -195,6 +204,7 @@ class NvlinkSpec:
             "[nvlink]", "bytes_per_s_per_gpu_per_direction", self.bytes_per_s_per_gpu_per_direction
         )
         _positive("[nvlink]", "latency_s", self.latency_s)
+        _sourced("[nvlink]", self.source)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,11 +228,18 @@ class ScaleOutLevel:
     def __post_init__(self) -> None:
         owner = f"[[scale_out]] {self.name!r}"
         if self.children < 0:
-            raise ConfigError(f"{owner}: children must be >= 0 (0 = unbounded), got {self.children}")
+            raise ConfigError(
+                f"{owner}: children must be >= 0 (0 = unbounded), got {self.children}"
+            )
         if self.link not in (LinkKind.INFINIBAND, LinkKind.DCN):
-            raise ConfigError(f"{owner}: link must be 'infiniband' or 'dcn', got {self.link.value!r}")
-        _positive(owner, "bytes_per_s_per_chip_per_direction", self.bytes_per_s_per_chip_per_direction)
+            raise ConfigError(
+                f"{owner}: link must be 'infiniband' or 'dcn', got {self.link.value!r}"
+            )
+        _positive(
+            owner, "bytes_per_s_per_chip_per_direction", self.bytes_per_s_per_chip_per_direction
+        )
         _positive(owner, "latency_s", self.latency_s)
+        _sourced(owner, self.source)
 
 
 class HardwareKind(enum.Enum):
@@ -250,6 +267,13 @@ class HardwareSpec:
             raise ConfigError(f"{where}: a TPU preset needs an [ici] table and no [nvlink]")
         if self.kind is HardwareKind.GPU and (self.nvlink is None or self.ici is not None):
             raise ConfigError(f"{where}: a GPU preset needs an [nvlink] table and no [ici]")
+        wanted = LinkKind.DCN if self.kind is HardwareKind.TPU else LinkKind.INFINIBAND
+        for level in self.scale_out:
+            if level.link is not wanted:
+                raise ConfigError(
+                    f"{where}: [[scale_out]] {level.name!r} has link = {level.link.value!r}, but "
+                    f"a {self.kind.value.upper()} preset's scale-out is {wanted.value!r}"
+                )
         names = [level.name for level in self.scale_out]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}: [[scale_out]] level names repeat: {names}")

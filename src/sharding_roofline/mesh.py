@@ -14,6 +14,7 @@ the level below it spans and how many of its chips sit in each. The cost functio
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable
@@ -272,9 +273,7 @@ class DeviceMesh:
                 )
                 spans.append(TierSpan(tier=tier, segments=segments))
             else:
-                spans.append(
-                    TierSpan(tier=tier, num_children=count, chips_per_child=chips_below)
-                )
+                spans.append(TierSpan(tier=tier, num_children=count, chips_per_child=chips_below))
             chips_below *= count
         result = AxisGroup(
             axes=names, size=math.prod(self.axis_size(n) for n in names), spans=tuple(spans)
@@ -296,7 +295,7 @@ def _segment(factors: list[AxisFactor], dim_size: int, dim_wraps: bool) -> RingS
     stride = ordered[0].stride
     contiguous = all(
         later.stride == earlier.stride * earlier.count
-        for earlier, later in zip(ordered, ordered[1:], strict=False)
+        for earlier, later in itertools.pairwise(ordered)
     )
     wraps = dim_wraps and contiguous and size * stride == dim_size
     return RingSegment(size=size, stride=stride, wraps=wraps)

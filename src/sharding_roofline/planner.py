@@ -43,7 +43,7 @@ from .einsum import Einsum
 from .errors import PlanError, SpecError
 from .estimate import CommTerm, Cost, Overlap, local_cost
 from .mesh import DeviceMesh
-from .sharding import ShardedOperation, ShardingSpec
+from .sharding import ShardedOperation, ShardingSpec, subscript, unreduced_suffix
 from .units import format_bytes
 
 Dims = tuple[tuple[str, ...], ...]
@@ -71,17 +71,9 @@ class Step:
         """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation)."""
         name = _NAMES[self.operand]
         label = self.kind.book_name if self.kind else "DynamicSlice"
-        sub = "".join(self.axes) if all(len(a) == 1 for a in self.axes) else "{" + ",".join(self.axes) + "}"
-        before = self.before.notation(name, letters) + _unreduced(self.unreduced_before)
-        after = self.after.notation(name, letters) + _unreduced(self.unreduced_after)
-        return f"{label}_{sub} {before} -> {after}"
-
-
-def _unreduced(axes: tuple[str, ...]) -> str:
-    if not axes:
-        return ""
-    sub = "".join(axes) if all(len(a) == 1 for a in axes) else "{" + ",".join(axes) + "}"
-    return " {U_" + sub + "}"
+        before = self.before.notation(name, letters) + unreduced_suffix(self.unreduced_before)
+        after = self.after.notation(name, letters) + unreduced_suffix(self.unreduced_after)
+        return f"{label}_{subscript(self.axes)} {before} -> {after}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,9 +113,7 @@ class Plan:
                 break
             lines.append("  " + step.notation(spec.operand(step.operand)))
         lines.append(f"  local: {self.operation}")
-        lines.extend(
-            "  " + step.notation(spec.out) for step in self.steps if step.operand == "out"
-        )
+        lines.extend("  " + step.notation(spec.out) for step in self.steps if step.operand == "out")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -216,7 +206,9 @@ def reshard_path(
                     current[e].extend(group)
                     emit(Collective.REDUCE_SCATTER, group, before, u_before)
                 elif head not in used:
-                    group = _take_while(queue[e], lambda a: a not in used and a not in pending_u)
+                    group = _take_while(
+                        queue[e], lambda a, used=used: a not in used and a not in pending_u
+                    )
                     current[e].extend(group)
                     emit(None, group, before, u_before)
                 else:
@@ -251,19 +243,19 @@ def reshard_path(
             break
         for d in pending_dims:
             tail = removals(d)
-            run: list[str] = []
+            gathered: list[str] = []
             for axis in reversed(tail):
                 if wanted_in.get(axis, d) != d:
                     break
-                run.insert(0, axis)
-            if run:
+                gathered.insert(0, axis)
+            if gathered:
                 break
         else:
             d = pending_dims[0]
-            run = removals(d)[-1:]  # break a cycle (x<->y swaps): gather one axis
+            gathered = removals(d)[-1:]  # break a cycle (x<->y swaps): gather one axis
         before, u_before = snapshot(), list(pending_u)
-        del current[d][len(current[d]) - len(run) :]
-        emit(Collective.ALL_GATHER, run, before, u_before)
+        del current[d][len(current[d]) - len(gathered) :]
+        emit(Collective.ALL_GATHER, gathered, before, u_before)
     if snapshot() != dst or pending_u:  # pragma: no cover - a bug guard
         raise PlanError(f"resharding {src} -> {dst} ended at {snapshot()} (a planner bug)")
     return tuple(steps)
@@ -455,7 +447,7 @@ class Planner:
         axes go in mesh order, unless a fixed layout splits that letter over exactly the same
         axes in another order (then that order, so no resharding is needed)."""
         axes = [axis.name for axis in self.mesh.axes if axis.size > 1]
-        choices = (*self.letters, None)
+        choices: tuple[str | None, ...] = (*self.letters, None)
         preferred: dict[str, dict[frozenset[str], tuple[str, ...]]] = {}
         for role, dims in self.fixed.items():
             for letter, group in zip(self.einsum.spec.operand(role), dims, strict=True):
@@ -463,9 +455,9 @@ class Planner:
                     preferred.setdefault(letter, {}).setdefault(frozenset(group), group)
         for targets in itertools.product(choices, repeat=len(axes)):
             sigma: dict[str, list[str]] = {letter: [] for letter in self.letters}
-            for axis, letter in zip(axes, targets, strict=True):
-                if letter is not None:
-                    sigma[letter].append(axis)
+            for axis, target in zip(axes, targets, strict=True):
+                if target is not None:
+                    sigma[target].append(axis)
             yield {
                 letter: preferred.get(letter, {}).get(frozenset(group), tuple(group))
                 for letter, group in sigma.items()
@@ -496,9 +488,7 @@ class Planner:
         lhs_op = _sigma_dims(sigma, spec.lhs)
         rhs_op = _sigma_dims(sigma, spec.rhs)
         local = _sigma_dims(sigma, spec.out)
-        unreduced = tuple(
-            axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c]
-        )
+        unreduced = tuple(axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c])
         for letter, axes in sigma.items():
             if axes and ctx.sizes[letter] % math.prod(ctx.axis_size[a] for a in axes):
                 yield Rejected(
@@ -672,9 +662,7 @@ class Planner:
         lhs_op = _sigma_dims(sigma, spec.lhs)
         rhs_op = _sigma_dims(sigma, spec.rhs)
         local = _sigma_dims(sigma, spec.out)
-        unreduced = tuple(
-            axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c]
-        )
+        unreduced = tuple(axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c])
         stored_lhs = self.fixed.get("lhs", lhs_op)
         stored_rhs = self.fixed.get("rhs", rhs_op)
         steps: list[Step] = []

@@ -32,7 +32,9 @@ def _preset_folder() -> Any:
 def list_presets() -> list[str]:
     """Names of the shipped presets, sorted (``tpu-v5e``, ``h100``, ...)."""
     folder = _preset_folder()
-    return sorted(entry.name[: -len(".toml")] for entry in folder.iterdir() if entry.name.endswith(".toml"))
+    return sorted(
+        entry.name[: -len(".toml")] for entry in folder.iterdir() if entry.name.endswith(".toml")
+    )
 
 
 def load_preset(name_or_path: str | Path) -> HardwareSpec:
@@ -55,16 +57,24 @@ def _load_shipped(name: str) -> HardwareSpec:
     return _parse(resource.read_text(encoding="utf-8"), f"{name}.toml")
 
 
-@functools.cache
 def _load_file(path: str) -> HardwareSpec:
+    """A user's file is read afresh each time (it may have been edited since)."""
+    file = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UnknownNameError(
             f"hardware file {path!r} does not exist; pass a shipped preset name "
             f"({', '.join(list_presets())}) or the path of a .toml file"
         ) from None
-    return _parse(text, Path(path).name, path=path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file.name}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"hardware file {path!r} cannot be read: {exc.strerror or exc}; pass a readable "
+            ".toml file"
+        ) from None
+    return _parse(text, file.name, path=path)
 
 
 def _parse(text: str, filename: str, path: str = "") -> HardwareSpec:
@@ -145,7 +155,10 @@ def _convert(hint: Any, value: Any, *, filename: str, table: str) -> Any:
                 build_dataclass(item_hint, item, filename=filename, table=f"{table}[{i}]")  # type: ignore[arg-type]
                 for i, item in enumerate(value)
             )
-        return tuple(_convert(item_hint, item, filename=filename, table=f"{table}[{i}]") for i, item in enumerate(value))
+        return tuple(
+            _convert(item_hint, item, filename=filename, table=f"{table}[{i}]")
+            for i, item in enumerate(value)
+        )
     if hint is float:
         _check_number(value, where)
         return float(value)

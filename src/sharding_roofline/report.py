@@ -19,7 +19,9 @@ from .units import format_bytes, format_count, format_rate, format_seconds
 # -- dicts (JSON) -----------------------------------------------------------------------------
 
 
-def collective_dict(cost: CollectiveCost, *, operand: str | None = None, notation: str = "") -> dict[str, Any]:
+def collective_dict(
+    cost: CollectiveCost, *, operand: str | None = None, notation: str = ""
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kind": cost.kind.value,
         "axes": list(cost.axes),
@@ -89,13 +91,17 @@ def plan_dict(
             "comm_bytes_sent": cost.comm_bytes_sent_per_chip,
         },
         "arithmetic_intensity_flops_per_byte": cost.arithmetic_intensity_flops_per_byte,
-        "critical_intensity_flops_per_byte": chip.critical_intensity_flops_per_byte(plan.einsum.dtype),
+        "critical_intensity_flops_per_byte": chip.critical_intensity_flops_per_byte(
+            plan.einsum.dtype
+        ),
         "fits_in_hbm": plan.peak_memory_bytes <= chip.hbm_capacity_bytes,
         "hbm_capacity_bytes": chip.hbm_capacity_bytes,
         "comm_s_by_axes": cost.comm_s_by_axes(),
         "comm_s_by_link": cost.comm_s_by_link(),
         "collectives": [
-            collective_dict(step.cost, operand=step.operand, notation=step.notation(spec.operand(step.operand)))
+            collective_dict(
+                step.cost, operand=step.operand, notation=step.notation(spec.operand(step.operand))
+            )
             for step in plan.collectives
             if step.cost is not None
         ],
@@ -133,7 +139,8 @@ def hardware_dict(spec: HardwareSpec) -> dict[str, Any]:
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
             "hbm_capacity_bytes": chip.hbm_capacity_bytes,
             "critical_intensity_flops_per_byte": {
-                dtype: chip.critical_intensity_flops_per_byte(dtype) for dtype in chip.peak_flops_per_s
+                dtype: chip.critical_intensity_flops_per_byte(dtype)
+                for dtype in chip.peak_flops_per_s
             },
             "source": chip.source,
         },
@@ -178,11 +185,14 @@ def hardware_dict(spec: HardwareSpec) -> dict[str, Any]:
 def table(rows: list[list[str]], header: list[str]) -> str:
     """A plain monospace table; numbers right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    numeric = [all(_looks_numeric(r[i]) for r in rows) if rows else False for i in range(len(header))]
+    numeric = [
+        all(_looks_numeric(r[i]) for r in rows) if rows else False for i in range(len(header))
+    ]
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=True)
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(cells, widths, numeric, strict=True)
         ).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
@@ -212,7 +222,9 @@ def format_collective(cost: CollectiveCost, notation: str = "") -> str:
     return "\n".join(lines)
 
 
-def format_plan(plan: Plan, *, overlap: Overlap = Overlap.FULL, crossover_dim: str | None = None) -> str:
+def format_plan(
+    plan: Plan, *, overlap: Overlap = Overlap.FULL, crossover_dim: str | None = None
+) -> str:
     cost = plan.cost
     chip = plan.mesh.hardware.chip
     dtype = plan.einsum.dtype
@@ -221,13 +233,15 @@ def format_plan(plan: Plan, *, overlap: Overlap = Overlap.FULL, crossover_dim: s
         plan.describe(),
         "",
         f"per chip: {format_count(cost.flops)}FLOP, {format_bytes(cost.hbm_bytes)} HBM traffic, "
-        f"peak memory {format_bytes(plan.peak_memory_bytes)} of {format_bytes(chip.hbm_capacity_bytes)}",
+        f"peak memory {format_bytes(plan.peak_memory_bytes)} "
+        f"of {format_bytes(chip.hbm_capacity_bytes)}",
         f"intensity {cost.arithmetic_intensity_flops_per_byte:.4g} FLOP/B vs critical "
         f"{chip.critical_intensity_flops_per_byte(dtype):.4g} ({chip.name}, {dtype})",
         f"compute {format_seconds(cost.compute_s)} | HBM {format_seconds(cost.hbm_s)} | comm "
         f"{format_seconds(cost.comm_s)}",
         f"time: {format_seconds(cost.lower_bound_s)} (full overlap) .. "
-        f"{format_seconds(cost.upper_bound_s)} (no overlap); bottleneck: {cost.describe_bottleneck()}",
+        f"{format_seconds(cost.upper_bound_s)} (no overlap); "
+        f"bottleneck: {cost.describe_bottleneck()}",
     ]
     rows = [
         [
@@ -243,7 +257,10 @@ def format_plan(plan: Plan, *, overlap: Overlap = Overlap.FULL, crossover_dim: s
         if step.cost is not None
     ]
     if rows:
-        lines += ["", table(rows, ["operand", "collective", "axes", "link", "sent/chip", "time", "bound"])]
+        lines += [
+            "",
+            table(rows, ["operand", "collective", "axes", "link", "sent/chip", "time", "bound"]),
+        ]
     cross = crossover(plan, crossover_dim)
     lines += ["", f"crossover: {cross.note}"]
     return "\n".join(lines)
@@ -271,7 +288,9 @@ def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str
                 "-" if cross.size is None else f"{cross.dimension.upper()}={cross.size:.4g}",
             ]
         )
-    lines.append(table(rows, ["#", "strategy", "time", "compute", "comm", "bottleneck", "crossover"]))
+    lines.append(
+        table(rows, ["#", "strategy", "time", "compute", "comm", "bottleneck", "crossover"])
+    )
     lines.append("")
     lines.append("best strategy:")
     lines.append(format_plan(ranking.best, overlap=ranking.overlap, crossover_dim=crossover_dim))
@@ -346,4 +365,6 @@ def format_hardware_list(specs: list[HardwareSpec]) -> str:
                 link,
             ]
         )
-    return table(rows, ["name", "kind", "bf16 peak", "HBM bw", "HBM", "crit. int.", "chip link (each way)"])
+    return table(
+        rows, ["name", "kind", "bf16 peak", "HBM bw", "HBM", "crit. int.", "chip link (each way)"]
+    )

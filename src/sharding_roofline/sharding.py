@@ -82,7 +82,7 @@ class ShardingSpec:
     def notation(self, name: str, letters: str) -> str:
         """The book's notation: ``A[B_x, D_y]``."""
         parts = [
-            letter.upper() + (("_" + _subscript(dim)) if dim else "")
+            letter.upper() + (("_" + subscript(dim)) if dim else "")
             for letter, dim in zip(letters, self.dims, strict=True)
         ]
         return f"{name}[{', '.join(parts)}]"
@@ -93,9 +93,7 @@ class ShardingSpec:
 
     def with_axes(self, dim: int, axes: tuple[str, ...]) -> ShardingSpec:
         """``axes`` appended (as the minor-most) to dimension ``dim``."""
-        return ShardingSpec(
-            tuple(d + axes if i == dim else d for i, d in enumerate(self.dims))
-        )
+        return ShardingSpec(tuple(d + axes if i == dim else d for i, d in enumerate(self.dims)))
 
     def check(
         self,
@@ -197,10 +195,16 @@ def _spec_text(dims: tuple[tuple[str, ...], ...]) -> str:
     return ",".join("+".join(dim) if dim else "None" for dim in dims)
 
 
-def _subscript(axes: Sequence[str]) -> str:
+def subscript(axes: Sequence[str]) -> str:
+    """``("x", "y") -> "xy"``; ``("data", "model") -> "{data,model}"`` (the book's ``D_XY``)."""
     if all(len(a) == 1 for a in axes):
         return "".join(axes)
     return "{" + ",".join(axes) + "}"
+
+
+def unreduced_suffix(axes: Sequence[str]) -> str:
+    """`` {U_y}`` for a result unreduced over ``y``; empty when fully reduced."""
+    return " {U_" + subscript(axes) + "}" if axes else ""
 
 
 def _parse_subscript(text: str) -> tuple[str, ...]:
@@ -251,7 +255,7 @@ class ShardedOperation:
             f"{self.out.notation(self.names[2], self.out_letters)}"
         )
         if self.unreduced:
-            text += " {U_" + _subscript(self.unreduced) + "}"
+            text += unreduced_suffix(self.unreduced)
         return text
 
     @classmethod

@@ -42,7 +42,7 @@ def format_seconds(seconds: float, digits: int = 4) -> str:
 
 
 def format_rate(per_s: float, unit: str = "B", digits: int = 4) -> str:
-    """Decimal units, as bandwidth and FLOP rates are quoted: ``format_rate(4.5e10) == '45 GB/s'``."""
+    """Decimal units, as rates are quoted: ``format_rate(4.5e10) == '45 GB/s'``."""
     steps = ((1.0, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"), (1e15, "P"), (1e18, "E"))
     for factor, prefix in reversed(steps):
         if abs(per_s) >= factor:
