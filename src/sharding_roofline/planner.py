@@ -594,10 +594,14 @@ class Planner:
     # -- public entry points ---------------------------------------------------------------
 
     def search(self, top: int | None = 10, *, explain: bool = False) -> Ranking:
-        """Rank every strategy (deterministically; ties broken by layout), keeping ``top``."""
+        """Rank every strategy (deterministically; ties broken by layout), keeping ``top``.
+
+        With layouts fixed, several strategies can share the same stored operands and output
+        and differ in the layouts at the op (gather A, or slice B and reduce): each is listed,
+        since each is an algorithm the user may choose. Candidates stream through a bounded
+        heap, so a sweep's memory does not grow with the number of strategies."""
         counts = {"candidates": 0, "valid": 0, "rejected": 0}
         rejected: list[Rejected] = []
-        dedupe = bool(self.fixed) and set(self.fixed) != {"out"}
 
         def stream() -> Iterator[_Candidate]:
             for item in self.candidates(keep_rejected=explain):
@@ -610,16 +614,7 @@ class Planner:
                 counts["valid"] += 1
                 yield item
 
-        if dedupe:
-            best: dict[tuple[Any, ...], _Candidate] = {}
-            for item in stream():
-                triple = item.key[3:6]
-                if triple not in best or item.key < best[triple].key:
-                    best[triple] = item
-            chosen = sorted(best.values(), key=lambda c: c.key)
-            if top is not None:
-                chosen = chosen[:top]
-        elif top is None:
+        if top is None:
             chosen = sorted(stream(), key=lambda c: c.key)
         else:
             chosen = heapq.nsmallest(top, stream(), key=lambda c: c.key)

@@ -1,0 +1,224 @@
+"""The command line: the JSON contract (shared/cli_contract.md), human output, and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sharding_roofline import list_presets
+from sharding_roofline.cli import main
+
+V5E = ["--hardware", "tpu-v5e", "--topology", "4x4", "--mesh", "x=4,y=4"]
+MATMUL = ["--einsum", "bd,df->bf", "--dims", "b=8192,d=8192,f=32768", "--dtype", "bfloat16"]
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def test_hardware_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "hardware", "list")
+    assert [p["name"] for p in data["presets"]] == list_presets()
+    show = run_json(capsys, "hardware", "show", "h100")
+    assert show["chip"]["peak_flops_per_s"]["bfloat16"] == 9.89e14
+    assert show["nvlink"]["gpus_per_domain"] == 8
+    assert main(["hardware", "show", "tpu-v5e"]) == 0
+    text = capsys.readouterr().out
+    assert "critical intensity 240.2" in text
+    assert "source:" in text
+
+
+def test_collective_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(
+        capsys,
+        "collective",
+        "--hardware", "tpu-v5e", "--topology", "8x4", "--mesh", "x=8,y=4",
+        "--op", "all-gather", "--axes", "y", "--shape", "2048,8192", "--spec", "y,None",
+        "--dtype", "bfloat16",
+    )  # fmt: skip
+    v = 2048 * 8192 * 2
+    assert data["time_s"] == pytest.approx(3 * (v / 4) / 4.5e10)  # no wraparound on v5e 8x4
+    assert data["bytes_sent_per_chip"] == 3 / 4 * v
+    assert data["bound"] == "bandwidth"
+    assert data["notation"] == "AllGather_y A[I_y, J] -> A[I, J]"
+
+
+def test_collective_two_axes_and_topology_default(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(
+        capsys,
+        "collective", "--hardware", "tpu-v4p", "--mesh", "x=4,y=4,z=4",
+        "--op", "all-gather", "--axes", "x,y", "--shape", "1024,4096", "--spec", "x,y",
+    )  # fmt: skip
+    assert data["topology"] == "4x4x4"
+    assert data["time_s"] == pytest.approx(2 * 1024 * 4096 / (2 * 9e10))
+
+
+def test_estimate_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(
+        capsys, "estimate", *V5E, *MATMUL, "--lhs", "None,x", "--rhs", "x,y", "--out", "x,y"
+    )
+    assert set(data["time_s"]) >= {"compute", "hbm", "comm", "lower_bound", "upper_bound"}
+    t = data["time_s"]
+    assert t["lower_bound"] == max(t["compute"], t["hbm"], t["comm"])
+    assert t["upper_bound"] == pytest.approx(t["compute"] + t["hbm"] + t["comm"])
+    assert data["bottleneck"] in ("compute", "hbm", "comm")
+    assert set(data["per_chip"]) >= {"flops", "hbm_bytes", "peak_memory_bytes"}
+    assert data["per_chip"]["flops"] == 2 * 8192 * 8192 * 32768 / 16
+    (coll,) = data["collectives"]
+    assert set(coll) >= {
+        "kind", "axes", "operand", "elements_in_per_chip", "elements_out_per_chip",
+        "bytes_sent_per_chip", "time_s",
+    }  # fmt: skip
+    assert (coll["kind"], coll["axes"], coll["operand"]) == ("reduce-scatter", ["x"], "out")
+    assert coll["elements_in_per_chip"] == 8192 * 32768 // 4
+    assert coll["elements_out_per_chip"] == 8192 * 32768 // 16
+    assert set(data["crossover"]) >= {"dimension", "size"}
+
+
+def test_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "plan", *V5E, *MATMUL, "--top", "3")
+    assert len(data["strategies"]) == 3
+    for strategy in data["strategies"]:
+        assert {"lhs", "rhs", "out", "time_s", "collectives", "bottleneck"} <= set(strategy)
+    times = [s["time_s"]["lower_bound"] for s in data["strategies"]]
+    assert times == sorted(times)
+
+
+def test_plan_with_a_fixed_operand_and_explain(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "plan",
+                *V5E,
+                "--einsum",
+                "bd,df->bf",
+                "--dims",
+                "b=6,d=16,f=16",
+                "--rhs",
+                "x,None",
+                "--explain",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "rejected:" in out
+    assert "B (size 6) does not divide over" in out
+
+
+def test_human_estimate_names_the_bottleneck_and_crossover(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["estimate", "--hardware", "tpu-v5p", "--mesh", "x=4", *MATMUL]
+    assert (
+        main(
+            [
+                *argv,
+                "--lhs",
+                "None,None",
+                "--rhs",
+                "x,None",
+                "--out",
+                "None,None",
+                "--crossover-dim",
+                "d",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "bottleneck:" in out
+    assert "crossover:" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["hardware", "show", "tpu-v9"], "unknown hardware preset 'tpu-v9'", id="preset"
+        ),
+        pytest.param(
+            ["plan", *V5E[:4], "--mesh", "x=4,q=4", *MATMUL, "--lhs", "q,None,None"],
+            "has 3 entries",
+            id="rank",
+        ),
+        pytest.param(
+            ["plan", *V5E[:4], "--mesh", "x=4,y=8", *MATMUL],
+            "has 32 devices but topology 4x4 has 16",
+            id="mesh-size",
+        ),
+        pytest.param(
+            [
+                "estimate",
+                *V5E,
+                *MATMUL,
+                "--lhs",
+                "z,None",
+                "--rhs",
+                "None,None",
+                "--out",
+                "None,None",
+            ],
+            "uses mesh axis 'z'",
+            id="axis",
+        ),
+        pytest.param(
+            ["plan", *V5E, "--einsum", "ab,bc,cd->ad", "--dims", "a=1"], "two-operand", id="einsum"
+        ),
+        pytest.param(
+            ["plan", *V5E, "--einsum", "bd,df->bf", "--dims", "b=6,d=8,f=8", "--lhs", "x,None"],
+            "does not divide 6",
+            id="divisible",
+        ),
+        pytest.param(
+            ["collective", *V5E, "--op", "all-scatter", "--axes", "x", "--shape", "8,8"],
+            "unknown collective",
+            id="op",
+        ),
+        pytest.param(
+            ["plan", *V5E, *MATMUL, "--dtype", "fp17"], "unknown dtype 'fp17'", id="dtype"
+        ),
+        pytest.param(
+            ["plan", *V5E, *MATMUL, "--dtype", "float32"],
+            "has no peak matmul rate for dtype 'float32'",
+            id="tpu-f32",
+        ),
+    ],
+)
+def test_domain_errors_exit_1_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--hardware", "tpu-v5e"])
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_no_jax_on_import() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sharding_roofline", "hardware", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "tpu-v5e" in result.stdout
+    code = (
+        "import sharding_roofline, sys; "
+        "sys.exit('jax' in sys.modules or 'matplotlib' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
