@@ -19,7 +19,9 @@ from .mesh import DeviceMesh
 from .planner import Planner
 from .presets import list_presets, load_preset
 from .report import (
+    alternatives_dict,
     collective_dict,
+    format_alternatives,
     format_collective,
     format_hardware,
     format_hardware_list,
@@ -291,13 +293,13 @@ def _plan(args: argparse.Namespace) -> int:
             overlap=overlap,
             check_memory=False,
         )
-        ranking = planner.estimate(alternatives=0)
+        ranking = planner.estimate(alternatives=4)
         best = ranking.best
-        _emit(
-            args,
-            plan_dict(best, overlap=overlap, crossover_dim=cross),
-            format_plan(best, overlap=overlap, crossover_dim=cross),
-        )
+        data = plan_dict(best, overlap=overlap, crossover_dim=cross)
+        data["alternatives"] = alternatives_dict(ranking)
+        text = format_plan(best, overlap=overlap, crossover_dim=cross)
+        extra = format_alternatives(ranking)
+        _emit(args, data, text + ("\n\n" + extra if extra else ""))
         plans = [best]
     else:
         planner = Planner(

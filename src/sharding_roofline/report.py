@@ -49,7 +49,7 @@ def mesh_dict(mesh: DeviceMesh) -> dict[str, Any]:
         "topology": mesh.topology.shape_text,
         "mesh": {axis.name: axis.size for axis in mesh.axes},
         "num_devices": mesh.num_devices,
-        "axes": {name: mesh.describe_axis(name) for name in mesh.axis_names},
+        "mesh_axes": {name: mesh.describe_axis(name) for name in mesh.axis_names},
     }
 
 
@@ -107,6 +107,39 @@ def plan_dict(
         ],
         "crossover": cross.as_dict(),
     }
+
+
+def alternatives_dict(ranking: Ranking) -> list[dict[str, Any]]:
+    """The runner-up algorithms an estimate considered (compact: layouts at the op, the
+    collectives and their times)."""
+    return [
+        {
+            "at_op": str(plan.operation),
+            "collectives": collectives_summary(plan),
+            "time_s": {
+                "compute": plan.cost.compute_s,
+                "comm": plan.cost.comm_s,
+                "lower_bound": plan.cost.lower_bound_s,
+                "upper_bound": plan.cost.upper_bound_s,
+            },
+        }
+        for plan in ranking.strategies[1:]
+    ]
+
+
+def format_alternatives(ranking: Ranking) -> str:
+    if len(ranking.strategies) < 2:
+        return ""
+    rows = [
+        [
+            str(plan.operation),
+            collectives_summary(plan),
+            format_seconds(plan.cost.time_s(ranking.overlap)),
+            format_seconds(plan.cost.comm_s),
+        ]
+        for plan in ranking.strategies[1:]
+    ]
+    return "alternatives considered:\n" + table(rows, ["at the op", "collectives", "time", "comm"])
 
 
 def ranking_dict(ranking: Ranking, *, crossover_dim: str | None = None) -> dict[str, Any]:
@@ -266,6 +299,20 @@ def format_plan(
     return "\n".join(lines)
 
 
+_SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A"}
+
+
+def collectives_summary(plan: Plan) -> str:
+    """``AG_x(A) RS_y(C)``: each collective, its axes and the array it moves."""
+    names = {"lhs": "A", "rhs": "B", "out": "C"}
+    parts = []
+    for step in plan.collectives:
+        if step.cost is not None:
+            short = _SHORT.get(step.cost.kind.value, "CP")
+            parts.append(f"{short}_{'+'.join(step.cost.axes)}({names[step.operand]})")
+    return " ".join(parts) or "none"
+
+
 def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str:
     lines = [
         f"{ranking.einsum} on {ranking.mesh}",
@@ -281,6 +328,7 @@ def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str
             [
                 str(rank),
                 plan.strategy,
+                collectives_summary(plan),
                 format_seconds(cost.time_s(ranking.overlap)),
                 format_seconds(cost.compute_s),
                 format_seconds(cost.comm_s),
@@ -288,9 +336,8 @@ def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str
                 "-" if cross.size is None else f"{cross.dimension.upper()}={cross.size:.4g}",
             ]
         )
-    lines.append(
-        table(rows, ["#", "strategy", "time", "compute", "comm", "bottleneck", "crossover"])
-    )
+    header = ["#", "strategy", "collectives", "time", "compute", "comm", "bottleneck", "crossover"]
+    lines.append(table(rows, header))
     lines.append("")
     lines.append("best strategy:")
     lines.append(format_plan(ranking.best, overlap=ranking.overlap, crossover_dim=crossover_dim))
