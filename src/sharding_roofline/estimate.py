@@ -68,11 +68,11 @@ class Cost:
     @property
     def comm_s(self) -> float:
         """Collectives run one after another (they share the links)."""
-        return sum(term.time_s for term in self.comm)
+        return sum((term.time_s for term in self.comm), 0.0)
 
     @property
     def comm_bytes_sent_per_chip(self) -> float:
-        return sum(term.bytes_sent_per_chip for term in self.comm)
+        return sum((term.bytes_sent_per_chip for term in self.comm), 0.0)
 
     @property
     def local_s(self) -> float:
