@@ -311,6 +311,8 @@ class _Context:
     hbm_capacity_bytes: float = 0.0
     mesh_order: tuple[str, ...] = ()
     _elems: dict[tuple[str, Dims], int] = field(default_factory=dict)
+    _divisible: dict[tuple[str, Dims], bool] = field(default_factory=dict)
+    _pieces: dict[tuple[str, ...], int] = field(default_factory=dict)
     _paths: dict[tuple[str, Dims, Dims, tuple[str, ...]], _Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -329,21 +331,34 @@ class _Context:
         self.hbm_capacity_bytes = chip.hbm_capacity_bytes
         self.mesh_order = self.mesh.axis_names
 
+    def pieces(self, axes: tuple[str, ...]) -> int:
+        """How many pieces ``axes`` cut a dimension into (the product of their sizes)."""
+        value = self._pieces.get(axes)
+        if value is None:
+            value = math.prod(self.axis_size[a] for a in axes)
+            self._pieces[axes] = value
+        return value
+
     def elements(self, role: str, dims: Dims) -> int:
         key = (role, dims)
         value = self._elems.get(key)
         if value is None:
             value = 1
             for letter, axes in zip(self.letters[role], dims, strict=True):
-                value *= self.sizes[letter] // math.prod(self.axis_size[a] for a in axes)
+                value *= self.sizes[letter] // self.pieces(axes)
             self._elems[key] = value
         return value
 
     def divisible(self, role: str, dims: Dims) -> bool:
-        for letter, axes in zip(self.letters[role], dims, strict=True):
-            if self.sizes[letter] % math.prod(self.axis_size[a] for a in axes):
-                return False
-        return True
+        key = (role, dims)
+        value = self._divisible.get(key)
+        if value is None:
+            value = all(
+                self.sizes[letter] % self.pieces(axes) == 0
+                for letter, axes in zip(self.letters[role], dims, strict=True)
+            )
+            self._divisible[key] = value
+        return value
 
     def path(self, role: str, src: Dims, dst: Dims, unreduced: tuple[str, ...] = ()) -> _Path:
         key = (role, src, dst, unreduced)
@@ -489,19 +504,19 @@ class Planner:
         rhs_op = _sigma_dims(sigma, spec.rhs)
         local = _sigma_dims(sigma, spec.out)
         unreduced = tuple(axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c])
+        flops = 2
         for letter, axes in sigma.items():
-            if axes and ctx.sizes[letter] % math.prod(ctx.axis_size[a] for a in axes):
+            pieces = ctx.pieces(axes)
+            if ctx.sizes[letter] % pieces:
                 yield Rejected(
                     strategy=self._sigma_text(sigma),
                     reason=(
                         f"{letter.upper()} (size {ctx.sizes[letter]}) does not divide over "
-                        f"{'+'.join(axes)} ({math.prod(ctx.axis_size[a] for a in axes)} pieces)"
+                        f"{'+'.join(axes)} ({pieces} pieces)"
                     ),
                 )
                 return
-        flops = 2
-        for letter, axes in sigma.items():
-            flops *= ctx.sizes[letter] // math.prod(ctx.axis_size[a] for a in axes)
+            flops *= ctx.sizes[letter] // pieces
         stored_lhs = self.fixed.get("lhs", lhs_op)
         stored_rhs = self.fixed.get("rhs", rhs_op)
         pre_l = ctx.path("lhs", stored_lhs, lhs_op) if stored_lhs != lhs_op else _EMPTY
@@ -522,7 +537,11 @@ class Planner:
         for target in outs:
             if out is None and not ctx.divisible("out", target):
                 continue
-            post = ctx.path("out", local, target, unreduced)
+            post = (
+                _EMPTY
+                if target == local and not unreduced
+                else ctx.path("out", local, target, unreduced)
+            )
             comm_s = pre_l.time_s + pre_r.time_s + post.time_s
             if math.isinf(comm_s):
                 yield Rejected(
