@@ -9,6 +9,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 PYTEST_ARGS ?=
+LINT_PATHS := src tests $(wildcard benchmarks notebooks)
+FORMAT_PATHS := src tests $(wildcard benchmarks)
 
 .PHONY: run test lint format bench notebooks clean setup
 
@@ -24,13 +26,13 @@ run: $(STAMP)
 	$(BIN)/sharding-roofline run configs/demo.toml --out-dir $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks notebooks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(FORMAT_PATHS)
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests benchmarks notebooks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(FORMAT_PATHS)
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
