@@ -276,6 +276,11 @@ def format_plan(
         f"{format_seconds(cost.upper_bound_s)} (no overlap); "
         f"bottleneck: {cost.describe_bottleneck()}",
     ]
+    if plan.peak_memory_bytes > chip.hbm_capacity_bytes:
+        lines.append(
+            f"WARNING: needs {format_bytes(plan.peak_memory_bytes)} per chip, more than the "
+            f"{format_bytes(chip.hbm_capacity_bytes)} of HBM; shard the operands further"
+        )
     rows = [
         [
             step.operand,
