@@ -439,7 +439,10 @@ class Planner:
             if given is None:
                 continue
             letters = spec.operand(role)
-            sharding = ShardingSpec.parse(given, rank=None)
+            # A PartitionSpec object shorter than the array is padded with None, as JAX does;
+            # a typed string must give every dimension (a short one is usually a mistake).
+            pad = None if isinstance(given, str) else len(letters)
+            sharding = ShardingSpec.parse(given, rank=pad)
             if sharding.rank != len(letters):
                 raise SpecError(
                     f"--{role} {sharding.text()!r} has {sharding.rank} entries but the {role} "
