@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import TopologyError
-from .hardware import HardwareKind, HardwareSpec, LinkKind
+from .hardware import HardwareKind, HardwareSpec, LinkKind, NvlinkSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,8 +116,7 @@ def default_shape(hardware: HardwareSpec, mesh_shape: tuple[int, ...]) -> tuple[
     NVLink domains (``16 GPUs -> 2x8`` on 8-GPU nodes)."""
     if hardware.kind is HardwareKind.TPU:
         return mesh_shape
-    assert hardware.nvlink is not None  # a GPU preset always has one (checked on load)
-    per_domain = hardware.nvlink.gpus_per_domain
+    per_domain = _nvlink(hardware).gpus_per_domain
     if len(mesh_shape) == 2 and mesh_shape[1] <= per_domain:
         return mesh_shape
     total = math.prod(mesh_shape)
@@ -132,11 +131,18 @@ def default_shape(hardware: HardwareSpec, mesh_shape: tuple[int, ...]) -> tuple[
     return (total // per_domain, per_domain)
 
 
+def _nvlink(hardware: HardwareSpec) -> NvlinkSpec:
+    if hardware.nvlink is None:  # HardwareSpec checks this on load; a hand-built spec may not
+        raise TopologyError(f"{hardware.name} is a GPU preset without an [nvlink] table")
+    return hardware.nvlink
+
+
 def _tpu_topology(
     hardware: HardwareSpec, shape: tuple[int, ...], text: str, num_slices: int
 ) -> Topology:
     ici = hardware.ici
-    assert ici is not None  # a TPU preset always has one (checked on load)
+    if ici is None:  # HardwareSpec checks this on load; a hand-built spec may not
+        raise TopologyError(f"{hardware.name} is a TPU preset without an [ici] table")
     if len(shape) > ici.num_torus_dims:
         raise TopologyError(
             f"topology {text} has {len(shape)} dimensions but {hardware.name} is a "
@@ -195,8 +201,7 @@ def _tpu_topology(
 
 
 def _gpu_topology(hardware: HardwareSpec, shape: tuple[int, ...], text: str) -> Topology:
-    nvlink = hardware.nvlink
-    assert nvlink is not None  # a GPU preset always has one (checked on load)
+    nvlink = _nvlink(hardware)
     if len(shape) == 1:
         shape = (1, shape[0])
     if len(shape) != 2:
