@@ -123,7 +123,8 @@ def test_resharding_steps_turn_source_blocks_into_destination_blocks(data: st.Da
     full = np.random.default_rng(0).standard_normal(SHAPE)
     partial_share = math.prod(MESH[a] for a in unreduced)
     blocks = {k: b / partial_share for k, b in layout_blocks(full, src).items()}
-    steps = reshard_path(src, dst, unreduced, NAMES)
+    spread = (SHAPE, tuple(MESH.items())) if data.draw(st.booleans()) else None
+    steps = reshard_path(src, dst, unreduced, NAMES, spread)
     for kind, axes, before, after, _, _ in steps:
         blocks = apply(kind, axes, before, after, blocks)
     expected = layout_blocks(full, dst)
