@@ -50,6 +50,7 @@ _COLORS = {"compute": "#4c72b0", "HBM": "#8c8c8c"}
 _COMM_COLORS = ("#dd8452", "#c44e52", "#937860", "#da8bc3", "#ccb974", "#64b5cd", "#8172b3")
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 _LINK_COLORS = ("#d62728", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
+_ARRAY = {"lhs": "A", "rhs": "B", "out": "C"}
 _OUTSIDE: dict[str, Any] = {
     "loc": "upper left",
     "bbox_to_anchor": (1.01, 1.0),
@@ -927,7 +928,8 @@ def breakdown(plans: Plans, ax: Axes | None = None, *, overlap: Overlap = Overla
                 key = f"{step.cost.kind.book_name} over {'+'.join(step.cost.axes)}"
                 color = _COMM_COLORS[len(comm_colors) % len(_COMM_COLORS)]
                 color = comm_colors.setdefault(key, color)
-                segments.append((key, step.cost.time_s, color, Bottleneck.COMM))
+                name = f"{key} ({_ARRAY[step.operand]})"  # one bar segment per array moved
+                segments.append((name, step.cost.time_s, color, Bottleneck.COMM))
         left = 0.0
         for name, seconds, color, term in segments:
             hatched = cost.bottleneck is term

@@ -1,0 +1,419 @@
+"""Figures: the plotted numbers, read back from the Axes by ``gid``, against the book.
+
+Expected values are computed here from the scaling book's formulas with named
+intermediates (and, where the book states one, compared with its answer), never from the
+plotting code. Pixels are not checked.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+
+from sharding_roofline import (
+    Bottleneck,
+    Collective,
+    DeviceMesh,
+    Einsum,
+    Overlap,
+    Plan,
+    crossover,
+    list_presets,
+    load_preset,
+    plan,
+)
+from sharding_roofline import plot as sr_plot
+
+BF16 = 2
+US = 1e-6
+# The book's v5p numbers (tpus.md): C = 4.59e14 bf16 FLOPs/s, W_ici = 1.8e11 B/s bidirectional.
+V5P_PEAK = 4.59e14
+V5P_W_UNI = 9e10
+V5P_W_BIDI = 2 * V5P_W_UNI
+H100_PEAK = 9.89e14
+H100_NVLINK = 450e9
+
+
+def line(ax: Axes, gid: str) -> Line2D:
+    found = [artist for artist in ax.get_lines() if artist.get_gid() == gid]
+    assert len(found) == 1, f"expected one line {gid!r}, found {len(found)}"
+    return found[0]
+
+
+def xy(ax: Axes, gid: str) -> tuple[list[float], list[float]]:
+    artist = line(ax, gid)
+    return [float(x) for x in artist.get_xdata()], [float(y) for y in artist.get_ydata()]
+
+
+def log_interp(xs: list[float], ys: list[float], x: float) -> float:
+    """The value at ``x`` of the straight log-log segments through (xs, ys)."""
+    for i in range(len(xs) - 1):
+        (x0, y0), (x1, y1) = (xs[i], ys[i]), (xs[i + 1], ys[i + 1])
+        if x0 <= x <= x1:
+            t = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp(math.log(y0) + t * math.log(y1 / y0))
+    raise AssertionError(f"{x} outside [{xs[0]}, {xs[-1]}]")
+
+
+def fsdp(hardware: str, topology: str, mesh_text: str = "x=4", b: int = 16384) -> Plan:
+    """The book's FSDP step: batch and weights sharded over x, the weights all-gathered."""
+    einsum = Einsum.create("bd,df->bf", f"b={b},d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset(hardware), mesh_text, topology)
+    ranking = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
+    return sr_plot.pick(ranking, "AG_x(B)")
+
+
+# -- roofline ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_compute_roof_is_peak_and_hbm_ridge_is_critical_intensity(name: str) -> None:
+    hardware = load_preset(name)
+    peak = hardware.chip.peak_flops_per_s["bfloat16"]
+    hbm_bytes_per_s = hardware.chip.hbm_bytes_per_s
+    ax = sr_plot.roofline(hardware)
+    _, roof_y = xy(ax, "roof:compute")
+    assert roof_y == pytest.approx([peak, peak], rel=1e-12)
+    xs, ys = xy(ax, "roof:hbm")
+    assert ys[0] / xs[0] == pytest.approx(hbm_bytes_per_s, rel=1e-12)  # the HBM slope
+    assert ys[1] == pytest.approx(peak, rel=1e-12)  # ... meets the roof
+    assert xs[1] == pytest.approx(peak / hbm_bytes_per_s, rel=1e-12)  # ... at the ridge
+    assert xs[1] == pytest.approx(hardware.chip.critical_intensity_flops_per_byte(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "book_ridge"),
+    [
+        pytest.param("tpu-v5e", 240, id="v5e-240"),  # roofline.md: 1.97e14 / 8.2e11
+        pytest.param("h100", 295, id="h100-295"),  # roofline.md: 9.89e14 / 3.35e12
+        pytest.param("b200", 281, id="b200-281"),  # gpus.md: 2250e12 / 8e12
+    ],
+)
+def test_hbm_ridge_matches_book(name: str, book_ridge: float) -> None:
+    xs, _ = xy(sr_plot.roofline(name), "roof:hbm")
+    assert xs[1] == pytest.approx(book_ridge, abs=1)
+
+
+def _ridges(ax: Axes) -> list[float]:
+    peak = xy(ax, "roof:compute")[1][0]
+    ridges = []
+    for artist in ax.get_lines():
+        gid = artist.get_gid() or ""
+        if gid.startswith("roof:link:"):
+            (x0, x1), (y0, y1) = artist.get_xdata(), artist.get_ydata()
+            assert y1 == pytest.approx(peak, rel=1e-12)  # each slope ends on the roof
+            assert y1 / x1 == pytest.approx(y0 / x0, rel=1e-9)  # a line through the origin
+            ridges.append(float(x1))
+    return sorted(ridges)
+
+
+def test_link_roofs_of_bare_hardware_sit_at_peak_over_link_bandwidth() -> None:
+    # v5p (tpus.md): ICI 9e10 one way, 1.8e11 both ways; DCN 6.25e9 per chip.
+    wrapped = V5P_PEAK / V5P_W_BIDI  # the book's 2550
+    line_only = V5P_PEAK / V5P_W_UNI
+    dcn = V5P_PEAK / 6.25e9  # the book's 73,440
+    assert wrapped == pytest.approx(2550)
+    assert dcn == pytest.approx(73_440)
+    assert _ridges(sr_plot.roofline("tpu-v5p")) == pytest.approx([wrapped, line_only, dcn])
+    # H100 (gpus.md): NVLink 450e9 per GPU (book: 2200); node egress 8 x 50e9 (book: 2475).
+    nvlink = H100_PEAK / H100_NVLINK
+    node = H100_PEAK / (8 * 50e9)
+    assert nvlink == pytest.approx(2200, rel=0.01)
+    assert node == pytest.approx(2475, rel=0.01)
+    assert _ridges(sr_plot.roofline("h100")) == pytest.approx([nvlink, node])
+
+
+def test_link_roofs_of_a_mesh_follow_each_axis() -> None:
+    # v5e 8x16: the 16 axis wraps (W_bidi = 9e10), the 8 axis is a line, which the
+    # AllGather crosses at W_uni·X/(X-1) = 4.5e10·8/7.
+    peak = 1.97e14
+    ring_16 = peak / 9e10
+    line_8 = peak / (4.5e10 * 8 / 7)
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=8,y=16", "8x16")
+    assert _ridges(sr_plot.roofline(mesh=mesh)) == pytest.approx(sorted([ring_16, line_8]))
+    # v5p 4x4x4: three wrapped axes of 4, one merged roof at the book's 2550
+    cube = DeviceMesh.create(load_preset("tpu-v5p"), "x=4,y=4,z=4", "4x4x4")
+    ax = sr_plot.roofline(mesh=cube)
+    assert _ridges(ax) == pytest.approx([2550])
+    assert (
+        "x (ici ring of 4); y (ici ring of 4); z (ici ring of 4)"
+        in line(ax, "roof:link:0").get_label()
+    )
+
+
+def test_strategy_points_sit_on_their_roofs() -> None:
+    # FSDP on a v5p ring of 4 with 2048 tokens per chip: communication-bound (2048 < 2550),
+    # so its collective-traffic point lies on the ICI roof and its attained rate is below C.
+    item = fsdp("tpu-v5p", "4", b=4 * 2048)
+    assert item.cost.bottleneck is Bottleneck.COMM
+    ax = sr_plot.roofline(plans=[item])
+    [x_hbm], [y_hbm] = xy(ax, "strategy:0:hbm")
+    [x_comm], [y_comm] = xy(ax, "strategy:0:comm")
+    flops = item.cost.flops
+    assert y_hbm == y_comm == pytest.approx(flops / item.cost.lower_bound_s)
+    assert x_hbm == pytest.approx(flops / item.cost.hbm_bytes)
+    # the all-gathered weights: V = 2·D·F bytes
+    assert x_comm == pytest.approx(flops / (BF16 * 8192 * 32768))
+    assert y_comm == pytest.approx(x_comm * V5P_W_BIDI, rel=1e-6)
+    assert y_comm < V5P_PEAK
+
+
+# -- crossover against one dimension -----------------------------------------------------------
+
+
+def test_crossover_marker_of_fsdp_on_v5p_is_the_books_2550_tokens_per_chip() -> None:
+    chips = 4
+    d, f = 8192, 32768
+    alpha = V5P_PEAK / V5P_W_BIDI  # sharding.md: 4.59e14 / 1.8e11
+    assert alpha == pytest.approx(2550)
+    item = fsdp("tpu-v5p", "4")  # a ring of 4 (v5p wraps at multiples of 4)
+    ax = sr_plot.crossover_sweep(item)
+    [x_star], [y_star] = xy(ax, "crossover:0")
+    assert x_star / chips == pytest.approx(alpha, rel=1e-6)
+    # T_comm = 2DF/W_ici for the weights; T_math = 2BDF/(X·C): equal at the marker
+    comm_s = BF16 * d * f / V5P_W_BIDI
+    assert y_star == pytest.approx(comm_s, rel=1e-6)
+    assert y_star == pytest.approx(2 * x_star * d * f / (chips * V5P_PEAK), rel=1e-6)
+    # the plotted curves: compute linear in B, communication flat (bandwidth-bound)
+    sizes, compute = xy(ax, "sweep:0:compute")
+    _, comm = xy(ax, "sweep:0:comm")
+    for b, t_math, t_comm in zip(sizes, compute, comm, strict=True):
+        assert t_math == pytest.approx(2 * b * d * f / (chips * V5P_PEAK), rel=1e-9)
+        assert t_comm == pytest.approx(comm_s, rel=1e-9)
+    assert log_interp(sizes, compute, x_star) == pytest.approx(y_star, rel=1e-6)
+    assert log_interp(sizes, comm, x_star) == pytest.approx(y_star, rel=1e-6)
+    assert x_star == pytest.approx(crossover(item).size)
+
+
+def test_crossover_over_the_contracting_dimension_is_x_times_alpha() -> None:
+    # sharding.md case 3: A[B, D_x]·B[D_x, F] then ReduceScatter C: compute-bound iff
+    # D/X > C/W_ici. The sweep over D puts the marker at D = X·2550.
+    chips = 4
+    einsum = Einsum.create("bd,df->bf", "b=4096,d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
+    ranking = plan(einsum, mesh, lhs="None,x", rhs="x,None", out="x,None", top=None)
+    item = sr_plot.pick(ranking, "RS_x(C)")
+    ax = sr_plot.crossover_sweep(item, "d")
+    [x_star], [y_star] = xy(ax, "crossover:0")
+    assert x_star == pytest.approx(chips * V5P_PEAK / V5P_W_BIDI, rel=1e-6)
+    # T_comm of the ReduceScatter: V = 2BF bytes of the unreduced output
+    assert y_star == pytest.approx(BF16 * 4096 * 32768 / V5P_W_BIDI, rel=1e-6)
+    assert "global size of D" in ax.get_xlabel()
+
+
+def test_crossover_marker_on_an_h100_node_uses_the_ring_over_nvlink() -> None:
+    # gpus.md: in-node AllGather T = V·(N-1)/(N·W_egress); T_math = 2BDF/(N·C)
+    gpus, d, f = 8, 8192, 32768
+    item = fsdp("h100", "1x8", "x=8")
+    ax = sr_plot.crossover_sweep(item)
+    [x_star], [y_star] = xy(ax, "crossover:0")
+    comm_s = BF16 * d * f * (gpus - 1) / (gpus * H100_NVLINK)
+    tokens_per_gpu = comm_s * H100_PEAK / (2 * d * f)
+    assert tokens_per_gpu == pytest.approx(2200 * 7 / 8, rel=0.01)  # the book's C/W·(N-1)/N
+    assert x_star == pytest.approx(gpus * tokens_per_gpu, rel=1e-6)
+    assert y_star == pytest.approx(comm_s, rel=1e-6)
+
+
+def test_crossover_panels_draw_one_chip_per_axes() -> None:
+    panels = {
+        "TPU v5p": [fsdp("tpu-v5p", "4")],
+        "H100": [fsdp("h100", "1x8", "x=8")],
+    }
+    figure = sr_plot.crossover_panels(panels)
+    axes = figure.get_axes()
+    assert [ax.get_title() for ax in axes] == ["TPU v5p", "H100"]
+    for ax, items in zip(axes, panels.values(), strict=True):
+        [x_star], _ = xy(ax, "crossover:0")
+        assert x_star == pytest.approx(crossover(items[0]).size)
+    assert figure.legends, "one legend for the whole figure"
+
+
+def test_sweep_hbm_time_scales_only_the_operands_that_hold_the_letter() -> None:
+    # FSDP local einsum on each chip: A[B/X, D] · W[D, F] -> C[B/X, F]
+    chips, b, d, f = 4, 16384, 8192, 32768
+    item = fsdp("tpu-v5p", "4", b=b)
+    sizes = [1024.0, 65536.0]
+    times = sr_plot.sweep_times(item, "b", sizes)
+    hbm_bytes_per_s = 2.8e12
+    for size, hbm_s in zip(sizes, times.hbm_s, strict=True):
+        local = BF16 * (size / chips * d + d * f + size / chips * f)
+        assert hbm_s == pytest.approx(local / hbm_bytes_per_s, rel=1e-12)
+    at_plan_size = sr_plot.sweep_times(item, "b", [float(b)]).hbm_s[0]
+    assert at_plan_size == pytest.approx(item.cost.hbm_s, rel=1e-12)
+
+
+# -- crossover against the mesh size -----------------------------------------------------------
+
+
+def test_mesh_sweep_marker_sits_where_the_lines_meet() -> None:
+    # FSDP with 65,536 tokens on v5p: compute falls as 1/N, the weights' AllGather does not.
+    # On the 4x4x4 and 4x4x8 cubes the one axis x spans three wrapped torus dimensions, whose
+    # bandwidths add (sharding.md: V/(W_ici·N_axes)), so T_comm = 2DF/(3·W_ici) on both and
+    # the lines meet at B/N = C/(3·W_ici), N = 77.1.
+    shapes = {4: "4", 16: "4x4", 64: "4x4x4", 128: "4x4x8"}
+    series = [fsdp("tpu-v5p", shape, f"x={n}", b=65536) for n, shape in shapes.items()]
+    ax = sr_plot.mesh_sweep({"FSDP": series})
+    [x_star], [y_star] = xy(ax, "crossover:0")
+    xs, compute = xy(ax, "mesh:0:compute")
+    _, comm = xy(ax, "mesh:0:comm")
+    assert xs == [4, 16, 64, 128]
+    for n, t_math in zip(xs, compute, strict=True):
+        assert t_math == pytest.approx(2 * 65536 * 8192 * 32768 / (n * V5P_PEAK))
+    assert x_star == pytest.approx(65536 * 3 * V5P_W_BIDI / V5P_PEAK, rel=1e-9)
+    assert y_star == pytest.approx(BF16 * 8192 * 32768 / (3 * V5P_W_BIDI), rel=1e-9)
+    assert log_interp(xs, compute, x_star) == pytest.approx(y_star, rel=1e-9)
+    assert log_interp(xs, comm, x_star) == pytest.approx(y_star, rel=1e-9)
+
+
+# -- collectives against message size ----------------------------------------------------------
+
+
+def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
+    v5p = load_preset("tpu-v5p")
+    ring = DeviceMesh.create(v5p, "x=4,y=4,z=4", "4x4x4")  # whole cube: wraps
+    line_mesh = DeviceMesh.create(v5p, "x=4,y=4,z=2", "4x4x2")  # not whole cubes: no wrap
+    node = DeviceMesh.create(load_preset("h100"), "node=4,gpu=8", "4x8")
+    cases = [
+        sr_plot.CollectiveCase(label="ring", mesh=ring, axes=("x",)),
+        sr_plot.CollectiveCase(label="line", mesh=line_mesh, axes=("x",)),
+        sr_plot.CollectiveCase(label="in-node", mesh=node, axes=("gpu",)),
+    ]
+    # (seconds per byte of V, latency): sharding.md ring V/W_bidi over floor(4/2) hops;
+    # line (X-1)/X·V/W_uni over X-1 hops; gpus.md V·(N-1)/(N·W) over N-1 NCCL ring steps.
+    expected = [
+        (1 / V5P_W_BIDI, 2 * 1 * US),
+        (3 / (4 * V5P_W_UNI), 3 * 1 * US),
+        (7 / (8 * H100_NVLINK), 7 * 3.4 * US),
+    ]
+    ax = sr_plot.collective_sweep(cases, array_bytes=[1e3, 1e5, 1e7, 1e9])
+    for index, (s_per_byte, latency_s) in enumerate(expected):
+        volumes, total = xy(ax, f"collective:{index}:total")
+        _, latency = xy(ax, f"collective:{index}:latency")
+        _, bandwidth = xy(ax, f"collective:{index}:bandwidth")
+        for v, t, lat, bw in zip(volumes, total, latency, bandwidth, strict=True):
+            assert bw == pytest.approx(v * s_per_byte, rel=1e-9)
+            assert lat == pytest.approx(latency_s, rel=1e-9)
+            assert t == pytest.approx(max(lat, bw), rel=1e-12)
+        [knee_v], [knee_t] = xy(ax, f"collective:{index}:knee")
+        assert knee_v == pytest.approx(latency_s / s_per_byte, rel=1e-6)
+        assert knee_t == pytest.approx(latency_s, rel=1e-9)
+    # losing the wraparound costs 1.5x at X=4 here (book: "typically doubles")
+    ring_bw, line_bw = xy(ax, "collective:0:bandwidth")[1], xy(ax, "collective:1:bandwidth")[1]
+    assert line_bw[-1] / ring_bw[-1] == pytest.approx(1.5, rel=1e-6)
+
+
+def test_collective_curve_rounds_reduce_scatter_to_whole_shards() -> None:
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=4,y=4", "4x4")
+    case = sr_plot.CollectiveCase(
+        label="rs", mesh=mesh, axes=("x",), kind=Collective.REDUCE_SCATTER
+    )
+    costs = sr_plot.collective_curve(case, [10.0, 1e6])
+    assert [c.elements_in_per_chip % 4 for c in costs] == [0, 0]
+    assert costs[1].group_bytes == pytest.approx(1e6, rel=1e-3)
+
+
+# -- strategy breakdown ------------------------------------------------------------------------
+
+
+def _bars(ax: Axes, row: int) -> dict[str, Rectangle]:
+    prefix = f"bar:{row}:"
+    return {
+        str(p.get_gid())[len(prefix) :]: p
+        for p in ax.patches
+        if isinstance(p, Rectangle) and str(p.get_gid()).startswith(prefix)
+    }
+
+
+@pytest.mark.parametrize("overlap", [Overlap.FULL, Overlap.NONE])
+def test_breakdown_bars_sum_to_the_plans_times(overlap: Overlap) -> None:
+    einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
+    ranking = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
+    ax = sr_plot.breakdown(ranking, overlap=overlap)
+    assert "(ms)" in ax.get_xlabel()
+    scale = 1e3
+    for row, item in enumerate(ranking.strategies):
+        bars = _bars(ax, row)
+        assert bars["compute"].get_width() == pytest.approx(item.cost.compute_s * scale)
+        assert bars["HBM"].get_width() == pytest.approx(item.cost.hbm_s * scale)
+        total = sum(bar.get_width() for bar in bars.values())
+        assert total == pytest.approx(item.cost.upper_bound_s * scale, rel=1e-12)
+        comm = sum(w.get_width() for k, w in bars.items() if k not in ("compute", "HBM"))
+        assert comm == pytest.approx(item.cost.comm_s * scale, rel=1e-12)
+        [tick], _ = xy(ax, f"estimate:{row}")
+        assert tick == pytest.approx(item.cost.time_s(overlap) * scale)
+        hatched = {k for k, bar in bars.items() if bar.get_hatch()}
+        if item.cost.bottleneck is Bottleneck.COMPUTE:
+            assert hatched == {"compute"}
+        elif item.cost.bottleneck is Bottleneck.COMM:
+            assert hatched == set(bars) - {"compute", "HBM"}
+
+
+def test_save_breakdown_keeps_the_cli_signature(tmp_path: Path) -> None:
+    item = fsdp("tpu-v5p", "4")
+    out = sr_plot.save_breakdown([item], tmp_path / "b.png", overlap=Overlap.NONE)
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+# -- figures, files and notebooks --------------------------------------------------------------
+
+
+def test_functions_draw_on_a_given_axes() -> None:
+    ax = sr_plot.new_axes()
+    item = fsdp("tpu-v5p", "4")
+    assert sr_plot.roofline(plans=[item], ax=ax) is ax
+    for draw in (sr_plot.crossover_sweep, sr_plot.breakdown):
+        given = sr_plot.new_axes()
+        assert draw([item], ax=given) is given
+
+
+def test_inline_figures_render_to_png_deterministically() -> None:
+    # what a notebook cell shows; two fresh figures give the same bytes (no timestamps)
+    figure = sr_plot.roofline("tpu-v5e").figure
+    assert isinstance(figure, sr_plot.InlineFigure)
+    first = figure._repr_png_()
+    assert first.startswith(b"\x89PNG")
+    assert sr_plot.roofline("tpu-v5e").figure._repr_png_() == first
+
+
+def test_pick_names_the_alternatives() -> None:
+    einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
+    ranking = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
+    with pytest.raises(ValueError, match=r"no plan moves 'AR_x\(C\)'; these plans move .*AG_x"):
+        sr_plot.pick(ranking, "AR_x(C)")
+
+
+def test_save_demo_figures_writes_pngs(tmp_path: Path) -> None:
+    einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset("h100"), "x=2,y=4", "1x8")
+    paths = sr_plot.save_demo_figures({"one H100 node": plan(einsum, mesh, top=4)}, tmp_path)
+    names = sorted(p.name for p in paths)
+    assert "one-h100-node_breakdown.png" in names
+    assert "one-h100-node_roofline.png" in names
+    assert "collectives.png" in names
+    assert "chips_crossover.png" in names
+    for path in paths:
+        assert path.parent == tmp_path
+        assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plotting_never_imports_pyplot() -> None:
+    code = (
+        "import sys; from sharding_roofline import plot; "
+        "plot.roofline('h100'); plot.chip_comparison(); "
+        "sys.exit('matplotlib.pyplot' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
