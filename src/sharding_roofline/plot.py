@@ -51,6 +51,7 @@ _COMM_COLORS = ("#dd8452", "#c44e52", "#937860", "#da8bc3", "#ccb974", "#64b5cd"
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 _LINK_COLORS = ("#d62728", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
 _ARRAY = {"lhs": "A", "rhs": "B", "out": "C"}
+_LINK_NAMES = {"dcn": "DCN", "infiniband": "InfiniBand"}
 _OUTSIDE: dict[str, Any] = {
     "loc": "upper left",
     "bbox_to_anchor": (1.01, 1.0),
@@ -261,7 +262,9 @@ def link_roofs(
         where = "per node" if source.kind is HardwareKind.GPU else "per chip"
         for level in source.scale_out:
             bandwidth = per_node * level.bytes_per_s_per_chip_per_direction
-            found.append((f"{level.name} ({level.link.value}) {where}", level.name, bandwidth))
+            link = _LINK_NAMES.get(level.link.value, level.link.value)
+            name = link if level.name == level.link.value else f"{link} {level.name}"
+            found.append((f"{name} {where}", level.name, bandwidth))
     peak = chip.peak_flops_per_s_for(dtype)
     merged: dict[float, tuple[str, str]] = {}
     for label, kind, bandwidth in sorted(found, key=lambda item: -item[2]):
@@ -325,6 +328,7 @@ def roofline(
     overlap: Overlap = Overlap.FULL,
     links: bool = True,
     intensity_range: tuple[float, float] | None = None,
+    legend_inside: bool = False,
     ax: Axes | None = None,
 ) -> Axes:
     """Attainable FLOPs/s per chip against arithmetic intensity (log-log).
@@ -334,7 +338,8 @@ def roofline(
     ``mesh``, else the hardware's nominal links). Each plan is a numbered pair of points
     (filled: FLOPs per HBM byte; hollow: FLOPs per byte of collective traffic) at its
     attained FLOPs/s under ``overlap``. ``hardware`` defaults to the mesh's, the mesh to the
-    first plan's, ``dtype`` to the first plan's.
+    first plan's, ``dtype`` to the first plan's. ``legend_inside`` puts the legend in the
+    empty lower right (for panels) instead of to the right of the Axes.
     """
     items = _plans(plans)
     mesh = mesh or (items[0].mesh if items else None)
@@ -455,9 +460,13 @@ def roofline(
     _log_ticks(ax, "x", _count)
     _log_ticks(ax, "y", lambda v: format_rate(v, "FLOP", 3))
     ax.grid(True, which="major", alpha=0.3)
-    where = f" on {mesh.spec_text} ({mesh.topology.shape_text})" if mesh is not None else ""
+    where = ""
+    if mesh is not None:
+        where = f" on {mesh.spec_text} ({mesh.topology.shape_text})"
+        where = where if mesh.num_devices > 1 else " (one chip)"
     ax.set_title(f"Roofline of {chip.name}{where}", fontsize=10)
-    ax.legend(**_OUTSIDE)
+    # the lower right of a roofline is empty: room for the legend in a panel
+    ax.legend(**({"loc": "lower right", "fontsize": 7} if legend_inside else _OUTSIDE))
     return ax
 
 
