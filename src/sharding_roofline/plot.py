@@ -664,8 +664,11 @@ def crossover_panels(
     sharey: bool = True,
 ) -> InlineFigure:
     """One ``crossover_sweep`` per entry (``{"TPU v5e": plans, "H100": plans, ...}``), side by
-    side, sharing the time axis, with one legend; ``labels`` name the strategies in every
-    panel (the same strategies on each chip)."""
+    side, over the same ``sizes`` and sharing the time axis, with one legend; ``labels``
+    name the strategies in every panel (the same strategies on each chip)."""
+    if sizes is None:  # one range for every panel, so the panels compare at a glance
+        every = [item for plans in panels.values() for item in _plans(plans)]
+        sizes = _default_sizes(every, dimension or default_dimension(every[0]))
     figure, axes = subplots(len(panels), ncols=ncols, sharey=sharey)
     for ax, (title, plans) in zip(axes, panels.items(), strict=True):
         crossover_sweep(
@@ -729,46 +732,19 @@ def mesh_sweep(
         compute = [p.cost.compute_s for p in ordered]
         comm = [p.cost.comm_s for p in ordered]
         color = _PALETTE[index % len(_PALETTE)]
-        ax.plot(
-            xs,
-            compute,
-            "-o",
-            ms=4,
-            color=color,
-            lw=2,
-            gid=f"mesh:{index}:compute",
-            label=name or ordered[0].strategy,
-        )
-        ax.plot(
-            xs,
-            [c if c > 0 else math.nan for c in comm],
-            "--o",
-            ms=4,
-            color=color,
-            lw=2,
-            gid=f"mesh:{index}:comm",
-        )
-        if hbm:
-            ax.plot(
-                xs,
-                [p.cost.hbm_s for p in ordered],
-                ":",
-                color=color,
-                lw=1.3,
-                gid=f"mesh:{index}:hbm",
-            )
         crossing = log_crossing(xs, compute, comm)
-        if crossing is not None:
+        label = name or ordered[0].strategy
+        if crossing is not None:  # the number goes in the legend: lines cross in a crowd
+            label += f": comm > compute from {crossing[0]:,.0f} chips"
             ax.plot([crossing[0]], [crossing[1]], color=color, gid=f"crossover:{index}", **_STAR)
-            ax.annotate(
-                f"{crossing[0]:,.0f} chips",
-                crossing,
-                xytext=(9, 6 + 11 * index),
-                textcoords="offset points",
-                fontsize=8,
-                color=color,
-                fontweight="bold",
-            )
+        ax.plot([], [], color=color, lw=2, label=label)
+        style: dict[str, Any] = {"ms": 4, "color": color, "lw": 2}
+        ax.plot(xs, compute, "-o", gid=f"mesh:{index}:compute", **style)
+        comm_or_nan = [c if c > 0 else math.nan for c in comm]
+        ax.plot(xs, comm_or_nan, "--o", gid=f"mesh:{index}:comm", **style)
+        if hbm:
+            hbm_s = [p.cost.hbm_s for p in ordered]
+            ax.plot(xs, hbm_s, ":", color=color, lw=1.3, gid=f"mesh:{index}:hbm")
     ax.set_xlabel("chips in the mesh")
     ax.set_ylabel("time per chip")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
