@@ -1006,6 +1006,27 @@ def chip_comparison(
     return crossover_panels(panels, labels=["FSDP: AllGather the weights, AG_x(B)"])
 
 
+def _distinct_talkers(plans: Sequence[Plan], most: int = 3) -> list[Plan]:
+    """The best plans that communicate, one per distinct (collectives, times)."""
+    seen: dict[tuple[Any, ...], Plan] = {}
+    for item in plans:
+        cost = item.cost
+        if cost.comm_s > 0:
+            key = (collectives_summary(item), cost.compute_s, cost.hbm_s, cost.comm_s)
+            seen.setdefault(key, item)
+    return list(seen.values())[:most]
+
+
+def _telling(plans: Sequence[Plan]) -> str:
+    """The batch if some plan crosses over along it, else the first letter that does."""
+    letters = [default_dimension(plans[0])]
+    letters += [c for c in plans[0].einsum.spec.letters if c != letters[0]]
+    for letter in letters:
+        if any(crossover(p, letter).size is not None for p in plans):
+            return letter
+    return letters[0]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "plan"
 
@@ -1028,9 +1049,10 @@ def save_demo_figures(
         written.append(save_breakdown(ranking, out / f"{slug}_breakdown.png"))
         top = list(ranking.strategies[:5])
         written.append(save_roofline(out / f"{slug}_roofline.png", plans=top))
-        talking = [p for p in ranking.strategies if p.cost.comm_s > 0][:3]
+        talking = _distinct_talkers(ranking.strategies)
         if talking:
-            written.append(save_crossover_sweep(out / f"{slug}_crossover.png", talking))
+            path = out / f"{slug}_crossover.png"
+            written.append(save_crossover_sweep(path, talking, dimension=_telling(talking)))
         mesh = ranking.mesh
         for axis in (a.name for a in mesh.axes if a.size > 1):
             link = rate(mesh, Collective.ALL_GATHER, (axis,))
