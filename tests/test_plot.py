@@ -28,6 +28,8 @@ from sharding_roofline import (
     Einsum,
     Overlap,
     Plan,
+    PlanError,
+    SpecError,
     crossover,
     list_presets,
     load_preset,
@@ -391,8 +393,15 @@ def test_pick_names_the_alternatives() -> None:
     einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
     mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
     ranking = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
-    with pytest.raises(ValueError, match=r"no plan moves 'AR_x\(C\)'; these plans move .*AG_x"):
+    with pytest.raises(
+        PlanError, match=r"none of these 4 plans moves 'AR_x\(C\)'; they move .*AG_x"
+    ):
         sr_plot.pick(ranking, "AR_x(C)")
+
+
+def test_roofline_without_anything_to_draw_says_what_to_pass() -> None:
+    with pytest.raises(SpecError, match=r"pass hardware .* a mesh, or plans"):
+        sr_plot.roofline()
 
 
 def test_save_demo_figures_writes_pngs(tmp_path: Path) -> None:

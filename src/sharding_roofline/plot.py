@@ -38,6 +38,7 @@ from .collectives import Collective, CollectiveCost, collective_cost, rate
 from .crossover import comm_and_compute_s, crossover, default_dimension
 from .dtypes import dtype_bytes
 from .einsum import Einsum
+from .errors import PlanError, SpecError
 from .estimate import Bottleneck, Overlap
 from .hardware import ChipSpec, HardwareKind, HardwareSpec
 from .mesh import DeviceMesh
@@ -168,7 +169,11 @@ def pick(plans: Plans, collectives: str) -> Plan:
         if collectives_summary(item) == collectives:
             return item
     found = sorted({collectives_summary(item) for item in items})
-    raise ValueError(f"no plan moves {collectives!r}; these plans move {found}")
+    raise PlanError(
+        f"none of these {len(items)} plans moves {collectives!r}; they move {found}. Spell the "
+        "collectives as report.collectives_summary does (e.g. 'AG_x(B)'), and rank every "
+        "strategy with plan(..., top=None)"
+    )
 
 
 # -- roofline ----------------------------------------------------------------------------------
@@ -343,9 +348,13 @@ def roofline(
     """
     items = _plans(plans)
     mesh = mesh or (items[0].mesh if items else None)
-    if hardware is None and mesh is None:
-        raise ValueError("roofline needs hardware, a mesh or plans to draw")
-    spec = _hardware(hardware if hardware is not None else mesh)  # type: ignore[arg-type]
+    source = hardware if hardware is not None else mesh
+    if source is None:
+        raise SpecError(
+            "roofline has nothing to draw: pass hardware (a preset name, HardwareSpec or "
+            "ChipSpec), a mesh, or plans"
+        )
+    spec = _hardware(source)
     chip = spec if isinstance(spec, ChipSpec) else spec.chip
     dtype = dtype or (items[0].einsum.dtype if items else "bfloat16")
     peak = chip.peak_flops_per_s_for(dtype)
@@ -576,7 +585,7 @@ def crossover_sweep(
     communication-bound side is shaded. Each plan keeps its shardings; one letter grows."""
     items = _plans(plans)
     if not items:
-        raise ValueError("crossover_sweep needs at least one plan")
+        raise SpecError("crossover_sweep needs at least one plan: pass a Plan, a Ranking or a list")
     letter = dimension or default_dimension(items[0])
     grid = list(sizes) if sizes is not None else _default_sizes(items, letter)
     names = list(labels) if labels is not None else [plan_label(p) for p in items]
