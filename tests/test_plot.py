@@ -179,7 +179,7 @@ def test_crossover_marker_of_fsdp_on_v5p_is_the_books_2550_tokens_per_chip() -> 
     d, f = 8192, 32768
     alpha = V5P_PEAK / V5P_W_BIDI  # sharding.md: 4.59e14 / 1.8e11
     assert alpha == pytest.approx(2550)
-    item = fsdp("tpu-v5p", "4")  # a ring of 4 (v5p wraps at multiples of 4)
+    item = fsdp("tpu-v5p", "4")  # one axis of 4 with wraparound, as the book assumes
     ax = sr_plot.crossover_sweep(item)
     [x_star], [y_star] = xy(ax, "crossover:0")
     assert x_star / chips == pytest.approx(alpha, rel=1e-6)
@@ -263,13 +263,13 @@ def test_mesh_sweep_marker_sits_where_the_lines_meet() -> None:
     # On the 4x4x4 and 4x4x8 cubes the one axis x spans three wrapped torus dimensions, whose
     # bandwidths add (sharding.md: V/(W_ici·N_axes)), so T_comm = 2DF/(3·W_ici) on both and
     # the lines meet at B/N = C/(3·W_ici), N = 77.1.
-    shapes = {4: "4", 16: "4x4", 64: "4x4x4", 128: "4x4x8"}
+    shapes = {8: "2x2x2", 16: "2x2x4", 64: "4x4x4", 128: "4x4x8"}
     series = [fsdp("tpu-v5p", shape, f"x={n}", b=65536) for n, shape in shapes.items()]
     ax = sr_plot.mesh_sweep({"FSDP": series})
     [x_star], [y_star] = xy(ax, "crossover:0")
     xs, compute = xy(ax, "mesh:0:compute")
     _, comm = xy(ax, "mesh:0:comm")
-    assert xs == [4, 16, 64, 128]
+    assert xs == [8, 16, 64, 128]
     for n, t_math in zip(xs, compute, strict=True):
         assert t_math == pytest.approx(2 * 65536 * 8192 * 32768 / (n * V5P_PEAK))
     assert x_star == pytest.approx(65536 * 3 * V5P_W_BIDI / V5P_PEAK, rel=1e-9)
