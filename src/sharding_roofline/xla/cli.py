@@ -1,0 +1,273 @@
+"""The validator's side of the command line: ``validate`` and ``plan --validate``.
+
+``sharding_roofline.cli`` wires these in and imports this module only when validation is
+asked for (it imports JAX). :func:`run_validate` sets the simulated device count before JAX
+starts, so nothing may run a JAX operation in the process before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from sharding_roofline.errors import ValidationError
+from sharding_roofline.planner import Plan
+from sharding_roofline.report import table
+from sharding_roofline.units import format_bytes, format_count, format_seconds
+
+from .compare import Validation, agreement, validate_plan
+from .devices import ensure_devices
+
+__all__ = [
+    "Progress",
+    "add_validate_arguments",
+    "format_validation",
+    "format_validations",
+    "run_validate",
+    "run_validate_many",
+    "validate_many",
+]
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--devices N`` and ``--execute`` (for ``validate`` and ``plan --validate``)."""
+    group = parser.add_argument_group("validation on JAX's simulated CPU devices")
+    group.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="simulated CPU devices to start JAX with (default: the mesh's device count; "
+        "must be at least that)",
+    )
+    group.add_argument(
+        "--execute",
+        action="store_true",
+        help="also run both programs on random data and compare with numpy (small shapes: "
+        "execution takes seconds at hundreds of devices)",
+    )
+
+
+def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
+    needed = max(plan.mesh.num_devices for plan in plans)
+    asked = getattr(args, "devices", None)
+    if asked is not None and asked < needed:
+        raise ValidationError(
+            f"--devices {asked} is fewer than the {needed} devices of the mesh "
+            f"({plans[0].mesh.spec_text}); pass --devices {needed} or more, or leave it out"
+        )
+    ensure_devices(asked if asked is not None else needed)
+
+
+def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    """Validate one plan as the CLI asked (``--devices``, ``--execute``); the JSON object."""
+    _start_devices(args, [plan])
+    return validate_plan(plan, execute=bool(getattr(args, "execute", False))).as_dict()
+
+
+def run_validate_many(
+    args: argparse.Namespace, plans: Sequence[Plan], *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Validate several plans (``plan --validate``); one JSON object each, in order."""
+    if not plans:
+        return []
+    _start_devices(args, plans)
+    execute = bool(getattr(args, "execute", False))
+    return [v.as_dict() for v in validate_many(plans, execute=execute, progress=progress)]
+
+
+# -- sweeps --------------------------------------------------------------------------------
+
+
+class Progress:
+    """A plain progress bar on stderr that appears only once a sweep has run ``after_s``
+    seconds. On a terminal it redraws one line; elsewhere (CI logs) it prints a line at most
+    every ``every_s`` seconds."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        label: str = "validating",
+        stream: TextIO | None = None,
+        after_s: float = 2.0,
+        every_s: float = 10.0,
+        width: int = 30,
+    ) -> None:
+        self.total = total
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.after_s = after_s
+        self.every_s = every_s
+        self.width = width
+        self.start = time.perf_counter()
+        self.last_line = -1.0
+        self.shown = False
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def line(self, done: int, note: str = "") -> str:
+        elapsed = time.perf_counter() - self.start
+        filled = self.width * done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        tail = f" {note}" if note else ""
+        return (
+            f"{self.label} [{bar}] {done}/{self.total} {elapsed:.0f}s elapsed, "
+            f"~{eta:.0f}s left{tail}"
+        )
+
+    def update(self, done: int, note: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.start < self.after_s:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line(done, note))
+        elif now - self.last_line >= self.every_s or done == self.total:
+            self.stream.write(self.line(done, note) + "\n")
+            self.last_line = now
+        else:
+            return
+        self.shown = True
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.shown and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def validate_many(
+    plans: Iterable[Plan],
+    execute: bool = False,
+    progress: bool = True,
+    *,
+    prove: bool = True,
+    stream: TextIO | None = None,
+) -> list[Validation]:
+    """Validate plans in order (compiled programs are cached, so repeats are free). With
+    ``progress``, a bar appears on stderr (or ``stream``) once the sweep passes 2 s."""
+    items = list(plans)
+    bar = Progress(len(items), stream=stream) if progress else None
+    out: list[Validation] = []
+    try:
+        for done, plan in enumerate(items, start=1):
+            out.append(validate_plan(plan, execute=execute, prove=prove))
+            if bar is not None:
+                counts = agreement(out)
+                bar.update(done, " ".join(f"{k}={n}" for k, n in counts.items() if n))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+# -- text ----------------------------------------------------------------------------------
+
+
+def _as_dict(v: Validation | dict[str, Any]) -> dict[str, Any]:
+    return v.as_dict() if isinstance(v, Validation) else v
+
+
+def _time(value: float | None) -> str:
+    return "?" if value is None else format_seconds(value)
+
+
+def _collective_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        axes = "?" if r["axes"] is None else "+".join(r["axes"]) or "-"
+        count = r.get("count", 1)
+        rows.append(
+            [
+                r["kind"] + (f" x{count}" if count != 1 else ""),
+                axes,
+                r["operand"] or "?",
+                r["dtype"],
+                format_count(r["elements_in_per_chip"]),
+                format_count(r["elements_out_per_chip"]),
+                format_bytes(r["bytes_sent_per_chip"]),
+                _time(r["time_s"]),
+            ]
+        )
+    return rows
+
+
+_HEADER = ["collective", "axes", "operand", "dtype", "in/chip", "out/chip", "sent/chip", "time"]
+
+_MEANING = {
+    "match": "XLA compiles the same collectives the plan predicts",
+    "xla-differs": "XLA chose another valid algorithm; the plan's own program is exact",
+    "mismatch": "the plan's own program disagrees with the plan (a planner bug)",
+}
+
+
+def format_validation(v: Validation | dict[str, Any]) -> str:
+    """A validation (or its ``as_dict()``/``run_validate`` object) for people."""
+    d = _as_dict(v)
+    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items())
+    lines = [
+        f"{d['strategy']}   ({d['einsum']} on {d['hardware']} {mesh})",
+        f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
+    ]
+    for reason in d["reasons"]:
+        lines.append(f"  - {reason}")
+    for title, key in (("predicted (the plan)", "predicted"), ("observed (XLA's jit)", "observed")):
+        records = d[key]
+        lines.append("")
+        lines.append(f"{title}:")
+        lines.append(
+            "  none" if not records else _indent(table(_collective_rows(records), _HEADER))
+        )
+    sm = d.get("shard_map")
+    if sm is not None and sm != d["predicted"] and d["verdict"] == "mismatch":
+        proof = _indent(table(_collective_rows(sm), _HEADER))
+        lines += ["", "the plan's shard_map program:", proof]
+    lines.append("")
+    lines.append(
+        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
+        f"XLA {_time(d['xla_time_s'])}"
+    )
+    f = d["flops"]
+    sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
+    lines.append(
+        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, plan's program {sm_flops}, "
+        f"XLA {format_count(f['jit'])}" + ("" if f["ok"] else "  <- differs")
+    )
+    n = d.get("numerics")
+    if n is not None:
+        lines.append(
+            f"numerics: {'ok' if n['ok'] else 'WRONG'}: max abs error {n['max_abs_error']:.3g} "
+            f"(relative {n['max_rel_error']:.3g}, tolerance {n['tolerance']:g}); output layout "
+            f"{'ok' if n['out_sharding_ok'] else 'WRONG'}"
+        )
+    for warning in d["warnings"]:
+        lines.append(f"XLA warning: {warning[:300]}")
+    return "\n".join(lines)
+
+
+def format_validations(validations: Sequence[Validation | dict[str, Any]]) -> str:
+    """A table of several validations (``plan --validate``), then the agreement counts."""
+    dicts = [_as_dict(v) for v in validations]
+    rows = [
+        [
+            str(rank),
+            d["verdict"],
+            d["strategy"],
+            _time(d["plan_time_s"]),
+            _time(d["xla_time_s"]),
+            "remat" if any("rematerialization" in w for w in d["warnings"]) else "",
+        ]
+        for rank, d in enumerate(dicts, start=1)
+    ]
+    header = ["#", "verdict", "strategy", "plan comm", "XLA comm", "XLA warnings"]
+    counts: dict[str, int] = {}
+    for d in dicts:
+        counts[d["verdict"]] = counts.get(d["verdict"], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    return table(rows, header) + f"\n{len(dicts)} validated: {summary}"
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
