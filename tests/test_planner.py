@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from sharding_roofline import (
     load_preset,
     plan,
 )
+from sharding_roofline.hardware import Wraparound
 
 V5P_C = 4.59e14  # bf16 FLOPs/s
 V5P_W = 1.8e11  # bidirectional ICI per link
@@ -41,10 +43,20 @@ def find(ranking_plans: tuple[Plan, ...], **sigma: tuple[str, ...]) -> Plan:
     raise AssertionError(f"no strategy with {sigma}")
 
 
+def v5p_ring(size: int) -> DeviceMesh:
+    """One v5p axis of ``size`` with its wraparound, as an axis of a whole 4x4x4 cube has
+    (W = 1.8e11 B/s bidirectional), modelled on its own: a v5p whose every axis wraps."""
+    v5p = load_preset("tpu-v5p")
+    assert v5p.ici is not None
+    ringed = dataclasses.replace(
+        v5p, ici=dataclasses.replace(v5p.ici, wraparound=Wraparound.ALWAYS)
+    )
+    return DeviceMesh.create(ringed, f"x={size}", str(size))
+
+
 @pytest.fixture(scope="module")
 def ring4() -> DeviceMesh:
-    """One v5p axis of 4 that wraps (a whole cube edge): W = 1.8e11 bidirectional."""
-    return DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
+    return v5p_ring(4)
 
 
 # -- the book's four cases (sharding.md) ---------------------------------------------------
@@ -289,7 +301,7 @@ def test_multi_axis_reduction_uses_one_collective_over_both_axes() -> None:
 
 
 def test_accumulation_dtype_makes_reductions_wider() -> None:
-    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
+    mesh = v5p_ring(4)
     mm = Einsum.create("bd,df->bf", "b=1024,d=8192,f=1024", dtype="bf16", accum_dtype="f32")
     p = estimate(mm, mesh, lhs="None,x", rhs="x,None", out="None,None")
     (step,) = p.collectives

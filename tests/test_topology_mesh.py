@@ -30,6 +30,9 @@ def segments(mesh: DeviceMesh, *axes: str) -> list[tuple[int, int, bool]]:
         pytest.param("tpu-v5p", "4x4x8", (True, True, True), id="v5p-two-cubes"),
         pytest.param("tpu-v5p", "2x2x4", (False, False, False), id="v5p-2x2x4-none"),
         pytest.param("tpu-v4p", "4x4x16", (True, True, True), id="v4p-4-cubes"),
+        pytest.param("tpu-v5p", "4", (False,), id="v5p-4-chips-is-not-a-cube"),
+        pytest.param("tpu-v5p", "4x4", (False, False), id="v5p-4x4-is-not-a-cube"),
+        pytest.param("tpu-v5e", "16", (True,), id="v5e-axis-of-16"),
     ],
 )
 def test_wraparound_follows_the_books_rules(
@@ -47,9 +50,10 @@ def test_mesh_axes_map_major_to_minor_onto_the_topology() -> None:
 
 
 def test_an_axis_may_take_a_strided_factor_of_a_ring() -> None:
-    # x=2 takes every 4th chip of a wrapped 8-ring: 4 interleaved groups share each link,
+    # x=2 takes every 4th chip of a wrapped 8-ring (two v5p cubes): 4 interleaved groups
+    # share each link,
     # and each of its hops crosses 4 links
-    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=2,y=4", "8")
+    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "a=4,b=4,x=2,y=4", "4x4x8")
     assert segments(mesh, "x") == [(2, 4, True)]
     assert segments(mesh, "y") == [(4, 1, False)]
     assert segments(mesh, "x", "y") == [(8, 1, True)]

@@ -28,6 +28,7 @@ class Crossover:
     comm_bound_below: bool | None
     current_size: int
     note: str
+    regime: str | None = None  # at the crossover: "bandwidth", "latency" or "mixed"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -36,6 +37,7 @@ class Crossover:
             "comm_bound_below": self.comm_bound_below,
             "current_size": self.current_size,
             "note": self.note,
+            "regime": self.regime,
         }
 
 
@@ -65,6 +67,25 @@ def comm_and_compute_s(plan: Plan, dimension: str, size: float) -> tuple[float, 
         else:
             comm += max(bandwidth, cost.latency_s)
     return comm, compute
+
+
+def comm_regime(plan: Plan, dimension: str, size: float) -> str:
+    """Whether the collectives are latency- or bandwidth-bound with ``dimension`` at ``size``."""
+    scale = size / plan.einsum.size(dimension)
+    latency = bandwidth = 0
+    for step in plan.collectives:
+        cost = step.cost
+        if cost is None or cost.group_size == 1:
+            continue
+        letters = plan.einsum.spec.operand(step.operand)
+        bw = cost.bandwidth_s * (scale if dimension in letters else 1.0)
+        if cost.latency_s > bw:
+            latency += 1
+        else:
+            bandwidth += 1
+    if latency and bandwidth:
+        return "mixed"
+    return "latency" if latency else "bandwidth"
 
 
 def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
@@ -108,13 +129,21 @@ def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
     size = (lo + hi) / 2
     where = "below" if current < size else "above"
     state = "communication-bound" if current < size else "compute-bound"
+    regime = comm_regime(plan, letter, size)
+    why = {
+        "latency": " (there the collectives are latency-bound: per-hop latency, not bandwidth, "
+        "sets this size)",
+        "mixed": " (there some collectives are latency-bound)",
+        "bandwidth": "",
+    }[regime]
     return Crossover(
         dimension=letter,
         size=size,
         comm_bound_below=True,
         current_size=current,
         note=(
-            f"communication-bound for {letter.upper()} < {size:.6g}, compute-bound above; at "
-            f"{letter.upper()} = {current} it is {state} ({where} the crossover)"
+            f"communication-bound for {letter.upper()} < {size:.6g}, compute-bound above{why}; "
+            f"at {letter.upper()} = {current} it is {state} ({where} the crossover)"
         ),
+        regime=regime,
     )

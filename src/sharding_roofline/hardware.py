@@ -181,7 +181,10 @@ class IciSpec:
                 full = (max(self.max_shape),) * len(shape)
             return tuple(size > 2 and size == f for size, f in zip(shape, full, strict=True))
         if self.wraparound is Wraparound.FULL_CUBES:
-            whole = all(size % self.cube_edge == 0 for size in shape if size > 1)
+            # a slice given with fewer sizes than the torus has dimensions is 1 chip thick in
+            # the others, so smaller than a cube: no wraparound (a 4-chip "4" is 1x1x4)
+            every_dim = len(shape) == self.num_torus_dims
+            whole = every_dim and all(size % self.cube_edge == 0 for size in shape)
             return tuple(whole and size > 2 for size in shape)
         if self.wraparound is Wraparound.ALWAYS:
             return tuple(size > 2 for size in shape)

@@ -145,6 +145,32 @@ class Ranking:
     def best(self) -> Plan:
         return self.strategies[0]
 
+    def find(self, **assignment: str | Sequence[str]) -> Plan:
+        """The best-ranked strategy that splits each named letter over exactly the given
+        axes: ``ranking.find(b="", d="x", f="")`` is the book's "slice, multiply, all-reduce"
+        when A[B, D] · B[D_x, F] -> C[B, F]. ``""`` or ``()`` means unsplit, ``"x+y"`` two
+        axes (major first). Search with ``top=None`` to find any candidate."""
+        wanted = {
+            letter: tuple(a for a in axes.split("+") if a) if isinstance(axes, str) else tuple(axes)
+            for letter, axes in assignment.items()
+        }
+        letters = self.einsum.spec.letters
+        unknown = [letter for letter in wanted if letter not in letters]
+        if unknown:
+            raise SpecError(
+                f"find: {unknown[0]!r} is not a letter of {self.einsum.spec.equation!r} "
+                f"(letters: {', '.join(letters)})"
+            )
+        for plan in self.strategies:
+            sigma = dict(plan.assignment)
+            if all(sigma[letter] == axes for letter, axes in wanted.items()):
+                return plan
+        described = ", ".join(f"{c}={'+'.join(a) or '-'}" for c, a in wanted.items())
+        raise PlanError(
+            f"no ranked strategy splits {described}; it may be rejected or ranked below the "
+            f"top {len(self.strategies)} (search with top=None, explain=True to see why)"
+        )
+
 
 # -- the exact resharding engine ---------------------------------------------------------------
 
