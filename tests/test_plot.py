@@ -7,6 +7,7 @@ plotting code. Pixels are not checked.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -26,9 +27,9 @@ from sharding_roofline import (
     Collective,
     DeviceMesh,
     Einsum,
+    HardwareSpec,
     Overlap,
     Plan,
-    PlanError,
     SpecError,
     crossover,
     list_presets,
@@ -36,6 +37,7 @@ from sharding_roofline import (
     plan,
 )
 from sharding_roofline import plot as sr_plot
+from sharding_roofline.hardware import Wraparound
 
 BF16 = 2
 US = 1e-6
@@ -43,6 +45,7 @@ US = 1e-6
 V5P_PEAK = 4.59e14
 V5P_W_UNI = 9e10
 V5P_W_BIDI = 2 * V5P_W_UNI
+V5P_HOP_S = 1 * US  # sharding.md: about 1 us per ICI hop
 H100_PEAK = 9.89e14
 H100_NVLINK = 450e9
 
@@ -68,12 +71,37 @@ def log_interp(xs: list[float], ys: list[float], x: float) -> float:
     raise AssertionError(f"{x} outside [{xs[0]}, {xs[-1]}]")
 
 
-def fsdp(hardware: str, topology: str, mesh_text: str = "x=4", b: int = 16384) -> Plan:
-    """The book's FSDP step: batch and weights sharded over x, the weights all-gathered."""
+def v5p_with_wraparound() -> HardwareSpec:
+    """v5p whose every slice wraps: a 4-chip ``"4"`` then models ONE v5p axis with its
+    wraparound, as inside a 4x4x4 cube, which is what the book's C/W_ici = 2550 assumes.
+    A real 4-chip v5p slice is 1x1x4, smaller than a cube, and has no wraparound
+    (tpus.md: "smaller slices (2x2x1, 2x2x2, and even 2x2x4) have no wraparound")."""
+    v5p = load_preset("tpu-v5p")
+    assert v5p.ici is not None
+    return dataclasses.replace(v5p, ici=dataclasses.replace(v5p.ici, wraparound=Wraparound.ALWAYS))
+
+
+def fsdp(
+    hardware: str | HardwareSpec, topology: str, mesh_text: str = "x=4", b: int = 16384
+) -> Plan:
+    """The book's FSDP step: batch and weights stored sharded over x; at the op the batch is
+    split over x and nothing else (b=x, d and f whole), so the weights are all-gathered."""
     einsum = Einsum.create("bd,df->bf", f"b={b},d=8192,f=32768")
-    mesh = DeviceMesh.create(load_preset(hardware), mesh_text, topology)
+    spec = load_preset(hardware) if isinstance(hardware, str) else hardware
+    mesh = DeviceMesh.create(spec, mesh_text, topology)
     ranking = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
-    return sr_plot.pick(ranking, "AG_x(B)")
+    return ranking.find(b="x", d="", f="")
+
+
+def fsdp_in_a_cube(b: int = 16384) -> Plan:
+    """FSDP over the x axis of a real v5p 4x4x4 cube (every axis a ring of 4), with the
+    weights' F and the output's F split over y+z (tensor parallel), so no axis is idle: the
+    planner would otherwise also gather over idle replicated y and z (sharding.md Q2's "fun
+    fact") and no longer use x alone. Only the weights' AllGather over x moves bytes."""
+    einsum = Einsum.create("bd,df->bf", f"b={b},d=8192,f=32768")
+    cube = DeviceMesh.create(load_preset("tpu-v5p"), "x=4,y=4,z=4", "4x4x4")
+    ranking = plan(einsum, cube, lhs="x,None", rhs="x,y+z", out="x,y+z", top=None)
+    return ranking.find(b="x", d="", f="y+z")
 
 
 # -- roofline ----------------------------------------------------------------------------------
@@ -127,7 +155,11 @@ def test_link_roofs_of_bare_hardware_sit_at_peak_over_link_bandwidth() -> None:
     dcn = V5P_PEAK / 6.25e9  # the book's 73,440
     assert wrapped == pytest.approx(2550)
     assert dcn == pytest.approx(73_440)
-    assert _ridges(sr_plot.roofline("tpu-v5p")) == pytest.approx([wrapped, line_only, dcn])
+    ax = sr_plot.roofline("tpu-v5p")
+    assert _ridges(ax) == pytest.approx([wrapped, line_only, dcn])
+    # tpus.md: v5p slices wrap only when built of whole 4x4x4 cubes
+    wrapped_label = line(ax, "roof:link:0").get_label()
+    assert "ICI axis with wraparound (slices of whole 4x4x4 cubes)" in wrapped_label
     # H100 (gpus.md): NVLink 450e9 per GPU (book: 2200); node egress 8 x 50e9 (book: 2475).
     nvlink = H100_PEAK / H100_NVLINK
     node = H100_PEAK / (8 * 50e9)
@@ -155,9 +187,10 @@ def test_link_roofs_of_a_mesh_follow_each_axis() -> None:
 
 
 def test_strategy_points_sit_on_their_roofs() -> None:
-    # FSDP on a v5p ring of 4 with 2048 tokens per chip: communication-bound (2048 < 2550),
-    # so its collective-traffic point lies on the ICI roof and its attained rate is below C.
-    item = fsdp("tpu-v5p", "4", b=4 * 2048)
+    # FSDP on one v5p axis of 4 with its wraparound (as inside a 4x4x4 cube) with 2048 tokens
+    # per chip: communication-bound (2048 < 2550), so its collective-traffic point lies on
+    # the ICI roof and its attained rate is below C.
+    item = fsdp(v5p_with_wraparound(), "4", b=4 * 2048)
     assert item.cost.bottleneck is Bottleneck.COMM
     ax = sr_plot.roofline(plans=[item])
     [x_hbm], [y_hbm] = xy(ax, "strategy:0:hbm")
@@ -171,21 +204,42 @@ def test_strategy_points_sit_on_their_roofs() -> None:
     assert y_comm < V5P_PEAK
 
 
+def test_a_4_chip_v5p_slice_is_a_line_and_its_strategy_sits_on_the_line_roof() -> None:
+    # tpus.md: a slice smaller than a 4x4x4 cube has no wraparound, so "4" is a line of 4
+    # (1x1x4). An AllGather along a line moves (X-1)/X·V over one direction of the links:
+    # the rate in V per second is W_uni·X/(X-1), the ridge C/(W_uni·4/3) = 3825.
+    chips = 4
+    line_rate = V5P_W_UNI * chips / (chips - 1)
+    item = fsdp("tpu-v5p", "4", b=4 * 2048)
+    ax = sr_plot.roofline(plans=[item])
+    assert _ridges(ax) == pytest.approx([V5P_PEAK / line_rate])
+    assert V5P_PEAK / line_rate == pytest.approx(2550 * 2 * 3 / 4)
+    assert "x (ici line of 4)" in line(ax, "roof:link:0").get_label()
+    [x_comm], [y_comm] = xy(ax, "strategy:0:comm")
+    assert x_comm == pytest.approx(item.cost.flops / (BF16 * 8192 * 32768))
+    assert y_comm == pytest.approx(x_comm * line_rate, rel=1e-6)
+
+
 # -- crossover against one dimension -----------------------------------------------------------
 
 
-def test_crossover_marker_of_fsdp_on_v5p_is_the_books_2550_tokens_per_chip() -> None:
-    chips = 4
+def test_crossover_marker_of_fsdp_on_a_v5p_cube_axis_is_the_books_2550_tokens_per_chip() -> None:
+    # FSDP over the x ring of a 4x4x4 cube, F split over y+z (Y·Z = 16): per chip
+    # T_math = 2BDF/(X·Y·Z·C) and the weights' AllGather over x moves V = 2D(F/16) bytes in
+    # V/W_ici (sharding.md); they meet where B/X = C/W_ici, the book's 2550.
+    x_size, yz_size = 4, 16
     d, f = 8192, 32768
     alpha = V5P_PEAK / V5P_W_BIDI  # sharding.md: 4.59e14 / 1.8e11
     assert alpha == pytest.approx(2550)
-    item = fsdp("tpu-v5p", "4")  # one axis of 4 with wraparound, as the book assumes
+    item = fsdp_in_a_cube()
+    assert [c.kind for c in item.collectives] == [Collective.ALL_GATHER]
+    assert item.collectives[0].axes == ("x",)
     ax = sr_plot.crossover_sweep(item)
     [x_star], [y_star] = xy(ax, "crossover:0")
-    assert x_star / chips == pytest.approx(alpha, rel=1e-6)
-    # T_comm = 2DF/W_ici for the weights; T_math = 2BDF/(X·C): equal at the marker
-    comm_s = BF16 * d * f / V5P_W_BIDI
+    assert x_star / x_size == pytest.approx(alpha, rel=1e-6)
+    comm_s = BF16 * d * (f / yz_size) / V5P_W_BIDI
     assert y_star == pytest.approx(comm_s, rel=1e-6)
+    chips = x_size * yz_size
     assert y_star == pytest.approx(2 * x_star * d * f / (chips * V5P_PEAK), rel=1e-6)
     # the plotted curves: compute linear in B, communication flat (bandwidth-bound)
     sizes, compute = xy(ax, "sweep:0:compute")
@@ -196,22 +250,71 @@ def test_crossover_marker_of_fsdp_on_v5p_is_the_books_2550_tokens_per_chip() -> 
     assert log_interp(sizes, compute, x_star) == pytest.approx(y_star, rel=1e-6)
     assert log_interp(sizes, comm, x_star) == pytest.approx(y_star, rel=1e-6)
     assert x_star == pytest.approx(crossover(item).size)
+    assert crossover(item).regime == "bandwidth"
+    label = next(t for t in ax.texts if t.get_gid() == "crossover:0:label").get_text()
+    assert label == f"B = {x_star:,.0f}"  # bandwidth sets it: no latency remark
+
+
+@pytest.mark.parametrize(
+    ("hardware", "tokens_per_chip"),
+    [
+        # a real 4-chip v5p slice (1x1x4) is a line: C/(W_uni·X/(X-1)) = 3825 tokens per chip
+        pytest.param("tpu-v5p", V5P_PEAK / (V5P_W_UNI * 4 / 3), id="v5p-4-chip-slice-line"),
+        # the same axis with its wraparound, as inside a 4x4x4 cube: the book's 2550
+        pytest.param(v5p_with_wraparound(), V5P_PEAK / V5P_W_BIDI, id="v5p-axis-with-wrap"),
+    ],
+)
+def test_fsdp_crossover_on_one_v5p_axis_of_4_depends_on_its_wraparound(
+    hardware: str | HardwareSpec, tokens_per_chip: float
+) -> None:
+    chips = 4
+    item = fsdp(hardware, "4")
+    [x_star], _ = xy(sr_plot.crossover_sweep(item), "crossover:0")
+    assert x_star / chips == pytest.approx(tokens_per_chip, rel=1e-6)
+
+
+def tensor_parallel(d: int = 8192) -> Plan:
+    """sharding.md case 3 on one v5p axis of 4 with its wraparound (as inside a 4x4x4 cube):
+    A[B, D_x]·B[D_x, F] -> C[B, F] {U_x}, then ReduceScatter C onto B_x."""
+    einsum = Einsum.create("bd,df->bf", f"b=4096,d={d},f=32768")
+    mesh = DeviceMesh.create(v5p_with_wraparound(), "x=4", "4")
+    ranking = plan(einsum, mesh, lhs="None,x", rhs="x,None", out="x,None", top=None)
+    item = ranking.find(b="", d="x", f="")
+    assert [c.kind for c in item.collectives] == [Collective.REDUCE_SCATTER]
+    return item
 
 
 def test_crossover_over_the_contracting_dimension_is_x_times_alpha() -> None:
-    # sharding.md case 3: A[B, D_x]·B[D_x, F] then ReduceScatter C: compute-bound iff
-    # D/X > C/W_ici. The sweep over D puts the marker at D = X·2550.
+    # sharding.md case 3: compute-bound iff D/X > C/W_ici. The sweep over D puts the
+    # marker at D = X·2550.
     chips = 4
-    einsum = Einsum.create("bd,df->bf", "b=4096,d=8192,f=32768")
-    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
-    ranking = plan(einsum, mesh, lhs="None,x", rhs="x,None", out="x,None", top=None)
-    item = sr_plot.pick(ranking, "RS_x(C)")
+    item = tensor_parallel()
     ax = sr_plot.crossover_sweep(item, "d")
     [x_star], [y_star] = xy(ax, "crossover:0")
     assert x_star == pytest.approx(chips * V5P_PEAK / V5P_W_BIDI, rel=1e-6)
     # T_comm of the ReduceScatter: V = 2BF bytes of the unreduced output
     assert y_star == pytest.approx(BF16 * 4096 * 32768 / V5P_W_BIDI, rel=1e-6)
     assert "global size of D" in ax.get_xlabel()
+
+
+def test_a_crossover_set_by_latency_says_so_on_the_plot() -> None:
+    # The same strategy with D/X = 4096 > 2550 is compute-bound at any large batch; at a tiny
+    # batch the ReduceScatter is latency-bound (sharding.md: T = max(T_min·hops, V/W)) and
+    # the crossover along B is where compute reaches the latency: a ring of X needs
+    # floor(X/2) hops of ~1 us, so 2·B·D·F/(X·C) = 2 us at B = 2us·X·C/(2DF).
+    chips, d, f = 4, 16384, 32768
+    latency_s = (chips // 2) * V5P_HOP_S
+    b_star = latency_s * chips * V5P_PEAK / (2 * d * f)
+    assert BF16 * b_star * f / V5P_W_BIDI < latency_s  # the bandwidth term is smaller there
+    item = tensor_parallel(d=d)
+    found = crossover(item, "b")
+    assert found.regime == "latency"
+    ax = sr_plot.crossover_sweep(item, "b")
+    [x_star], [y_star] = xy(ax, "crossover:0")
+    assert x_star == pytest.approx(b_star, rel=1e-6)
+    assert y_star == pytest.approx(latency_s, rel=1e-6)
+    label = next(t for t in ax.texts if t.get_gid() == "crossover:0:label").get_text()
+    assert label == f"B = {b_star:.3g} (latency-bound)"
 
 
 def test_crossover_marker_on_an_h100_node_uses_the_ring_over_nvlink() -> None:
@@ -229,12 +332,12 @@ def test_crossover_marker_on_an_h100_node_uses_the_ring_over_nvlink() -> None:
 
 def test_crossover_panels_draw_one_chip_per_axes() -> None:
     panels = {
-        "TPU v5p": [fsdp("tpu-v5p", "4")],
+        "TPU v5p (1x1x4)": [fsdp("tpu-v5p", "4")],
         "H100": [fsdp("h100", "1x8", "x=8")],
     }
     figure = sr_plot.crossover_panels(panels)
     axes = figure.get_axes()
-    assert [ax.get_title() for ax in axes] == ["TPU v5p", "H100"]
+    assert [ax.get_title() for ax in axes] == ["TPU v5p (1x1x4)", "H100"]
     for ax, items in zip(axes, panels.values(), strict=True):
         [x_star], _ = xy(ax, "crossover:0")
         assert x_star == pytest.approx(crossover(items[0]).size)
@@ -387,16 +490,6 @@ def test_inline_figures_render_to_png_deterministically() -> None:
     first = figure._repr_png_()
     assert first.startswith(b"\x89PNG")
     assert sr_plot.roofline("tpu-v5e").figure._repr_png_() == first
-
-
-def test_pick_names_the_alternatives() -> None:
-    einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
-    mesh = DeviceMesh.create(load_preset("tpu-v5p"), "x=4", "4")
-    ranking = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
-    with pytest.raises(
-        PlanError, match=r"none of these 4 plans moves 'AR_x\(C\)'; they move .*AG_x"
-    ):
-        sr_plot.pick(ranking, "AR_x(C)")
 
 
 def test_roofline_without_anything_to_draw_says_what_to_pass() -> None:

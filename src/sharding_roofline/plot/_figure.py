@@ -1,0 +1,150 @@
+"""What every figure shares: figures without pyplot, saving, log-axis ticks, the palettes,
+and how plans are named on a plot."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from ..planner import Plan, Ranking
+from ..report import collectives_summary
+from ..units import format_count, format_seconds
+
+#: What the drawing functions accept as strategies: one plan, a ranking (all of its
+#: strategies, best first) or a sequence of plans.
+Plans = Plan | Ranking | Sequence[Plan]
+
+COLORS = {"compute": "#4c72b0", "HBM": "#8c8c8c"}
+COMM_COLORS = ("#dd8452", "#c44e52", "#937860", "#da8bc3", "#ccb974", "#64b5cd", "#8172b3")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
+LINK_COLORS = ("#d62728", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
+#: A legend to the right of the Axes.
+OUTSIDE: dict[str, Any] = {
+    "loc": "upper left",
+    "bbox_to_anchor": (1.01, 1.0),
+    "fontsize": 8,
+    "frameon": False,
+}
+#: The crossover marker.
+STAR: dict[str, Any] = {"marker": "*", "ms": 15, "mec": "black", "mew": 0.8, "zorder": 6, "ls": ""}
+
+
+# -- figures without pyplot --------------------------------------------------------------------
+
+
+class InlineFigure(Figure):
+    """A ``Figure`` that Jupyter renders inline (``_repr_png_``), without pyplot."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+
+def new_axes(width: float = 8.0, height: float = 5.0) -> Axes:
+    """One Axes on a fresh ``InlineFigure`` with constrained layout."""
+    return InlineFigure(figsize=(width, height), layout="constrained").add_subplot()
+
+
+def subplots(
+    num: int,
+    *,
+    ncols: int = 2,
+    panel_size: tuple[float, float] = (5.6, 4.0),
+    sharex: bool = False,
+    sharey: bool = False,
+) -> tuple[InlineFigure, list[Axes]]:
+    """A fresh ``InlineFigure`` with ``num`` Axes in rows of ``ncols`` (chips side by side);
+    unused cells of the last row are removed."""
+    ncols = max(1, min(ncols, num))
+    nrows = math.ceil(num / ncols)
+    size = (panel_size[0] * ncols, panel_size[1] * nrows)
+    figure = InlineFigure(figsize=size, layout="constrained")
+    grid = figure.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False)
+    axes = [grid[r][c] for r in range(nrows) for c in range(ncols)]
+    for extra in axes[num:]:
+        extra.remove()
+    return figure, axes[:num]
+
+
+def figure_of(obj: Axes | Figure) -> Figure:
+    """The top-level ``Figure`` of an Axes (or of a sub-figure, or the figure itself)."""
+    figure: Any = obj
+    while figure is not None and not isinstance(figure, Figure):
+        figure = figure.get_figure()
+    if figure is None:  # pragma: no cover - an Axes on no figure
+        raise TypeError("this Axes is not on a figure")
+    return figure
+
+
+def figure_png(obj: Axes | Figure, *, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (deterministic: PNG metadata has no timestamp)."""
+    buffer = io.BytesIO()
+    figure_of(obj).savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def save_figure(obj: Axes | Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write the figure holding ``obj`` to ``path`` (format from the suffix); returns it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure_of(obj).savefig(out, dpi=dpi, bbox_inches="tight")
+    return out
+
+
+# -- axes formatting ---------------------------------------------------------------------------
+
+
+def log_ticks(ax: Axes, which: str, label: Callable[[float], str]) -> None:
+    """Human tick labels on a log axis; 1-2-5 ticks when it spans under three decades."""
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
+    if lo > 0 and hi / lo < 1e3:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def count_text(value: float) -> str:
+    """``16.4k``, ``2.5M``; plain below 1."""
+    return format_count(value, 3).replace(" ", "") if value >= 1 else f"{value:g}"
+
+
+def seconds_text(value: float) -> str:
+    return format_seconds(value, 3)
+
+
+def geomspace(lo: float, hi: float, num: int) -> list[float]:
+    """``num`` points from ``lo`` to ``hi``, evenly spaced on a log scale."""
+    step = (math.log(hi) - math.log(lo)) / (num - 1)
+    return [math.exp(math.log(lo) + i * step) for i in range(num)]
+
+
+# -- plans as drawn ----------------------------------------------------------------------------
+
+
+def as_plans(plans: Plans) -> list[Plan]:
+    if isinstance(plans, Plan):
+        return [plans]
+    if isinstance(plans, Ranking):
+        return list(plans.strategies)
+    return list(plans)
+
+
+def plan_label(plan: Plan) -> str:
+    """``A[B_x, D] · B[D_x, F] -> C[B_x, F]: AG_x(B)``: the stored layouts and the
+    collectives (two plans of the same layouts can move different arrays)."""
+    return f"{plan.strategy}: {collectives_summary(plan)}"
+
+
+def strategy_labels(items: Sequence[Plan]) -> list[str]:
+    """Strategy notation, with the collectives where two plans share the notation."""
+    strategies = [p.strategy for p in items]
+    if len(set(strategies)) == len(strategies):
+        return strategies
+    return [plan_label(p) for p in items]
