@@ -146,17 +146,24 @@ def validate_many(
     prove: bool = True,
     stream: TextIO | None = None,
 ) -> list[Validation]:
-    """Validate plans in order (compiled programs are cached, so repeats are free). With
-    ``progress``, a bar appears on stderr (or ``stream``) once the sweep passes 2 s."""
+    """Validate plans, results in order (compiled programs are cached, so repeats are free).
+
+    With ``progress``, a bar appears on stderr (or ``stream``) once the sweep passes 2 s.
+    (Compiling in two processes was only 1.2x faster on 2 cores, so there is no pool.)
+    """
     items = list(plans)
     bar = Progress(len(items), stream=stream) if progress else None
     out: list[Validation] = []
+
+    def advance(validation: Validation) -> None:
+        out.append(validation)
+        if bar is not None:
+            counts = agreement(out)
+            bar.update(len(out), " ".join(f"{k}={n}" for k, n in counts.items() if n))
+
     try:
-        for done, plan in enumerate(items, start=1):
-            out.append(validate_plan(plan, execute=execute, prove=prove))
-            if bar is not None:
-                counts = agreement(out)
-                bar.update(done, " ".join(f"{k}={n}" for k, n in counts.items() if n))
+        for plan in items:
+            advance(validate_plan(plan, execute=execute, prove=prove))
     finally:
         if bar is not None:
             bar.close()

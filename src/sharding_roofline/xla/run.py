@@ -42,6 +42,7 @@ from sharding_roofline.planner import Plan, Step
 from sharding_roofline.sharding import ShardingSpec
 
 from .devices import jax_mesh, named_sharding, partition_spec
+from .hlo import dot_flops
 
 __all__ = [
     "CompiledPlan",
@@ -217,6 +218,9 @@ class CompiledPlan:
 
     jit_text: str
     shard_map_text: str | None
+    #: matmul FLOPs per chip of the shard_map program as written (its HLO before XLA's
+    #: optimisations, which turn a dot with a contracting size of 1 into a multiply)
+    shard_map_written_flops: int | None
     warnings: tuple[str, ...]
     compile_s: float  # seconds spent compiling in this call (0 when both came from the cache)
 
@@ -225,6 +229,7 @@ class CompiledPlan:
 class _Entry:
     text: str
     warnings: tuple[str, ...]
+    written_flops: int
 
 
 _JIT_CACHE: dict[tuple[Any, ...], _Entry] = {}
@@ -272,10 +277,12 @@ def _compile(program: Program) -> _Entry:
     fn, args = program
     with capture_stderr() as lines:
         try:
-            text = str(fn.lower(*args).compile().as_text())
+            lowered = fn.lower(*args)
+            written = dot_flops(str(lowered.as_text(dialect="hlo")))
+            text = str(lowered.compile().as_text())
         except Exception as exc:  # JAX and XLA raise many types; wrap them with the context
             raise ValidationError(f"{type(exc).__name__}: {exc}") from exc
-    return _Entry(text=text, warnings=_interesting(lines))
+    return _Entry(text=text, warnings=_interesting(lines), written_flops=written)
 
 
 def compile_plan(plan: Plan, *, with_shard_map: bool = True) -> CompiledPlan:
@@ -313,6 +320,7 @@ def compile_plan(plan: Plan, *, with_shard_map: bool = True) -> CompiledPlan:
     return CompiledPlan(
         jit_text=jit.text,
         shard_map_text=None if shard_map is None else shard_map.text,
+        shard_map_written_flops=None if shard_map is None else shard_map.written_flops,
         warnings=warnings,
         compile_s=time.perf_counter() - start if mesh is not None else 0.0,
     )
