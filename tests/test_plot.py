@@ -159,7 +159,7 @@ def test_link_roofs_of_bare_hardware_sit_at_peak_over_link_bandwidth() -> None:
     assert _ridges(ax) == pytest.approx([wrapped, line_only, dcn])
     # tpus.md: v5p slices wrap only when built of whole 4x4x4 cubes
     wrapped_label = line(ax, "roof:link:0").get_label()
-    assert "ICI axis with wraparound (slices of whole 4x4x4 cubes)" in wrapped_label
+    assert "ICI axis with wraparound (whole 4x4x4 cubes)" in wrapped_label
     # H100 (gpus.md): NVLink 450e9 per GPU (book: 2200); node egress 8 x 50e9 (book: 2475).
     nvlink = H100_PEAK / H100_NVLINK
     node = H100_PEAK / (8 * 50e9)

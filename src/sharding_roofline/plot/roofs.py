@@ -89,9 +89,9 @@ def _wraps_when(ici: IciSpec) -> str:
     """When a slice of this chip has wraparound (tpus.md), for a bare-hardware roof label."""
     if ici.wraparound is Wraparound.FULL_CUBES:
         edge = ici.cube_edge
-        return f" (slices of whole {edge}x{edge}x{edge} cubes)"
+        return f" (whole {edge}x{edge}x{edge} cubes)"
     if ici.wraparound is Wraparound.FULL_AXIS:
-        return f" (an axis of the full {max(ici.max_shape)})"
+        return f" (full {max(ici.max_shape)}-chip axis)"
     return ""
 
 
