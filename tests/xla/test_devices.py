@@ -122,9 +122,11 @@ def test_ensure_devices_after_a_jax_operation_says_how_to_fix_it() -> None:
     assert "JAX_NUM_CPU_DEVICES=12" in result.stderr
 
 
-def test_importing_the_package_does_not_import_jax() -> None:
+def test_importing_the_package_and_the_cli_helpers_does_not_import_jax() -> None:
+    # the main CLI builds every parser with add_validate_arguments: no JAX start-up cost
     code = (
-        "import sys, sharding_roofline, sharding_roofline.xla, sharding_roofline.xla.hlo\n"
+        "import sys, sharding_roofline, sharding_roofline.xla.hlo\n"
+        "from sharding_roofline.xla.cli import add_validate_arguments\n"
         "sys.exit('jax' in sys.modules)\n"
     )
     assert _python(code).returncode == 0

@@ -1,8 +1,9 @@
 """The validator's side of the command line: ``validate`` and ``plan --validate``.
 
-``sharding_roofline.cli`` wires these in and imports this module only when validation is
-asked for (it imports JAX). :func:`run_validate` sets the simulated device count before JAX
-starts, so nothing may run a JAX operation in the process before it.
+Importing this module does not import JAX (``add_validate_arguments`` is needed to build the
+parser of every command); the functions that validate import it when called.
+:func:`run_validate` sets the simulated device count before JAX starts, so nothing may run a
+JAX operation in the process before it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sharding_roofline.errors import ValidationError
 from sharding_roofline.planner import Plan
 from sharding_roofline.report import table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
 
-from .compare import Validation, agreement, validate_plan
-from .devices import ensure_devices
+if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
+    from .compare import Validation
 
 __all__ = [
     "Progress",
@@ -51,6 +52,8 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
+    from .devices import ensure_devices  # noqa: PLC0415 (imports JAX)
+
     needed = max(plan.mesh.num_devices for plan in plans)
     asked = getattr(args, "devices", None)
     if asked is not None and asked < needed:
@@ -64,6 +67,8 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
 def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Validate one plan as the CLI asked (``--devices``, ``--execute``); the JSON object."""
     _start_devices(args, [plan])
+    from .compare import validate_plan  # noqa: PLC0415 (imports JAX)
+
     return validate_plan(plan, execute=bool(getattr(args, "execute", False))).as_dict()
 
 
@@ -151,6 +156,8 @@ def validate_many(
     With ``progress``, a bar appears on stderr (or ``stream``) once the sweep passes 2 s.
     (Compiling in two processes was only 1.2x faster on 2 cores, so there is no pool.)
     """
+    from .compare import agreement, validate_plan  # noqa: PLC0415 (imports JAX)
+
     items = list(plans)
     bar = Progress(len(items), stream=stream) if progress else None
     out: list[Validation] = []
@@ -174,7 +181,7 @@ def validate_many(
 
 
 def _as_dict(v: Validation | dict[str, Any]) -> dict[str, Any]:
-    return v.as_dict() if isinstance(v, Validation) else v
+    return v if isinstance(v, dict) else v.as_dict()
 
 
 def _time(value: float | None) -> str:
