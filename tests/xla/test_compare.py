@@ -223,3 +223,19 @@ def test_agreement_counts_every_verdict() -> None:
     plan = _ranking("x,None", "None,y", "x,y").best
     assert agreement([validate_plan(plan)]) == {"match": 1, "xla-differs": 0, "mismatch": 0}
     assert "@" in plan_key(plan)
+
+
+def test_sub_axis_groups_are_reported_without_a_time() -> None:
+    # FSDP stored layouts computed as A[B_y, D] · B[D, F]: XLA reshards A from B_x to B_y by
+    # gathering over pairs of devices inside y, groups that are no whole mesh axis
+    plan = _ranking("x,None", "y,None", "x,None").find(b="y", d="", f="")
+    v = validate_plan(plan)
+    assert v.verdict is Verdict.XLA_DIFFERS
+    partial = [r for r in v.observed if r.axes is None]
+    assert partial
+    for record in partial:
+        assert record.time_s is None
+        assert record.bytes_sent_per_chip > 0
+        assert record.as_dict()["axes"] is None
+    assert v.xla_time_s is None
+    assert "[?]" in v.difference
