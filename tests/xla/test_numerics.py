@@ -27,21 +27,18 @@ def _mesh(name: str) -> DeviceMesh:
 
 
 def _plan(
-    mesh: str,
-    equation: str,
-    dims: str,
-    lhs: str,
-    rhs: str,
-    out: str,
+    request: tuple[str, ...],
     *,
     dtype: str = "bfloat16",
     accum: str | None = "float32",
     **assignment: str,
 ) -> Plan:
+    """``request`` = (mesh, equation, dims, lhs, rhs, out); ``assignment`` picks a strategy."""
+    mesh, equation, dims, lhs, rhs, out = request
     einsum = Einsum.create(equation, dims, dtype=dtype, accum_dtype=accum)
-    ranking = Planner(
-        einsum, _mesh(mesh), lhs=lhs, rhs=rhs, out=out, check_memory=False
-    ).search(top=None)
+    ranking = Planner(einsum, _mesh(mesh), lhs=lhs, rhs=rhs, out=out, check_memory=False).search(
+        top=None
+    )
     return ranking.find(**assignment) if assignment else ranking.best
 
 
@@ -67,9 +64,7 @@ CASES = [
     pytest.param(("v5e-2x4", "bd,df->bf", BD, "x,None", "None,x", "x,None"), {}, id="case4"),
     # resharded outputs
     pytest.param(("v5e-2x4", "bd,df->bf", BD, "x,None", "None,y", "y,x"), {}, id="out-swapped"),
-    pytest.param(
-        ("v5e-2x4", "bd,df->bf", BD, "x,None", "None,y", "None,x+y"), {}, id="out-moved"
-    ),
+    pytest.param(("v5e-2x4", "bd,df->bf", BD, "x,None", "None,y", "None,x+y"), {}, id="out-moved"),
     pytest.param(
         ("v5e-2x4", "bd,df->bf", BD, "x,y", "y,None", "y,x"), {}, id="reduce-then-reshard"
     ),
@@ -113,7 +108,7 @@ CASES = [
 
 @pytest.mark.parametrize(("request_", "assignment"), CASES)
 def test_bf16_with_f32_accumulation(request_: tuple[str, ...], assignment: dict[str, str]) -> None:
-    plan = _plan(*request_, **assignment)
+    plan = _plan(request_, **assignment)
     v = validate_plan(plan, execute=True)
     assert v.numerics is not None
     assert v.numerics.ok, v.reasons
@@ -145,7 +140,7 @@ def test_bf16_with_f32_accumulation(request_: tuple[str, ...], assignment: dict[
     ],
 )
 def test_float32(request_: tuple[str, ...], assignment: dict[str, str]) -> None:
-    plan = _plan(*request_, dtype="float32", accum=None, **assignment)
+    plan = _plan(request_, dtype="float32", accum=None, **assignment)
     v = validate_plan(plan, execute=True)
     assert v.numerics is not None
     assert v.numerics.ok, v.reasons
@@ -154,7 +149,7 @@ def test_float32(request_: tuple[str, ...], assignment: dict[str, str]) -> None:
 
 
 def test_bf16_accumulation_within_bf16_tolerance() -> None:
-    plan = _plan("v5e-2x4", "bd,df->bf", BD, "None,y", "y,None", "None,y", accum=None)
+    plan = _plan(("v5e-2x4", "bd,df->bf", BD, "None,y", "y,None", "None,y"), accum=None)
     v = validate_plan(plan, execute=True)
     assert v.numerics is not None
     assert v.numerics.ok, v.reasons

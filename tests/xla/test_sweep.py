@@ -59,11 +59,7 @@ def test_every_enumerated_strategy(case: dict[str, Any]) -> None:
         if v.verdict is Verdict.MISMATCH
     ]
     assert not mismatches, "planner bugs:\n" + "\n".join(mismatches)
-    got = {
-        plan_key(v.plan): v.difference
-        for v in validations
-        if v.verdict is Verdict.XLA_DIFFERS
-    }
+    got = {plan_key(v.plan): v.difference for v in validations if v.verdict is Verdict.XLA_DIFFERS}
     listed = REPORT["xla_differs"].get(case["id"], {})
     new = sorted(f"{k}: {d}" for k, d in got.items() if k not in listed)
     changed = sorted(
