@@ -177,7 +177,8 @@ class Ranking:
 _RawStep = tuple[Collective | None, tuple[str, ...], Dims, Dims, tuple[str, ...], tuple[str, ...]]
 
 
-@functools.lru_cache(maxsize=65536)
+# Bounded: a sweep reuses paths across searches without its memory growing with the sweep.
+@functools.lru_cache(maxsize=8192)
 def reshard_path(
     src: Dims,
     dst: Dims,
@@ -381,6 +382,7 @@ class _Context:
     hbm_capacity_bytes: float = 0.0
     mesh_order: tuple[str, ...] = ()
     axis_items: tuple[tuple[str, int], ...] = ()
+    num_devices: int = 1
     _elems: dict[tuple[str, Dims], int] = field(default_factory=dict)
     _divisible: dict[tuple[str, Dims], bool] = field(default_factory=dict)
     _pieces: dict[tuple[str, ...], int] = field(default_factory=dict)
@@ -402,6 +404,7 @@ class _Context:
         self.hbm_capacity_bytes = chip.hbm_capacity_bytes
         self.mesh_order = self.mesh.axis_names
         self.axis_items = tuple(self.axis_size.items())
+        self.num_devices = self.mesh.num_devices
 
     def pieces(self, axes: tuple[str, ...]) -> int:
         """How many pieces ``axes`` cut a dimension into (the product of their sizes)."""
@@ -443,7 +446,9 @@ class _Context:
             self._paths[key] = _EMPTY
             return _EMPTY
         plain = self._cost_path(role, reshard_path(src, dst, unreduced, self.mesh_order))
-        shape = tuple(self.sizes[c] for c in self.letters[role])
+        # Only divisibility by products of axis sizes matters to the path, so key the cache by
+        # gcd(size, number of devices): a sweep over sizes then reuses the cached paths.
+        shape = tuple(math.gcd(self.sizes[c], self.num_devices) for c in self.letters[role])
         spread = reshard_path(src, dst, unreduced, self.mesh_order, (shape, self.axis_items))
         best = plain
         if spread != plain.steps:
@@ -559,6 +564,9 @@ class Planner:
             for axis, target in zip(axes, targets, strict=True):
                 if target is not None:
                     sigma[target].append(axis)
+            if not preferred:
+                yield {letter: tuple(group) for letter, group in sigma.items()}
+                continue
             yield {
                 letter: preferred.get(letter, {}).get(frozenset(group), tuple(group))
                 for letter, group in sigma.items()
@@ -571,6 +579,9 @@ class Planner:
         either all-reduced away or reduce-scattered onto one output letter."""
         spec = self.einsum.spec
         base = _sigma_dims(sigma, spec.out)
+        if not unreduced:
+            yield base
+            return
         targets = (None, *range(len(spec.out)))
         for choice in itertools.product(targets, repeat=len(unreduced)):
             dims = [list(d) for d in base]
