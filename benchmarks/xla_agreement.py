@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _jax_version() -> str:
-    import jax  # noqa: PLC0415
+    import jax
 
     return str(jax.__version__)
 
