@@ -613,3 +613,27 @@ def test_hlo_reader_does_not_import_jax() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_ops_sharing_a_channel_id_in_one_computation_stay_distinct() -> None:
+    """A shard_map program prints channel_id=1 on every collective of ENTRY; only copies in
+    different computations (async start/done halves) are one op."""
+    attrs = "dimensions={0}, use_global_device_ids=true"
+    text = "\n".join(
+        [
+            "HloModule m, entry_computation_layout={()->()}",
+            "",
+            "ENTRY %main (a: f32[4,8], b: f32[8,4]) -> (f32[8,8], f32[8,16]) {",
+            "  %a = f32[4,8]{1,0} parameter(0)",
+            "  %b = f32[8,4]{1,0} parameter(1)",
+            "  %ag.0 = f32[8,8]{1,0} all-gather(%a), channel_id=1, "
+            f"replica_groups={{{{0,1}},{{2,3}}}}, {attrs}",
+            "  %ag.1 = f32[8,16]{1,0} all-gather(%b), channel_id=1, "
+            f"replica_groups={{{{0,2}},{{1,3}}}}, {attrs.replace('{0}', '{1}')}",
+            "  ROOT %t = (f32[8,8]{1,0}, f32[8,16]{1,0}) tuple(%ag.0, %ag.1)",
+            "}",
+        ]
+    )
+    first, second = read_collectives(text)
+    assert first.groups == ((0, 1), (2, 3))
+    assert second.groups == ((0, 2), (1, 3))

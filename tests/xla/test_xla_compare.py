@@ -119,8 +119,8 @@ def test_xla_differs_reduces_then_permutes() -> None:
 
 
 def test_two_gathers_with_one_channel_id_count_twice() -> None:
-    # the shard_map lowering gives both all-gathers channel_id=1 in one computation;
-    # they are two ops (hlo.read_collectives alone would merge them)
+    # the shard_map lowering gives both all-gathers channel_id=1 in one computation; they
+    # are two ops (copies of one async op would live in different computations)
     plan = _ranking("x,None", "y,None", "x,None").find(b="", d="", f="")
     v = validate_plan(plan)
     assert v.shard_map is not None

@@ -28,7 +28,7 @@ import enum
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sharding_roofline.collectives import Collective, bytes_sent_per_chip, collective_cost
@@ -38,12 +38,10 @@ from sharding_roofline.report import collective_dict
 
 from .hlo import (
     HloCollective,
-    dedupe_and_weight,
     dot_flops,
     groups_to_axes,
     pairs_to_axes,
-    parse_collectives,
-    reclassify_reduce_scatters,
+    read_collectives,
 )
 from .run import CompiledPlan, Execution, compile_plan, execute_plan
 
@@ -157,32 +155,6 @@ def predicted_collectives(plan: Plan) -> tuple[CollectiveRecord, ...]:
     return tuple(out)
 
 
-def _distinct_channels(colls: Sequence[HloCollective]) -> list[HloCollective]:
-    """Give the n-th op of one (kind, channel id) *within a computation* its own id.
-
-    ``hlo.dedupe_and_weight`` merges every op sharing a (kind, channel id): right for the
-    copies of one async op, which live in different fused computations, but a ``shard_map``
-    program gives every collective of a kind channel id 1 in the same computation, and those
-    are distinct ops. After this, only copies in different computations still share an id.
-    """
-    seen: Counter[tuple[str, int, str]] = Counter()
-    out: list[HloCollective] = []
-    for coll in colls:
-        if coll.channel_id is None:
-            out.append(coll)
-            continue
-        key = (coll.kind, coll.channel_id, coll.computation)
-        nth = seen[key]
-        seen[key] += 1
-        out.append(replace(coll, channel_id=coll.channel_id + nth * 1_000_000) if nth else coll)
-    return out
-
-
-def _read(text: str) -> tuple[HloCollective, ...]:
-    colls = reclassify_reduce_scatters(parse_collectives(text), text)
-    return dedupe_and_weight(_distinct_channels(colls), text)
-
-
 def _fits(global_shape: tuple[int, ...], leaf: tuple[int, ...]) -> bool:
     return len(leaf) == len(global_shape) and all(
         n > 0 and size % n == 0 for size, n in zip(global_shape, leaf, strict=True)
@@ -219,7 +191,7 @@ def observed_collectives(
     dropped (the planner drops size-1 groups too)."""
     mesh = plan.mesh
     out: list[CollectiveRecord] = []
-    for coll in _read(text):
+    for coll in read_collectives(text):
         if coll.groups is not None:
             axes = groups_to_axes(coll.groups, mesh.shape, mesh.axis_names)
         elif coll.pairs is not None:

@@ -858,8 +858,9 @@ def dedupe_and_weight(colls: Sequence[HloCollective], text: str) -> tuple[HloCol
     """Count each collective once per execution, times the loops around it.
 
     Async collectives can be printed in several fused computations (a TPU start and done
-    half each hold a copy): ops of one kind with one ``channel_id`` are one op (the first
-    kept; ``is_async`` if any copy is). ``count`` becomes the number of times the op's
+    half each hold a copy): ops of one kind with one ``channel_id`` in different
+    computations are one op (the first kept; ``is_async`` if any copy is); within one
+    computation they stay distinct ops. ``count`` becomes the number of times the op's
     computation runs per step: the product of ``known_trip_count`` over the while loops
     around it (nested loops multiply; a loop without a printed trip count counts once).
     """
@@ -877,6 +878,11 @@ def dedupe_and_weight(colls: Sequence[HloCollective], text: str) -> tuple[HloCol
             out.append(weighted)
             continue
         first = out[seen[key]]
+        if first.computation == coll.computation:
+            # two ops in one computation are two ops, whatever their channel ids (a shard_map
+            # program prints channel_id=1 on all of them); copies live in different ones
+            out.append(weighted)
+            continue
         out[seen[key]] = replace(
             first,
             count=max(first.count, weighted.count),
