@@ -222,3 +222,31 @@ def test_module_entry_point_and_no_jax_on_import() -> None:
         "sys.exit('jax' in sys.modules or 'matplotlib' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.jax
+def test_validate_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["validate", "--hardware", "tpu-v5e", "--topology", "2x4", "--mesh", "x=2,y=4"]
+    spec = ["--einsum", "bd,df->bf", "--dims", "b=256,d=512,f=1024"]
+    data = run_json(
+        capsys, *argv, *spec, "--lhs", "None,y", "--rhs", "y,None", "--out", "x,y", "--execute"
+    )
+    assert data["verdict"] == "match"
+    (predicted,) = data["predicted"]
+    (observed,) = data["observed"]
+    assert (predicted["kind"], predicted["axes"]) == ("reduce-scatter", ["y"])
+    assert (
+        observed["elements_out_per_chip"]
+        == predicted["elements_out_per_chip"]
+        == 256 // 2 * 1024 // 4
+    )
+    assert data["numerics"]["ok"] is True
+
+
+@pytest.mark.jax
+def test_plan_validate_adds_a_verdict_per_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--hardware", "h100", "--topology", "1x8", "--mesh", "x=2,y=4"]
+    spec = ["--einsum", "bd,df->bf", "--dims", "b=256,d=512,f=1024", "--rhs", "x,y", "--top", "3"]
+    data = run_json(capsys, *argv, *spec, "--validate")
+    assert len(data["validation"]) == len(data["strategies"]) == 3
+    assert {v["verdict"] for v in data["validation"]} <= {"match", "xla-differs"}

@@ -33,6 +33,7 @@ from .report import (
     ranking_dict,
 )
 from .sharding import ShardingSpec, subscript, unreduced_suffix
+from .xla.cli import add_validate_arguments
 
 _LETTERS = "ijklmnopqrstuvwxyz"
 
@@ -122,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--no-memory-check", action="store_true", help="keep strategies that overflow HBM"
     )
+    pl.add_argument(
+        "--validate",
+        action="store_true",
+        help="also check the shown strategies against XLA on simulated devices",
+    )
+    add_validate_arguments(pl)
+
+    val = sub.add_parser(
+        "validate", help="check one strategy against what XLA compiles on simulated devices"
+    )
+    _einsum_args(val, required_specs=True)
+    add_validate_arguments(val)
 
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
@@ -146,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _hardware(args)
     if args.command == "collective":
         return _collective(args)
-    if args.command in ("estimate", "plan"):
+    if args.command in ("estimate", "plan", "validate"):
         return _plan(args)
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
@@ -283,7 +296,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.crossover_dim:
         einsum.size(args.crossover_dim.lower())
     cross = args.crossover_dim.lower() if args.crossover_dim else None
-    if args.command == "estimate":
+    if args.command in ("estimate", "validate"):
         planner = Planner(
             einsum,
             mesh,
@@ -295,12 +308,22 @@ def _plan(args: argparse.Namespace) -> int:
         )
         ranking = planner.estimate(alternatives=4)
         best = ranking.best
+        plans = [best]
+        if args.command == "validate":
+            from .xla.cli import format_validation, run_validate  # noqa: PLC0415 (starts JAX)
+
+            result = run_validate(args, best)
+            _emit(
+                args,
+                result,
+                format_plan(best, overlap=overlap) + "\n\n" + format_validation(result),
+            )
+            return 1 if result["verdict"] == "mismatch" else 0
         data = plan_dict(best, overlap=overlap, crossover_dim=cross)
         data["alternatives"] = alternatives_dict(ranking)
         text = format_plan(best, overlap=overlap, crossover_dim=cross)
         extra = format_alternatives(ranking)
         _emit(args, data, text + ("\n\n" + extra if extra else ""))
-        plans = [best]
     else:
         planner = Planner(
             einsum,
@@ -312,12 +335,20 @@ def _plan(args: argparse.Namespace) -> int:
             check_memory=not args.no_memory_check,
         )
         ranking = planner.search(top=max(1, args.top), explain=args.explain)
-        _emit(
-            args,
-            ranking_dict(ranking, crossover_dim=cross),
-            format_ranking(ranking, crossover_dim=cross),
-        )
         plans = list(ranking.strategies)
+        data = ranking_dict(ranking, crossover_dim=cross)
+        text = format_ranking(ranking, crossover_dim=cross)
+        if args.validate:
+            from .xla.cli import format_validations, run_validate_many  # noqa: PLC0415
+
+            results = run_validate_many(args, plans)
+            data["validation"] = results
+            text += "\n\n" + format_validations(results)
+            _emit(args, data, text)
+            if any(r["verdict"] == "mismatch" for r in results):
+                return 1
+        else:
+            _emit(args, data, text)
     if args.plot:
         from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
 

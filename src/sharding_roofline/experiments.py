@@ -60,11 +60,13 @@ class PlanJob:
     top: int = 5
     overlap: str = "full"
     crossover_dim: str = ""
+    validate: int = 0  # how many of the top strategies to check against XLA (0: none)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Experiment:
     title: str = ""
+    figures: bool = True
     hardware: tuple[str, ...] = ()
     collective: tuple[CollectiveJob, ...] = ()
     plan: tuple[PlanJob, ...] = ()
@@ -119,6 +121,22 @@ def run_plan(job: PlanJob) -> Any:
     return planner.search(top=job.top)
 
 
+def _validate(jobs: list[tuple[PlanJob, tuple[Any, ...]]], results: dict[str, Any]) -> str:
+    """Check the chosen strategies against XLA on simulated devices; the report section."""
+    from .xla.cli import format_validations, validate_many  # noqa: PLC0415 (imports JAX)
+    from .xla.devices import ensure_devices  # noqa: PLC0415
+
+    ensure_devices(max(plan.mesh.num_devices for _, plans in jobs for plan in plans))
+    parts = ["## Validation against XLA (compile-only, simulated CPU devices)"]
+    for job, plans in jobs:
+        validations = validate_many(plans, progress=True)
+        for entry in results["plans"]:
+            if entry["name"] == job.name:
+                entry["validation"] = [v.as_dict() for v in validations]
+        parts.append(f"### {job.name}\n\n" + format_validations(validations))
+    return "\n\n".join(parts)
+
+
 def run_config(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run every job of the config, print the report, and write it to ``out_dir``."""
     experiment = load_experiment(path)
@@ -148,10 +166,25 @@ def run_config(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         sections.append(
             "## Collectives\n\n" + table(rows, ["collective", "sent/chip", "time", "bound", "link"])
         )
+    rankings = {}
     for plan_job in experiment.plan:
         ranking = run_plan(plan_job)
+        rankings[plan_job.name] = ranking
         results["plans"].append({"name": plan_job.name, **ranking_dict(ranking)})
         sections.append(f"## Plan: {plan_job.name}\n\n" + format_ranking(ranking))
+    to_validate = [
+        (job, rankings[job.name].strategies[: job.validate])
+        for job in experiment.plan
+        if job.validate > 0
+    ]
+    if to_validate:
+        sections.append(_validate(to_validate, results))
+    if experiment.figures and rankings:
+        from .plot import save_demo_figures  # noqa: PLC0415 (matplotlib only when drawing)
+
+        figures = save_demo_figures(rankings, out)
+        results["figures"] = [str(path) for path in figures]
+        sections.append("## Figures\n\n" + "\n".join(f"- {path}" for path in figures))
     text = "\n\n".join(sections) + "\n"
     print(text)
     (out / "report.md").write_text(text, encoding="utf-8")
