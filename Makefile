@@ -39,7 +39,8 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/planner_speed.py
-	$(BIN)/python benchmarks/xla_agreement.py
+	$(BIN)/python benchmarks/validation_speed.py
+	$(BIN)/python benchmarks/xla_agreement.py --random 500
 
 notebooks: $(STAMP)
 	$(BIN)/python -m sharding_roofline._notebooks notebooks/*.ipynb

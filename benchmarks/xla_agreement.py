@@ -10,6 +10,13 @@ is exact) and ``mismatch`` (a planner bug).
     python benchmarks/xla_agreement.py --extra         # plus fixed layouts too slow for tests
     python benchmarks/xla_agreement.py --all-stored    # plus every stored-layout pair on 2x4
     python benchmarks/xla_agreement.py --write-report  # rewrite tests/data/xla_differs.json
+    python benchmarks/xla_agreement.py --random 500    # a seeded random sample of requests
+
+``--random N`` (``make bench``) draws N requests at random (seeded by ``--seed``): an einsum,
+its sizes, a mesh of 8 devices, and stored lhs/rhs and requested out layouts; the planner's
+best plan for each is validated, and the script prints the share of each verdict, whether the
+plan or XLA's program is cheaper on the target hardware, and the distribution of XLA's bytes
+sent per chip over the plan's. Results go to benchmarks/results/xla_agreement.json.
 
 ``--write-report`` records each xla-differs case with the reason it is expected (classified
 by :func:`classify` from what XLA's program lacks and adds); the test suite then fails on any
@@ -21,6 +28,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -39,6 +48,7 @@ from sharding_roofline.xla.cli import validate_many  # noqa: E402
 from sharding_roofline.xla.compare import Validation, agreement, plan_key  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "tests" / "data" / "xla_differs.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "xla_agreement.json"
 
 #: Why XLA's program may differ from a valid plan. Keys are what the report records.
 REASONS: dict[str, str] = {
@@ -206,6 +216,131 @@ def run(cases: list[dict[str, Any]]) -> tuple[dict[str, list[Validation]], float
     return results, time.perf_counter() - start
 
 
+RANDOM_EINSUMS = {
+    "bd,df->bf": "bdf",
+    "btd,df->btf": "btdf",
+    "bhqd,bhkd->bhqk": "bhqdk",
+    "bsd,dnh->bsnh": "bsdnh",
+}
+RANDOM_MESHES = [
+    ("h100", "1x8", (("x", 8),)),
+    ("h100", "1x8", (("x", 2), ("y", 4))),
+    ("tpu-v5e", "2x4", (("x", 2), ("y", 4))),
+    ("tpu-v5e", "4x2", (("x", 4), ("y", 2))),
+    ("tpu-v5p", "2x2x2", (("x", 2), ("y", 2), ("z", 2))),
+]
+
+
+def _random_layout(
+    rng: random.Random, letters: str, axes: tuple[tuple[str, int], ...], sizes: dict[str, int]
+) -> str:
+    """Each mesh axis to one dimension of the array (or none), keeping sizes divisible."""
+    dims: list[list[str]] = [[] for _ in letters]
+    for name, size in axes:
+        choice = rng.randrange(len(letters) + 1)
+        if choice < len(letters):
+            pieces = size
+            for other in dims[choice]:
+                pieces *= dict(axes)[other]
+            if sizes[letters[choice]] % pieces == 0:
+                dims[choice].append(name)
+    return ",".join("+".join(d) if d else "None" for d in dims)
+
+
+def random_requests(count: int, seed: int) -> list[Plan]:
+    """``count`` random requests and the planner's best plan for each."""
+    rng = random.Random(seed)
+    plans = []
+    while len(plans) < count:
+        equation = rng.choice(list(RANDOM_EINSUMS))
+        hardware, topology, axes = rng.choice(RANDOM_MESHES)
+        sizes = {c: rng.choice([16, 32, 64, 128, 256]) for c in RANDOM_EINSUMS[equation]}
+        einsum = Einsum.create(
+            equation, sizes, dtype="bfloat16", accum_dtype=rng.choice(["bfloat16", "float32"])
+        )
+        spec = einsum.spec
+        mesh = DeviceMesh.create(
+            load_preset(hardware), ",".join(f"{n}={s}" for n, s in axes), topology
+        )
+        layouts = {
+            role: _random_layout(rng, spec.operand(role), axes, sizes)
+            for role in ("lhs", "rhs", "out")
+        }
+        plans.append(
+            Planner(einsum, mesh, **layouts, check_memory=False).estimate(alternatives=0).best
+        )
+    return plans
+
+
+def random_sample(count: int, seed: int) -> int:
+    plans = random_requests(count, seed)
+    start = time.perf_counter()
+    validations = validate_many(plans, prove=True, progress=True)
+    elapsed = time.perf_counter() - start
+    counts = agreement(validations)
+    print(f"{count} random requests (seed {seed}), validated in {elapsed:.0f}s:")
+    for verdict, n in counts.items():
+        print(f"  {verdict:12} {n:5d}  {100 * n / count:5.1f}%")
+    differs = [v for v in validations if v.verdict.value == "xla-differs"]
+    cheaper = Counter(
+        "plan cheaper"
+        if v.plan_time_s < v.xla_time_s
+        else "same cost"
+        if v.plan_time_s == v.xla_time_s
+        else "XLA cheaper"
+        for v in differs
+        if v.xla_time_s is not None
+    )
+    unknown = sum(1 for v in differs if v.xla_time_s is None)
+    print(
+        f"  of the xla-differs: {dict(cheaper)}"
+        + (f", {unknown} with sub-axis groups we do not cost" if unknown else "")
+    )
+    ratios = []
+    for v in validations:
+        planned = sum(r.bytes_sent_per_chip for r in v.predicted)
+        observed = sum(r.bytes_sent_per_chip for r in v.observed)
+        if planned > 0:
+            ratios.append(observed / planned)
+    zero = sum(1 for v in validations if not v.predicted)
+    quantiles = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios
+    print(
+        f"  XLA bytes sent per chip / plan's, over the {len(ratios)} plans that communicate: "
+        f"min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, max {max(ratios):.2f}; "
+        f"deciles {', '.join(f'{q:.2f}' for q in quantiles)}"
+    )
+    print(f"  ({zero} plans need no communication)")
+    for reason, n in Counter(classify(v) for v in differs).most_common():
+        print(f"  xla-differs: {n:>5} {reason}")
+    for v in validations:
+        if v.verdict.value == "mismatch":
+            print(f"MISMATCH {plan_key(v.plan)}: {'; '.join(v.reasons)}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "jax": _jax_version(),
+                "seed": seed,
+                "requests": count,
+                "seconds": elapsed,
+                "verdicts": counts,
+                "xla_differs_cost": dict(cheaper),
+                "bytes_ratio": {
+                    "min": min(ratios),
+                    "median": statistics.median(ratios),
+                    "max": max(ratios),
+                    "deciles": quantiles,
+                },
+                "reasons": dict(Counter(classify(v) for v in differs)),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+    return 1 if counts["mismatch"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-report", action="store_true", help=f"rewrite {REPORT}")
@@ -213,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--all-stored", action="store_true", help="add every stored-layout pair (~30 minutes)"
     )
+    parser.add_argument(
+        "--random", type=int, metavar="N", help="validate N random requests instead"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     args = parser.parse_args(argv)
+    if args.random:
+        return random_sample(args.random, args.seed)
     report = json.loads(REPORT.read_text())
     cases = list(report["sweep"])
     cases += EXTRA_CASES if args.extra else []
