@@ -35,9 +35,16 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from .collectives import Collective, CollectiveCost, collective_cost, group_bytes, rate
+from .collectives import (
+    Collective,
+    CollectiveCost,
+    CollectiveRate,
+    collective_cost,
+    group_bytes,
+    rate,
+)
 from .dtypes import dtype_bytes
 from .einsum import Einsum
 from .errors import PlanError, SpecError
@@ -386,6 +393,7 @@ class _Context:
     _elems: dict[tuple[str, Dims], int] = field(default_factory=dict)
     _divisible: dict[tuple[str, Dims], bool] = field(default_factory=dict)
     _pieces: dict[tuple[str, ...], int] = field(default_factory=dict)
+    _rates: dict[tuple[Collective, tuple[str, ...]], CollectiveRate] = field(default_factory=dict)
     _paths: dict[tuple[str, Dims, Dims, tuple[str, ...]], _Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -446,6 +454,9 @@ class _Context:
             self._paths[key] = _EMPTY
             return _EMPTY
         plain = self._cost_path(role, reshard_path(src, dst, unreduced, self.mesh_order))
+        if not any(step[0] is Collective.ALL_GATHER for step in plain.steps):
+            self._paths[key] = plain  # idle axes only ever join an all-gather
+            return plain
         # Only divisibility by products of axis sizes matters to the path, so key the cache by
         # gcd(size, number of devices): a sweep over sizes then reuses the cached paths.
         shape = tuple(math.gcd(self.sizes[c], self.num_devices) for c in self.letters[role])
@@ -468,7 +479,9 @@ class _Context:
             if not self.divisible(role, before):
                 time_s = math.inf  # an intermediate layout the sizes cannot take
                 break
-            r = rate(self.mesh, kind, axes)
+            r = self._rates.get((kind, axes))
+            if r is None:
+                r = self._rates[(kind, axes)] = rate(self.mesh, kind, axes)
             if r.group_size == 1:
                 continue
             elements = self.elements(role, before)
@@ -488,9 +501,9 @@ def _sent(kind: Collective, chip_bytes: float, group: int) -> float:
     return fraction * chip_bytes
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    """A strategy in the hot path: σ and the output it produces, with its numbers."""
+class _Candidate(NamedTuple):
+    """A strategy in the hot path: σ and the output it produces, with its numbers (a
+    NamedTuple: the search makes one per candidate)."""
 
     key: tuple[Any, ...]
     sigma: tuple[tuple[str, ...], ...]
@@ -630,6 +643,7 @@ class Planner:
             + (rhs_bytes if pre_r.steps else 0)
             + local_bytes
         )
+        sig = tuple(sigma[c] for c in self.letters)
         outs = [out] if out is not None else list(self._out_variants(sigma, unreduced))
         for target in outs:
             if out is None and not ctx.divisible("out", target):
@@ -654,8 +668,7 @@ class Planner:
             first, second = (lower, upper) if self.overlap is Overlap.FULL else (upper, lower)
             sent = pre_l.bytes_sent + pre_r.bytes_sent + post.bytes_sent
             key = (first, second, sent, stored_lhs, stored_rhs, target, lhs_op, rhs_op)
-            sig = tuple(sigma[c] for c in self.letters)
-            yield _Candidate(key=key, sigma=sig, out=target, memory_bytes=total_memory)
+            yield _Candidate(key, sig, target, total_memory)
 
     def _sigma_text(self, sigma: Mapping[str, tuple[str, ...]]) -> str:
         spec = self.einsum.spec
