@@ -37,7 +37,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 from sharding_roofline import DeviceMesh, Einsum, Planner, load_preset  # noqa: E402
-from sharding_roofline.planner import reshard_path  # noqa: E402
+from sharding_roofline.reshard import reshard_path  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "planner_speed.json"
 V5P = "tpu-v5p"

@@ -42,7 +42,8 @@ ensure_devices(8)  # before anything runs a JAX operation
 
 from sharding_roofline.einsum import Einsum  # noqa: E402
 from sharding_roofline.mesh import DeviceMesh  # noqa: E402
-from sharding_roofline.planner import Plan, Planner  # noqa: E402
+from sharding_roofline.planner import Planner  # noqa: E402
+from sharding_roofline.plans import Plan  # noqa: E402
 from sharding_roofline.presets import load_preset  # noqa: E402
 from sharding_roofline.xla.cli import validate_many  # noqa: E402
 from sharding_roofline.xla.compare import Validation, agreement, plan_key  # noqa: E402

@@ -314,7 +314,7 @@ def test_accumulation_dtype_makes_reductions_wider() -> None:
 def test_idle_replicated_axes_join_the_gather() -> None:
     """sharding.md Q2 "fun fact": AllGather_X([B_X, D_Y]) on a v4p cube with Z idle: slice
     [B_X, D_Y] -> [B_XZ, D_Y] for free, then gather over X and Z's links: 23 us -> 11.5 us."""
-    from sharding_roofline.planner import reshard_path  # noqa: PLC0415
+    from sharding_roofline.reshard import reshard_path  # noqa: PLC0415
 
     b, d = 1024, 4096
     sizes = (("x", 4), ("y", 4), ("z", 4))

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharding_roofline import Collective
-from sharding_roofline.planner import Dims, reshard_path
+from sharding_roofline.reshard import Dims, reshard_path
 
 MESH = {"x": 2, "y": 2, "z": 2}
 NAMES = tuple(MESH)

@@ -26,13 +26,13 @@ from .estimate import Overlap as Overlap
 from .hardware import ChipSpec as ChipSpec
 from .hardware import HardwareSpec as HardwareSpec
 from .mesh import DeviceMesh as DeviceMesh
-from .planner import Plan as Plan
 from .planner import Planner as Planner
-from .planner import Ranking as Ranking
-from .planner import Rejected as Rejected
-from .planner import Step as Step
 from .planner import estimate as estimate
 from .planner import plan as plan
+from .plans import Plan as Plan
+from .plans import Ranking as Ranking
+from .plans import Rejected as Rejected
+from .plans import Step as Step
 from .presets import list_presets as list_presets
 from .presets import load_preset as load_preset
 from .sharding import ShardedOperation as ShardedOperation

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .collectives import Collective
-from .planner import Plan
+from .plans import Plan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,342 +29,30 @@ exactly these steps (the validator does).
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .collectives import (
-    Collective,
-    CollectiveCost,
-    CollectiveRate,
-    collective_cost,
-    group_bytes,
-    rate,
-)
+from .collectives import Collective, CollectiveRate, collective_cost, group_bytes, rate
 from .dtypes import dtype_bytes
 from .einsum import Einsum
 from .errors import PlanError, SpecError
 from .estimate import CommTerm, Cost, Overlap, local_cost
 from .mesh import DeviceMesh
-from .sharding import ShardedOperation, ShardingSpec, subscript, unreduced_suffix
+from .plans import NAMES, ROLES, Plan, Ranking, Rejected, Step
+from .reshard import Dims, RawStep, reshard_path
+from .sharding import ShardedOperation, ShardingSpec
 from .units import format_bytes
-
-Dims = tuple[tuple[str, ...], ...]
-ROLES = ("lhs", "rhs", "out")
-_NAMES = {"lhs": "A", "rhs": "B", "out": "C"}
-
-
-# -- plan objects ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Step:
-    """One step on one array: a collective, or (``kind is None``) a free local slice."""
-
-    operand: str
-    kind: Collective | None
-    axes: tuple[str, ...]
-    before: ShardingSpec
-    after: ShardingSpec
-    unreduced_before: tuple[str, ...] = ()
-    unreduced_after: tuple[str, ...] = ()
-    cost: CollectiveCost | None = None
-
-    def notation(self, letters: str) -> str:
-        """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation)."""
-        name = _NAMES[self.operand]
-        label = self.kind.book_name if self.kind else "DynamicSlice"
-        before = self.before.notation(name, letters) + unreduced_suffix(self.unreduced_before)
-        after = self.after.notation(name, letters) + unreduced_suffix(self.unreduced_after)
-        return f"{label}_{subscript(self.axes)} {before} -> {after}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Plan:
-    """A strategy with its collectives and its cost per chip."""
-
-    einsum: Einsum
-    mesh: DeviceMesh
-    lhs: ShardingSpec  # as stored
-    rhs: ShardingSpec  # as stored
-    out: ShardingSpec  # as produced
-    assignment: tuple[tuple[str, tuple[str, ...]], ...]  # σ: letter -> axes
-    operation: ShardedOperation  # the local einsum at the op
-    steps: tuple[Step, ...]
-    cost: Cost
-    peak_memory_bytes: int
-
-    @property
-    def collectives(self) -> tuple[Step, ...]:
-        return tuple(step for step in self.steps if step.kind is not None)
-
-    @property
-    def strategy(self) -> str:
-        """The stored operands and produced output: ``A[B_x, D] · B[D, F_y] -> C[B_x, F_y]``."""
-        spec = self.einsum.spec
-        return (
-            f"{self.lhs.notation('A', spec.lhs)} · {self.rhs.notation('B', spec.rhs)} -> "
-            f"{self.out.notation('C', spec.out)}"
-        )
-
-    def describe(self) -> str:
-        """The strategy, then each step in order with the local einsum among them."""
-        spec = self.einsum.spec
-        lines = [self.strategy]
-        for step in self.steps:
-            if step.operand == "out":
-                break
-            lines.append("  " + step.notation(spec.operand(step.operand)))
-        lines.append(f"  local: {self.operation}")
-        lines.extend("  " + step.notation(spec.out) for step in self.steps if step.operand == "out")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.strategy
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Rejected:
-    """A candidate the planner did not keep, and why."""
-
-    strategy: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Ranking:
-    """The result of a search: the best strategies first, and what was left out."""
-
-    einsum: Einsum
-    mesh: DeviceMesh
-    overlap: Overlap
-    strategies: tuple[Plan, ...]
-    num_candidates: int
-    num_valid: int
-    num_rejected: int
-    rejected: tuple[Rejected, ...] = ()
-
-    @property
-    def best(self) -> Plan:
-        return self.strategies[0]
-
-    def find(self, **assignment: str | Sequence[str]) -> Plan:
-        """The best-ranked strategy that splits each named letter over exactly the given
-        axes: ``ranking.find(b="", d="x", f="")`` is the book's "slice, multiply, all-reduce"
-        when A[B, D] · B[D_x, F] -> C[B, F]. ``""`` or ``()`` means unsplit, ``"x+y"`` two
-        axes (major first). Search with ``top=None`` to find any candidate."""
-        wanted = {
-            letter: tuple(a for a in axes.split("+") if a) if isinstance(axes, str) else tuple(axes)
-            for letter, axes in assignment.items()
-        }
-        letters = self.einsum.spec.letters
-        unknown = [letter for letter in wanted if letter not in letters]
-        if unknown:
-            raise SpecError(
-                f"find: {unknown[0]!r} is not a letter of {self.einsum.spec.equation!r} "
-                f"(letters: {', '.join(letters)})"
-            )
-        for plan in self.strategies:
-            sigma = dict(plan.assignment)
-            if all(sigma[letter] == axes for letter, axes in wanted.items()):
-                return plan
-        described = ", ".join(f"{c}={'+'.join(a) or '-'}" for c, a in wanted.items())
-        raise PlanError(
-            f"no ranked strategy splits {described}; it may be rejected or ranked below the "
-            f"top {len(self.strategies)} (search with top=None, explain=True to see why)"
-        )
-
-
-# -- the exact resharding engine ---------------------------------------------------------------
-
-_RawStep = tuple[Collective | None, tuple[str, ...], Dims, Dims, tuple[str, ...], tuple[str, ...]]
-
-
-# Bounded: a sweep reuses paths across searches without its memory growing with the sweep.
-@functools.lru_cache(maxsize=8192)
-def reshard_path(
-    src: Dims,
-    dst: Dims,
-    unreduced: tuple[str, ...] = (),
-    mesh_order: tuple[str, ...] = (),
-    spread: tuple[tuple[int, ...], tuple[tuple[str, int], ...]] | None = None,
-) -> tuple[_RawStep, ...]:
-    """The steps taking an array from layout ``src`` (unreduced over ``unreduced``) to
-    ``dst``. Each step: (kind or None for a slice, axes, before, after, unreduced before,
-    unreduced after).
-
-    Per dimension the common prefix of ``src`` and ``dst`` stays; the rest of ``src`` is
-    removed (from the minor end) and the rest of ``dst`` appended in order. Greedy, cheapest
-    first: free slices and reduce-scatters shrink the array before anything moves; an axis
-    leaving one dimension for another goes by all-to-all; all-reduce handles unreduced axes
-    the output does not split; all-gathers come last, when the array is smallest.
-
-    ``spread`` (the array's dimension sizes and the mesh's axis sizes) turns on the book's
-    use of idle replicated axes (sharding.md Q2, "fun fact"): before an all-gather, axes the
-    array is replicated over and the destination does not use are sliced onto the gathered
-    dimension for free, and gathered along with it, so the gather runs over more links
-    (``AllGather_X [B_X, D_Y] -> AllGather_XZ [B_XZ, D_Y]``: 23 us -> 11.5 us on a v4p cube).
-    """
-    rank = len(dst)
-    current = [list(d) for d in src]
-    pending_u = list(unreduced)
-    prefix = [_common_prefix(src[d], dst[d]) for d in range(rank)]
-    queue = [list(dst[d][prefix[d] :]) for d in range(rank)]
-    wanted_in = {axis: d for d in range(rank) for axis in queue[d]}
-    added = [False] * rank  # dimension d has started taking its new axes
-    steps: list[_RawStep] = []
-
-    def removals(d: int) -> list[str]:
-        # what is left of src beyond the kept prefix; appends happen only once it is empty
-        return current[d][prefix[d] :] if len(current[d]) > prefix[d] and not added[d] else []
-
-    def snapshot() -> Dims:
-        return tuple(tuple(d) for d in current)
-
-    def emit(kind: Collective | None, axes: list[str], before: Dims, u_before: list[str]) -> None:
-        steps.append((kind, tuple(axes), before, snapshot(), tuple(u_before), tuple(pending_u)))
-
-    guard = 0
-    while True:
-        guard += 1
-        if guard > 8 * (rank + len(unreduced) + 4) ** 2:  # pragma: no cover - a bug guard
-            raise PlanError(f"resharding {src} -> {dst} did not converge (a planner bug)")
-        progress = False
-        used = {axis for d in current for axis in d}
-        # 1. append to dimensions whose removals are done: slices, reduce-scatters, moves
-        for e in range(rank):
-            if removals(e):
-                continue
-            while queue[e]:
-                head = queue[e][0]
-                added[e] = True
-                before, u_before = snapshot(), list(pending_u)
-                if head in pending_u:
-                    group = _take_while(queue[e], lambda a: a in pending_u)
-                    for axis in group:
-                        pending_u.remove(axis)
-                    current[e].extend(group)
-                    emit(Collective.REDUCE_SCATTER, group, before, u_before)
-                elif head not in used:
-                    group = _take_while(
-                        queue[e], lambda a, used=used: a not in used and a not in pending_u
-                    )
-                    current[e].extend(group)
-                    emit(None, group, before, u_before)
-                else:
-                    source = next(d for d in range(rank) if head in current[d])
-                    tail = removals(source)
-                    if source == e or not tail or head not in tail:
-                        break
-                    # move the run of queue heads that sit, in order, at the end of `source`
-                    start = tail.index(head)
-                    run = tail[start:]
-                    if queue[e][: len(run)] != run:
-                        break
-                    del queue[e][: len(run)]
-                    del current[source][len(current[source]) - len(run) :]
-                    current[e].extend(run)
-                    emit(Collective.ALL_TO_ALL, run, before, u_before)
-                progress = True
-                used = {axis for d in current for axis in d}
-        if progress:
-            continue
-        # 2. all-reduce the unreduced axes the output does not split
-        leftover = [axis for axis in pending_u if axis not in wanted_in]
-        if leftover:
-            before, u_before = snapshot(), list(pending_u)
-            for axis in leftover:
-                pending_u.remove(axis)
-            emit(Collective.ALL_REDUCE, _in_order(leftover, mesh_order), before, u_before)
-            continue
-        # 3. all-gather: the longest minor run of axes not wanted in another dimension
-        pending_dims = [d for d in range(rank) if removals(d)]
-        if not pending_dims:
-            break
-        for d in pending_dims:
-            tail = removals(d)
-            gathered: list[str] = []
-            for axis in reversed(tail):
-                if wanted_in.get(axis, d) != d:
-                    break
-                gathered.insert(0, axis)
-            if gathered:
-                break
-        else:
-            d = pending_dims[0]
-            gathered = removals(d)[-1:]  # break a cycle (x<->y swaps): gather one axis
-        if spread is not None:
-            idle = _idle_axes(
-                current, pending_u=pending_u, dst=dst, dim=d, spread=spread, mesh_order=mesh_order
-            )
-            if idle:
-                before, u_before = snapshot(), list(pending_u)
-                current[d].extend(idle)
-                emit(None, idle, before, u_before)
-                gathered = gathered + idle
-        before, u_before = snapshot(), list(pending_u)
-        del current[d][len(current[d]) - len(gathered) :]
-        emit(Collective.ALL_GATHER, gathered, before, u_before)
-    if snapshot() != dst or pending_u:  # pragma: no cover - a bug guard
-        raise PlanError(f"resharding {src} -> {dst} ended at {snapshot()} (a planner bug)")
-    return tuple(steps)
-
-
-def _idle_axes(
-    current: list[list[str]],
-    *,
-    pending_u: list[str],
-    dst: Dims,
-    dim: int,
-    spread: tuple[tuple[int, ...], tuple[tuple[str, int], ...]],
-    mesh_order: tuple[str, ...],
-) -> list[str]:
-    """Axes the array is replicated over, that the destination does not use, and that
-    dimension ``dim`` can still be divided by: free to slice onto it and gather along."""
-    dim_sizes, axis_sizes = spread
-    size = dict(axis_sizes)
-    used = {axis for d in current for axis in d} | set(pending_u) | {a for d in dst for a in d}
-    pieces = math.prod(size[a] for a in current[dim])
-    idle: list[str] = []
-    for axis in mesh_order:
-        if axis in used or size[axis] == 1:
-            continue
-        if dim_sizes[dim] % (pieces * size[axis]) == 0:
-            idle.append(axis)
-            pieces *= size[axis]
-    return idle
-
-
-def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _take_while(queue: list[str], keep: Any) -> list[str]:
-    taken: list[str] = []
-    while queue and keep(queue[0]):
-        taken.append(queue.pop(0))
-    return taken
-
-
-def _in_order(axes: Sequence[str], order: tuple[str, ...]) -> list[str]:
-    if not order:
-        return list(axes)
-    return sorted(axes, key=order.index)
-
 
 # -- the search --------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Path:
-    steps: tuple[_RawStep, ...]
+    steps: tuple[RawStep, ...]
     time_s: float
     bytes_sent: float
 
@@ -469,7 +157,7 @@ class _Context:
         self._paths[key] = best
         return best
 
-    def _cost_path(self, role: str, steps: tuple[_RawStep, ...]) -> _Path:
+    def _cost_path(self, role: str, steps: tuple[RawStep, ...]) -> _Path:
         time_s = 0.0
         sent = 0.0
         itemsize = self.itemsize[role]
@@ -551,7 +239,7 @@ class Planner:
                     "entry per dimension (None for a replicated one)"
                 )
             sharding.check(
-                shape=einsum.shape(role), axis_size=axis_size, what=_NAMES[role], letters=letters
+                shape=einsum.shape(role), axis_size=axis_size, what=NAMES[role], letters=letters
             )
             fixed[role] = sharding.dims
         self.fixed = fixed
@@ -841,7 +529,7 @@ class Planner:
             peak_memory_bytes=candidate.memory_bytes,
         )
 
-    def _steps(self, role: str, raw: tuple[_RawStep, ...]) -> list[Step]:
+    def _steps(self, role: str, raw: tuple[RawStep, ...]) -> list[Step]:
         out: list[Step] = []
         dtype = self.einsum.accum_dtype if role == "out" else self.einsum.dtype
         for kind, axes, before, after, u_before, u_after in raw:

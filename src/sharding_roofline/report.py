@@ -13,7 +13,7 @@ from .crossover import Crossover, crossover
 from .estimate import Overlap
 from .hardware import HardwareSpec
 from .mesh import DeviceMesh
-from .planner import Plan, Ranking
+from .plans import Plan, Ranking
 from .units import format_bytes, format_count, format_rate, format_seconds
 
 # -- dicts (JSON) -----------------------------------------------------------------------------

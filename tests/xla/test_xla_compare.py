@@ -13,7 +13,8 @@ from sharding_roofline.collectives import Collective, collective_cost
 from sharding_roofline.einsum import Einsum
 from sharding_roofline.estimate import Cost
 from sharding_roofline.mesh import DeviceMesh
-from sharding_roofline.planner import Plan, Planner
+from sharding_roofline.planner import Planner
+from sharding_roofline.plans import Plan
 from sharding_roofline.presets import load_preset
 from sharding_roofline.report import plan_dict
 from sharding_roofline.xla.compare import (

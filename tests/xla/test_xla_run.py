@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from sharding_roofline.einsum import Einsum  # noqa: E402
 from sharding_roofline.mesh import DeviceMesh  # noqa: E402
-from sharding_roofline.planner import Plan, Planner  # noqa: E402
+from sharding_roofline.planner import Planner  # noqa: E402
+from sharding_roofline.plans import Plan  # noqa: E402
 from sharding_roofline.presets import load_preset  # noqa: E402
 from sharding_roofline.xla.compare import observed_collectives  # noqa: E402
 from sharding_roofline.xla.devices import jax_mesh, named_sharding  # noqa: E402

@@ -15,7 +15,8 @@ pytest.importorskip("jax")
 
 from sharding_roofline.einsum import Einsum
 from sharding_roofline.mesh import DeviceMesh
-from sharding_roofline.planner import Plan, Planner
+from sharding_roofline.planner import Planner
+from sharding_roofline.plans import Plan
 from sharding_roofline.presets import load_preset
 from sharding_roofline.xla.cli import validate_many
 from sharding_roofline.xla.compare import Verdict, plan_key, validate_plan

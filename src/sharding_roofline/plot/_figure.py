@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from ..planner import Plan, Ranking
+from ..plans import Plan, Ranking
 from ..report import collectives_summary
 from ..units import format_count, format_seconds
 

@@ -11,7 +11,8 @@ from ..collectives import Collective, rate
 from ..crossover import crossover, default_dimension
 from ..einsum import Einsum
 from ..mesh import DeviceMesh
-from ..planner import Plan, Ranking, plan
+from ..planner import plan
+from ..plans import Plan, Ranking
 from ..presets import load_preset
 from ..report import collectives_summary
 from ._figure import InlineFigure, Plans, save_figure

@@ -16,7 +16,7 @@ from ..errors import SpecError
 from ..estimate import Overlap
 from ..hardware import ChipSpec, HardwareKind, HardwareSpec, IciSpec, Wraparound
 from ..mesh import DeviceMesh
-from ..planner import Plan
+from ..plans import Plan
 from ..presets import load_preset
 from ..units import format_rate
 from ._figure import (

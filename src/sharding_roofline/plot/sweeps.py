@@ -16,7 +16,7 @@ from matplotlib.ticker import FuncFormatter
 from ..crossover import Crossover, comm_and_compute_s, crossover, default_dimension
 from ..dtypes import dtype_bytes
 from ..errors import SpecError
-from ..planner import Plan
+from ..plans import Plan
 from ._figure import (
     OUTSIDE,
     PALETTE,

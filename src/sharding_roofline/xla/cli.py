@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sharding_roofline.errors import ValidationError
-from sharding_roofline.planner import Plan
+from sharding_roofline.plans import Plan
 from sharding_roofline.report import table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from sharding_roofline.collectives import Collective, bytes_sent_per_chip, collective_cost
 from sharding_roofline.dtypes import dtype_bytes
-from sharding_roofline.planner import Plan
+from sharding_roofline.plans import Plan
 from sharding_roofline.report import collective_dict
 
 from .hlo import (

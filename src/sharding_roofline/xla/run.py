@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from sharding_roofline.collectives import Collective
 from sharding_roofline.errors import ValidationError
-from sharding_roofline.planner import Plan, Step
+from sharding_roofline.plans import Plan, Step
 
 from .devices import jax_mesh, named_sharding, partition_spec
 from .hlo import dot_flops
