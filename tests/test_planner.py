@@ -337,3 +337,22 @@ def test_idle_replicated_axes_join_the_gather() -> None:
     planner = Planner(Einsum.create("b,b->", "b=128"), mesh, lhs="x", rhs="None", out="")
     path = planner.ctx.path("lhs", (("x",),), ((),))
     assert [axes for kind, axes, *_ in path.steps if kind] == [("x",)]  # ... but not taken
+
+
+def test_an_all_reduced_axis_is_not_sliced_back_in() -> None:
+    """Found by the random agreement benchmark: after AllReduce_z, z is replicated and idle,
+    but slicing it onto a dimension to widen a gather turns all-reduce + slice into what XLA
+    (rightly) reads as a reduce-scatter. The path leaves z to the all-reduce."""
+    from sharding_roofline.reshard import reshard_path  # noqa: PLC0415
+
+    sizes = (("x", 2), ("y", 2), ("z", 2))
+    steps = reshard_path(
+        (("x",), (), (), ("y",)),
+        ((), ("y",), (), ()),
+        ("z",),
+        ("x", "y", "z"),
+        ((16, 16, 16, 16), sizes),
+    )
+    collectives = sorted((kind.value, axes) for kind, axes, *_ in steps if kind is not None)
+    assert collectives == [("all-gather", ("x",)), ("all-reduce", ("z",)), ("all-to-all", ("y",))]
+    assert not any(kind is None and "z" in axes for kind, axes, *_ in steps)

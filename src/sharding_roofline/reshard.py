@@ -141,8 +141,11 @@ def reshard_path(
             d = pending_dims[0]
             gathered = removals(d)[-1:]  # break a cycle (x<->y swaps): gather one axis
         if spread is not None:
+            # an axis the path has just all-reduced is replicated too, but slicing it back
+            # would make that all-reduce a reduce-scatter: left for the all-reduce alone
+            reduced = [*pending_u, *unreduced]
             idle = _idle_axes(
-                current, pending_u=pending_u, dst=dst, dim=d, spread=spread, mesh_order=mesh_order
+                current, pending_u=reduced, dst=dst, dim=d, spread=spread, mesh_order=mesh_order
             )
             if idle:
                 before, u_before = snapshot(), list(pending_u)

@@ -3,7 +3,7 @@
 :func:`validate_plan` compiles the plan's two programs (``run.py``): the ``jit`` program,
 where XLA's SPMD partitioner chooses the collectives for the plan's layouts, and the
 ``shard_map`` program, which issues exactly the plan's steps. It reads both compiled
-programs' collectives (``hlo.py``) and gives one verdict:
+programs' collectives (``hlo``) and gives one verdict:
 
 ``match``
     XLA's ``jit`` program runs the same multiset of (kind, mesh axes, elements in and out per
