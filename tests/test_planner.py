@@ -356,3 +356,16 @@ def test_an_all_reduced_axis_is_not_sliced_back_in() -> None:
     collectives = sorted((kind.value, axes) for kind, axes, *_ in steps if kind is not None)
     assert collectives == [("all-gather", ("x",)), ("all-reduce", ("z",)), ("all-to-all", ("y",))]
     assert not any(kind is None and "z" in axes for kind, axes, *_ in steps)
+
+
+def test_slices_shrink_the_array_before_an_all_to_all_moves_it() -> None:
+    """Found by the random agreement benchmark (XLA moved a third of our bytes): in
+    B[D_x, N, H] -> B[D, N_x, H_y], slice H over y first, so the all-to-all over x moves a
+    quarter-size array, not the whole one."""
+    from sharding_roofline.reshard import reshard_path  # noqa: PLC0415
+
+    steps = reshard_path(((("x",), (), ())), ((), ("x",), ("y",)), (), ("x", "y", "z"))
+    assert [(kind, axes) for kind, axes, *_ in steps] == [
+        (None, ("y",)),
+        (Collective.ALL_TO_ALL, ("x",)),
+    ]

@@ -78,42 +78,48 @@ def reshard_path(
             raise PlanError(f"resharding {src} -> {dst} did not converge (a planner bug)")
         progress = False
         used = {axis for d in current for axis in d}
-        # 1. append to dimensions whose removals are done: slices, reduce-scatters, moves
-        for e in range(rank):
-            if removals(e):
-                continue
-            while queue[e]:
-                head = queue[e][0]
-                added[e] = True
-                before, u_before = snapshot(), list(pending_u)
-                if head in pending_u:
-                    group = _take_while(queue[e], lambda a: a in pending_u)
-                    for axis in group:
-                        pending_u.remove(axis)
-                    current[e].extend(group)
-                    emit(Collective.REDUCE_SCATTER, group, before, u_before)
-                elif head not in used:
-                    group = _take_while(
-                        queue[e], lambda a, used=used: a not in used and a not in pending_u
-                    )
-                    current[e].extend(group)
-                    emit(None, group, before, u_before)
-                else:
-                    source = next(d for d in range(rank) if head in current[d])
-                    tail = removals(source)
-                    if source == e or not tail or head not in tail:
+        # 1. append to dimensions whose removals are done: first what shrinks the array
+        # (free slices, reduce-scatters) everywhere, then moves (all-to-all) on the result
+        for moves in (False, True):
+            for e in range(rank):
+                if removals(e):
+                    continue
+                while queue[e]:
+                    head = queue[e][0]
+                    before, u_before = snapshot(), list(pending_u)
+                    if head in pending_u:
+                        group = _take_while(queue[e], lambda a: a in pending_u)
+                        for axis in group:
+                            pending_u.remove(axis)
+                        current[e].extend(group)
+                        emit(Collective.REDUCE_SCATTER, group, before, u_before)
+                    elif head not in used:
+                        group = _take_while(
+                            queue[e], lambda a, used=used: a not in used and a not in pending_u
+                        )
+                        current[e].extend(group)
+                        emit(None, group, before, u_before)
+                    elif not moves:
                         break
-                    # move the run of queue heads that sit, in order, at the end of `source`
-                    start = tail.index(head)
-                    run = tail[start:]
-                    if queue[e][: len(run)] != run:
-                        break
-                    del queue[e][: len(run)]
-                    del current[source][len(current[source]) - len(run) :]
-                    current[e].extend(run)
-                    emit(Collective.ALL_TO_ALL, run, before, u_before)
-                progress = True
-                used = {axis for d in current for axis in d}
+                    else:
+                        source = next(d for d in range(rank) if head in current[d])
+                        tail = removals(source)
+                        if source == e or not tail or head not in tail:
+                            break
+                        # move the run of queue heads that sit, in order, at the end of `source`
+                        start = tail.index(head)
+                        run = tail[start:]
+                        if queue[e][: len(run)] != run:
+                            break
+                        del queue[e][: len(run)]
+                        del current[source][len(current[source]) - len(run) :]
+                        current[e].extend(run)
+                        emit(Collective.ALL_TO_ALL, run, before, u_before)
+                    added[e] = True
+                    progress = True
+                    used = {axis for d in current for axis in d}
+            if progress:
+                break
         if progress:
             continue
         # 2. all-reduce the unreduced axes the output does not split
