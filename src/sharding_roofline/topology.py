@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import TopologyError
-from .hardware import HardwareKind, HardwareSpec, LinkKind, NvlinkSpec
+from .hardware import HardwareKind, HardwareSpec, LinkKind, NvlinkSpec, ScaleOutLevel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +33,18 @@ class Tier:
     bytes_per_s_per_direction: float
     latency_s: float
     source: str
+
+    @classmethod
+    def switched(cls, level: ScaleOutLevel) -> Tier:
+        """The tier of one scale-out level (InfiniBand leaf or spine, DCN)."""
+        return cls(
+            name=level.name,
+            link=level.link,
+            is_torus=False,
+            bytes_per_s_per_direction=level.bytes_per_s_per_chip_per_direction,
+            latency_s=level.latency_s,
+            source=level.source,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,16 +197,7 @@ def _tpu_topology(
                 f"{num_slices} slices exceed the {level.children} that {hardware.name}'s DCN "
                 "level joins"
             )
-        tiers.append(
-            Tier(
-                name=level.name,
-                link=level.link,
-                is_torus=False,
-                bytes_per_s_per_direction=level.bytes_per_s_per_chip_per_direction,
-                latency_s=level.latency_s,
-                source=level.source,
-            )
-        )
+        tiers.append(Tier.switched(level))
         dims.insert(0, PhysicalDim(name="slice", size=num_slices, tier=1))
         text = f"{num_slices} slices of {text}"
     return Topology(hardware=hardware, dims=tuple(dims), tiers=tuple(tiers), shape_text=text)
@@ -231,16 +234,7 @@ def _gpu_topology(hardware: HardwareSpec, shape: tuple[int, ...], text: str) -> 
     for level in hardware.scale_out:
         if remaining == 1:
             break
-        tiers.append(
-            Tier(
-                name=level.name,
-                link=level.link,
-                is_torus=False,
-                bytes_per_s_per_direction=level.bytes_per_s_per_chip_per_direction,
-                latency_s=level.latency_s,
-                source=level.source,
-            )
-        )
+        tiers.append(Tier.switched(level))
         tier = len(tiers) - 1
         unit = "node" if tier == 1 else f"{hardware.scale_out[tier - 2].name} group"
         if level.children == 0 or remaining <= level.children:
