@@ -96,6 +96,19 @@ q2_2 = BookCase(
     book_answer_s=46 * US,
     book_rtol=0.02,
 )
+# Fun fact to Q2: with Z idle, reshard [B_X, D_Y] -> [B_XZ, D_Y] for free and gather over
+# X, Y and Z at once: three axes' links for the whole 2BD bytes, 2BD/(3W) -> "31us"
+q2_xyz = BookCase(
+    "tpu-v4p",
+    "4x4x4",
+    "x=4,y=4,z=4",
+    Collective.ALL_GATHER,
+    ("x", "y", "z"),
+    elements_in_per_chip=(B // (X * Z)) * (D // Y4),
+    formula_s=2 * B * D / (3 * W_BIDI_V4P),
+    book_answer_s=31 * US,
+    book_rtol=0.01,
+)
 # (3) AllReduce_Z([B_X, D_Y] {U_Z}): 2x an all-gather of 2BD/(XY) bytes -> "11.6us"
 q2_3 = BookCase(
     "tpu-v4p",
@@ -223,6 +236,7 @@ CASES = [
     pytest.param(quiz2b, id="v5e-allgather-latency-bound"),
     pytest.param(q2_1, id="v4p-allgather-one-axis"),
     pytest.param(q2_2, id="v4p-allgather-two-axes"),
+    pytest.param(q2_xyz, id="v4p-allgather-three-axes"),
     pytest.param(q2_3, id="v4p-allreduce-sharded-array"),
     pytest.param(q3, id="v4p-allgather-latency-2-hops"),
     pytest.param(gpu_quiz1, id="h100-node-allgather"),
