@@ -249,40 +249,42 @@ def switch_permute(
 # -- composing tiers: one collective over one axis group ---------------------------------------
 
 
+def combine_terms_s(kind: Collective, bandwidth_s: float, latency_s: float) -> float:
+    """A collective's time from its two terms: the larger of them (the book's
+    ``max(T_min·hops, V/W)``), except a point-to-point permute, where the book adds them."""
+    if kind is Collective.COLLECTIVE_PERMUTE:
+        return bandwidth_s + latency_s
+    return max(bandwidth_s, latency_s)
+
+
 @dataclass(frozen=True, slots=True)
 class CollectiveRate:
     """One collective kind over one axis group, as a function of its bytes:
     ``bandwidth_s = s_per_byte × V`` (V as in the module docstring), plus a fixed latency.
     ``link`` names the tier whose bandwidth term is the largest."""
 
+    kind: Collective
     s_per_byte: float
     latency_s: float
-    additive: bool
     link: str
     group_size: int
 
     def time_s(self, group_bytes: float) -> float:
         if group_bytes == 0 or self.group_size == 1:
             return 0.0
-        bandwidth = self.s_per_byte * group_bytes
-        if self.additive:
-            return bandwidth + self.latency_s
-        return max(bandwidth, self.latency_s)
+        return combine_terms_s(self.kind, self.s_per_byte * group_bytes, self.latency_s)
 
 
 def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size: int) -> LinkTime:
     tier = span.tier
+    if kind is Collective.ALL_TO_ALL:
+        # Only messages between chips of the same unit of this tier cross its links.
+        if tier.is_torus:
+            chips_here = math.prod(seg.size for seg in span.segments)
+        else:
+            chips_here = span.num_children * span.chips_per_child
+        group_bytes *= (chips_here / group_size) ** 2
     if tier.is_torus:
-        chips_here = math.prod(seg.size for seg in span.segments)
-        if kind is Collective.ALL_TO_ALL:
-            # Only messages between chips of the same torus unit cross these links.
-            local_bytes = group_bytes * (chips_here / group_size) ** 2
-            return torus_all_to_all(
-                group_bytes=local_bytes,
-                segments=span.segments,
-                link_bytes_per_s_per_direction=tier.bytes_per_s_per_direction,
-                hop_latency_s=tier.latency_s,
-            )
         if kind is Collective.COLLECTIVE_PERMUTE:
             return torus_permute(
                 chip_bytes=group_bytes,
@@ -290,20 +292,12 @@ def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size:
                 link_bytes_per_s_per_direction=tier.bytes_per_s_per_direction,
                 hop_latency_s=tier.latency_s,
             )
-        return torus_all_gather(
+        ring = torus_all_to_all if kind is Collective.ALL_TO_ALL else torus_all_gather
+        return ring(
             group_bytes=group_bytes,
             segments=span.segments,
             link_bytes_per_s_per_direction=tier.bytes_per_s_per_direction,
             hop_latency_s=tier.latency_s,
-        )
-    if kind is Collective.ALL_TO_ALL:
-        chips_here = span.num_children * span.chips_per_child
-        return switch_all_to_all(
-            group_bytes=group_bytes * (chips_here / group_size) ** 2,
-            num_children=span.num_children,
-            chips_per_child=span.chips_per_child,
-            chip_bytes_per_s_per_direction=tier.bytes_per_s_per_direction,
-            step_latency_s=tier.latency_s,
         )
     if kind is Collective.COLLECTIVE_PERMUTE:
         return switch_permute(
@@ -312,7 +306,8 @@ def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size:
             chip_bytes_per_s_per_direction=tier.bytes_per_s_per_direction,
             step_latency_s=tier.latency_s,
         )
-    return switch_all_gather(
+    switched = switch_all_to_all if kind is Collective.ALL_TO_ALL else switch_all_gather
+    return switched(
         group_bytes=group_bytes,
         num_children=span.num_children,
         chips_per_child=span.chips_per_child,
@@ -332,12 +327,12 @@ def group_rate(kind: Collective, group: AxisGroup) -> CollectiveRate:
     times = [(_span_time(base, span, 1.0, group.size), span.tier.name) for span in group.spans]
     factor = 2.0 if kind is Collective.ALL_REDUCE else 1.0
     if not times:
-        return CollectiveRate(0.0, 0.0, False, "", group.size)
+        return CollectiveRate(kind, 0.0, 0.0, "", group.size)
     slowest = max(times, key=lambda item: item[0].bandwidth_s)
     return CollectiveRate(
+        kind=kind,
         s_per_byte=factor * slowest[0].bandwidth_s,
         latency_s=factor * sum(t.latency_s for t, _ in times),
-        additive=kind is Collective.COLLECTIVE_PERMUTE,
         link=slowest[1],
         group_size=group.size,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .collectives import Collective
+from .collectives import combine_terms_s
 from .plans import Plan
 
 
@@ -62,10 +62,7 @@ def comm_and_compute_s(plan: Plan, dimension: str, size: float) -> tuple[float, 
             continue
         letters = plan.einsum.spec.operand(step.operand)
         bandwidth = cost.bandwidth_s * (scale if dimension in letters else 1.0)
-        if step.kind is Collective.COLLECTIVE_PERMUTE:
-            comm += bandwidth + cost.latency_s
-        else:
-            comm += max(bandwidth, cost.latency_s)
+        comm += combine_terms_s(cost.kind, bandwidth, cost.latency_s)
     return comm, compute
 
 

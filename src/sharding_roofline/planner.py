@@ -36,7 +36,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .collectives import Collective, CollectiveRate, collective_cost, group_bytes, rate
+from .collectives import (
+    Collective,
+    CollectiveRate,
+    bytes_sent_per_chip,
+    collective_cost,
+    group_bytes,
+    rate,
+)
 from .dtypes import dtype_bytes
 from .einsum import Einsum
 from .errors import PlanError, SpecError
@@ -174,19 +181,8 @@ class _Context:
                 continue
             elements = self.elements(role, before)
             time_s += r.time_s(group_bytes(kind, elements, r.group_size, itemsize))
-            sent += _sent(kind, elements * itemsize, r.group_size)
+            sent += bytes_sent_per_chip(kind, elements, r.group_size, itemsize)
         return _Path(steps, time_s, sent)
-
-
-def _sent(kind: Collective, chip_bytes: float, group: int) -> float:
-    fraction = (group - 1) / group
-    if kind is Collective.ALL_GATHER:
-        return fraction * chip_bytes * group
-    if kind is Collective.ALL_REDUCE:
-        return 2 * fraction * chip_bytes
-    if kind is Collective.COLLECTIVE_PERMUTE:
-        return chip_bytes
-    return fraction * chip_bytes
 
 
 class _Candidate(NamedTuple):

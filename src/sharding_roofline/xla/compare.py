@@ -155,6 +155,9 @@ def predicted_collectives(plan: Plan) -> tuple[CollectiveRecord, ...]:
     return tuple(out)
 
 
+_KINDS = {kind.value: kind for kind in Collective}  # HLO op name -> our collective
+
+
 def _fits(global_shape: tuple[int, ...], leaf: tuple[int, ...]) -> bool:
     return len(leaf) == len(global_shape) and all(
         n > 0 and size % n == 0 for size, n in zip(global_shape, leaf, strict=True)
@@ -210,11 +213,10 @@ def observed_collectives(
             elements_in = elements_out
         key = (coll.kind, axes, elements_in, elements_out)
         operand, dtype = _operand_of(plan, coll, key, predicted)
-        known = {kind.value: kind for kind in Collective}
         detail: dict[str, Any] | None = None
         time_s: float | None = None
-        if coll.kind in known:
-            kind = known[coll.kind]
+        if coll.kind in _KINDS:
+            kind = _KINDS[coll.kind]
             sent = bytes_sent_per_chip(kind, elements_in, group, dtype_bytes(dtype))
             if axes is not None:
                 cost = collective_cost(
