@@ -13,9 +13,11 @@ the weights on v5p); when communication grows at least as fast, there is none.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from .collectives import combine_terms_s
+from .collectives import Collective, combine_terms_s
 from .plans import Plan
 
 
@@ -51,46 +53,73 @@ def default_dimension(plan: Plan) -> str:
     return spec.lhs[0]
 
 
-def comm_and_compute_s(plan: Plan, dimension: str, size: float) -> tuple[float, float]:
-    """(communication, compute) seconds of ``plan`` with ``dimension`` resized to ``size``."""
-    scale = size / plan.einsum.size(dimension)
-    compute = plan.cost.compute_s * scale
-    comm = 0.0
+class ScaledTerm(NamedTuple):
+    """One collective of a strategy, as a crossover sees it: its two time terms now, and
+    whether its bandwidth term grows with the scaled letter (its array has that letter)."""
+
+    kind: Collective
+    bandwidth_s: float
+    latency_s: float
+    scales: bool
+
+
+def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
+    """The collectives of a single-einsum plan as ``ScaledTerm``s for ``dimension``."""
+    out: list[ScaledTerm] = []
     for step in plan.collectives:
         cost = step.cost
         if cost is None or cost.group_size == 1:
             continue
         letters = plan.einsum.spec.operand(step.operand)
-        bandwidth = cost.bandwidth_s * (scale if dimension in letters else 1.0)
-        comm += combine_terms_s(cost.kind, bandwidth, cost.latency_s)
-    return comm, compute
+        out.append(ScaledTerm(cost.kind, cost.bandwidth_s, cost.latency_s, dimension in letters))
+    return out
+
+
+def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
+    """Communication seconds with the scaled letter ``scale`` times its size now."""
+    return sum(
+        combine_terms_s(t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s)
+        for t in terms
+    )
+
+
+def terms_regime(terms: Sequence[ScaledTerm], scale: float) -> str:
+    """Whether the collectives are latency- or bandwidth-bound at ``scale``."""
+    latency = sum(1 for t in terms if t.latency_s > t.bandwidth_s * (scale if t.scales else 1.0))
+    bandwidth = len(terms) - latency
+    if latency and bandwidth:
+        return "mixed"
+    return "latency" if latency else "bandwidth"
+
+
+def comm_and_compute_s(plan: Plan, dimension: str, size: float) -> tuple[float, float]:
+    """(communication, compute) seconds of ``plan`` with ``dimension`` resized to ``size``."""
+    scale = size / plan.einsum.size(dimension)
+    return terms_comm_s(plan_terms(plan, dimension), scale), plan.cost.compute_s * scale
 
 
 def comm_regime(plan: Plan, dimension: str, size: float) -> str:
     """Whether the collectives are latency- or bandwidth-bound with ``dimension`` at ``size``."""
-    scale = size / plan.einsum.size(dimension)
-    latency = bandwidth = 0
-    for step in plan.collectives:
-        cost = step.cost
-        if cost is None or cost.group_size == 1:
-            continue
-        letters = plan.einsum.spec.operand(step.operand)
-        bw = cost.bandwidth_s * (scale if dimension in letters else 1.0)
-        if cost.latency_s > bw:
-            latency += 1
-        else:
-            bandwidth += 1
-    if latency and bandwidth:
-        return "mixed"
-    return "latency" if latency else "bandwidth"
+    return terms_regime(plan_terms(plan, dimension), size / plan.einsum.size(dimension))
 
 
 def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
     """Solve ``comm(n) = compute(n)`` for the plan's strategy (bisection, exact to 1e-9)."""
     letter = dimension or default_dimension(plan)
     current = plan.einsum.size(letter)  # raises a clear error for an unknown letter
-    comm_now, _ = comm_and_compute_s(plan, letter, current)
-    if comm_now == 0:
+    return solve_crossover(plan_terms(plan, letter), plan.cost.compute_s, letter, current)
+
+
+def solve_crossover(
+    terms: Sequence[ScaledTerm], compute_s: float, letter: str, current: int
+) -> Crossover:
+    """The size of ``letter`` at which the collectives ``terms`` take as long as
+    ``compute_s`` (which grows in proportion to the letter); ``current`` is its size now.
+
+    A crossover below one element is no crossover: the strategy is compute-bound at every
+    size it can have."""
+    upper = letter.upper()
+    if terms_comm_s(terms, 1.0) == 0:
         return Crossover(
             dimension=letter,
             size=None,
@@ -99,8 +128,8 @@ def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
             note="this strategy needs no communication",
         )
     # growth rates per unit of n, where bandwidth terms dominate
-    big = current * 1e12
-    comm_big, compute_big = comm_and_compute_s(plan, letter, big)
+    big = 1e12
+    comm_big, compute_big = terms_comm_s(terms, big), compute_s * big
     if comm_big >= compute_big:
         ratio = comm_big / compute_big if compute_big else float("inf")
         return Crossover(
@@ -109,24 +138,35 @@ def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
             comm_bound_below=None,
             current_size=current,
             note=(
-                f"communication grows with {letter.upper()} at least as fast as compute "
-                f"(comm/compute -> {ratio:.3g}), so no {letter.upper()} makes it compute-bound"
+                f"communication grows with {upper} at least as fast as compute "
+                f"(comm/compute -> {ratio:.3g}), so no {upper} makes it compute-bound"
             ),
         )
     lo, hi = 0.0, big
     for _ in range(400):
         mid = (lo + hi) / 2
-        comm, compute = comm_and_compute_s(plan, letter, mid)
-        if comm > compute:
+        if terms_comm_s(terms, mid) > compute_s * mid:
             lo = mid
         else:
             hi = mid
         if hi - lo <= 1e-9 * hi:
             break
-    size = (lo + hi) / 2
+    scale = (lo + hi) / 2
+    size = scale * current
+    if size < 1:
+        return Crossover(
+            dimension=letter,
+            size=None,
+            comm_bound_below=False,
+            current_size=current,
+            note=(
+                f"compute-bound at every {upper} >= 1: communication takes as long as "
+                f"compute only below one element ({upper} = {size:.3g})"
+            ),
+        )
     where = "below" if current < size else "above"
     state = "communication-bound" if current < size else "compute-bound"
-    regime = comm_regime(plan, letter, size)
+    regime = terms_regime(terms, scale)
     why = {
         "latency": " (there the collectives are latency-bound: per-hop latency, not bandwidth, "
         "sets this size)",
@@ -139,8 +179,14 @@ def crossover(plan: Plan, dimension: str | None = None) -> Crossover:
         comm_bound_below=True,
         current_size=current,
         note=(
-            f"communication-bound for {letter.upper()} < {size:.6g}, compute-bound above{why}; "
-            f"at {letter.upper()} = {current} it is {state} ({where} the crossover)"
+            f"communication-bound for {upper} < {_size_text(size)}, compute-bound above{why}; "
+            f"at {upper} = {current} it is {state} ({where} the crossover)"
         ),
         regime=regime,
     )
+
+
+def _size_text(size: float) -> str:
+    """A size for people: a whole number of elements when it is one (``2550``), else 4
+    significant digits."""
+    return f"{size:,.0f}" if size >= 100 else f"{size:.4g}"

@@ -7,7 +7,15 @@ three, the lower bound) and none (their sum, the upper bound), roofline.md. The 
 policy is always a parameter (``Overlap``); ranking uses ``Overlap.FULL`` by default, as
 the book does when it assumes collective matmuls hide communication.
 
-``Cost`` has algebra: costs of several ops or collectives add, and keep their breakdown.
+``Cost`` has algebra: costs of several ops or collectives add (``+``), and keep their
+breakdown; a cost scales (``cost * L`` for L layers or a loop's trip count). Each op's own
+roofline is ``local_s = max(compute_s, hbm_s)`` (compute and HBM traffic overlap inside a
+kernel); a sum of ops adds their ``local_s``, so a program's lower bound is
+``max(Σ local_s, Σ comm_s)`` and its upper bound ``Σ compute_s + Σ hbm_s + Σ comm_s``.
+``peak_memory_bytes`` (a transient peak per chip) combines by ``max`` and does not scale.
+``+`` composes ops that may overlap (one pass of a program); ``a.then(b)`` composes passes
+that cannot (a step's backward pass cannot hide its communication behind the forward
+pass's compute): their lower bounds add.
 """
 
 from __future__ import annotations
@@ -41,16 +49,34 @@ class CommTerm:
     time_s: float
     bytes_sent_per_chip: float
 
+    def __mul__(self, factor: float) -> CommTerm:
+        return CommTerm(
+            self.axes, self.link, self.time_s * factor, self.bytes_sent_per_chip * factor
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cost:
-    """Per-chip time of a sharded op (or a sum of them), with its breakdown."""
+    """Per-chip time of a sharded op (or a sum of them), with its breakdown.
+
+    ``flops`` are matmul FLOPs (timed at the chip's peak); ``vector_flops`` those of
+    memory-bound ops (reported, timed by their HBM bytes). ``local_s`` defaults to
+    ``max(compute_s, hbm_s)`` for one op and adds under ``+``."""
 
     flops: float = 0.0
     hbm_bytes: float = 0.0
     compute_s: float = 0.0
     hbm_s: float = 0.0
     comm: tuple[CommTerm, ...] = ()
+    local_s: float = -1.0
+    vector_flops: float = 0.0
+    peak_memory_bytes: float = 0.0
+    #: an explicit lower bound, set by ``then`` (passes that cannot overlap); -1: none
+    lower_s: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.local_s < 0:
+            object.__setattr__(self, "local_s", max(self.compute_s, self.hbm_s))
 
     @classmethod
     def zero(cls) -> Cost:
@@ -63,7 +89,43 @@ class Cost:
             compute_s=self.compute_s + other.compute_s,
             hbm_s=self.hbm_s + other.hbm_s,
             comm=self.comm + other.comm,
+            local_s=self.local_s + other.local_s,
+            vector_flops=self.vector_flops + other.vector_flops,
+            peak_memory_bytes=max(self.peak_memory_bytes, other.peak_memory_bytes),
         )
+
+    def then(self, other: Cost) -> Cost:
+        """``self`` followed by ``other`` with no overlap between them: everything adds, and
+        so do the lower bounds (each pass overlaps only within itself)."""
+        both = self + other
+        return Cost(
+            flops=both.flops,
+            hbm_bytes=both.hbm_bytes,
+            compute_s=both.compute_s,
+            hbm_s=both.hbm_s,
+            comm=both.comm,
+            local_s=both.local_s,
+            vector_flops=both.vector_flops,
+            peak_memory_bytes=both.peak_memory_bytes,
+            lower_s=self.lower_bound_s + other.lower_bound_s,
+        )
+
+    def __mul__(self, factor: float) -> Cost:
+        """``factor`` repetitions (layers, a loop's trip count): every time, FLOP and byte
+        scales; the transient memory peak does not."""
+        return Cost(
+            flops=self.flops * factor,
+            hbm_bytes=self.hbm_bytes * factor,
+            compute_s=self.compute_s * factor,
+            hbm_s=self.hbm_s * factor,
+            comm=tuple(term * factor for term in self.comm),
+            local_s=self.local_s * factor,
+            vector_flops=self.vector_flops * factor,
+            peak_memory_bytes=self.peak_memory_bytes,
+            lower_s=self.lower_s * factor if self.lower_s >= 0 else -1.0,
+        )
+
+    __rmul__ = __mul__
 
     @property
     def comm_s(self) -> float:
@@ -75,14 +137,13 @@ class Cost:
         return sum((term.bytes_sent_per_chip for term in self.comm), 0.0)
 
     @property
-    def local_s(self) -> float:
-        """The chip's own roofline: compute and HBM traffic overlap inside a kernel."""
-        return max(self.compute_s, self.hbm_s)
-
-    @property
     def lower_bound_s(self) -> float:
-        """Perfect overlap: the slowest of compute, HBM and communication."""
-        return max(self.compute_s, self.hbm_s, self.comm_s)
+        """Perfect overlap: the chip's own time (each op's slower of compute and HBM) or
+        communication, whichever is longer (for one op: the slowest of the three); for
+        passes composed by ``then``, the sum of their lower bounds."""
+        if self.lower_s >= 0:
+            return self.lower_s
+        return max(self.local_s, self.comm_s)
 
     @property
     def upper_bound_s(self) -> float:
@@ -108,13 +169,11 @@ class Cost:
 
     @property
     def bottleneck(self) -> Bottleneck:
-        """The largest of the three terms (ties go to compute, then HBM)."""
-        largest = max(self.compute_s, self.hbm_s, self.comm_s)
-        if self.compute_s == largest:
-            return Bottleneck.COMPUTE
-        if self.hbm_s == largest:
-            return Bottleneck.HBM
-        return Bottleneck.COMM
+        """Communication when it outlasts the chip's own time; else the larger of compute and
+        HBM (ties go to compute, then HBM)."""
+        if self.comm_s > self.local_s:
+            return Bottleneck.COMM
+        return Bottleneck.COMPUTE if self.compute_s >= self.hbm_s else Bottleneck.HBM
 
     @property
     def bottleneck_link(self) -> tuple[tuple[str, ...], str] | None:
