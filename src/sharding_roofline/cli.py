@@ -18,6 +18,7 @@ from .estimate import Overlap
 from .mesh import DeviceMesh
 from .planner import Planner
 from .presets import list_presets, load_preset
+from .program.cli import add_layer_parser
 from .report import (
     alternatives_dict,
     collective_dict,
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(val, required_specs=True)
     add_validate_arguments(val)
 
+    add_layer_parser(sub, _mesh_args)
+
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
     run.add_argument("--out-dir", default="out", help="where to write the report and figures")
@@ -161,6 +164,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _collective(args)
     if args.command in ("estimate", "plan", "validate"):
         return _plan(args)
+    if args.command == "layer":
+        from .program.cli import run_layer  # noqa: PLC0415
+
+        data, text = run_layer(args, make_mesh(args))
+        _emit(args, data, text)
+        return 0
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
 

@@ -19,7 +19,8 @@ NAMES = {"lhs": "A", "rhs": "B", "out": "C"}
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
-    """One step on one array: a collective, or (``kind is None``) a free local slice."""
+    """One step on one array (``operand``: a role of a single einsum, or a tensor's name): a
+    collective, or (``kind is None``) a free local slice."""
 
     operand: str
     kind: Collective | None
@@ -32,7 +33,7 @@ class Step:
 
     def notation(self, letters: str) -> str:
         """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation)."""
-        name = NAMES[self.operand]
+        name = NAMES.get(self.operand, self.operand)
         label = self.kind.book_name if self.kind else "DynamicSlice"
         before = self.before.notation(name, letters) + unreduced_suffix(self.unreduced_before)
         after = self.after.notation(name, letters) + unreduced_suffix(self.unreduced_after)

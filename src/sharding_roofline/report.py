@@ -6,6 +6,7 @@ fields may be added, never renamed or removed. Human text is free to evolve.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .collectives import CollectiveCost
@@ -13,7 +14,7 @@ from .crossover import Crossover, crossover
 from .estimate import Overlap
 from .hardware import HardwareSpec
 from .mesh import DeviceMesh
-from .plans import Plan, Ranking
+from .plans import Plan, Ranking, Step
 from .units import format_bytes, format_count, format_rate, format_seconds
 
 # -- dicts (JSON) -----------------------------------------------------------------------------
@@ -309,12 +310,18 @@ _SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-t
 
 def collectives_summary(plan: Plan) -> str:
     """``AG_x(A) RS_y(C)``: each collective, its axes and the array it moves."""
+    return collectives_summary_steps(plan.collectives)
+
+
+def collectives_summary_steps(steps: Iterable[Step]) -> str:
+    """``AG_x(w_in) RS_y(h)``: each collective, its axes and the tensor it moves."""
     names = {"lhs": "A", "rhs": "B", "out": "C"}
     parts = []
-    for step in plan.collectives:
+    for step in steps:
         if step.cost is not None:
             short = _SHORT.get(step.cost.kind.value, "CP")
-            parts.append(f"{short}_{'+'.join(step.cost.axes)}({names[step.operand]})")
+            name = names.get(step.operand, step.operand)
+            parts.append(f"{short}_{'+'.join(step.cost.axes)}({name})")
     return " ".join(parts) or "none"
 
 

@@ -250,6 +250,11 @@ class ProgramPlan:
 
 # -- the evaluator -----------------------------------------------------------------------------
 
+
+def _sums_gradients(op: Op) -> bool:
+    """An add of the backward pass that sums a tensor's gradient contributions."""
+    return op.phase is Phase.BACKWARD and op.kind is OpKind.POINTWISE and op.fn == "add"
+
 _PASS = {
     Phase.FORWARD: "forward",
     Phase.RECOMPUTE: "backward",
@@ -292,6 +297,7 @@ class _Evaluator:
             for item in op.inputs:
                 self.readers.setdefault(item.tensor, []).append((op, item))
         self._homes: dict[str, Dims] = {}
+        self._partials: dict[str, tuple[str, ...]] | None = None
         self._op_sigma: dict[str, dict[str, tuple[str, ...]]] = {}
         #: layouts a tensor has already been moved to in this pass (forward; backward with
         #: its recomputation; optimizer): later readers there reuse the copy, as XLA
@@ -364,6 +370,76 @@ class _Evaluator:
             return layouts.pop()
         return local
 
+    def op_unreduced(self, op: Op) -> tuple[str, ...]:
+        """The axes an op's local result is a partial sum over: those splitting a summed
+        letter of a contraction; for a gradient-summing add of partial sums, theirs."""
+        if op.is_contraction:
+            sigma = self.op_sigma(op)
+            return tuple(
+                axis
+                for axis in self.mesh.axis_names
+                for c in op.summed
+                if axis in sigma.get(c, ())
+            )
+        if _sums_gradients(op):
+            return self.partial(op.inputs[0].tensor)
+        return ()
+
+    def partial(self, tensor: str) -> tuple[str, ...]:
+        """The axes ``tensor`` is kept unreduced over at its home: a gradient contribution
+        whose only readers add it, in the same layout, to contributions as partial as it
+        is. The partial sums are added first and reduced once, as frameworks accumulate
+        gradients before reducing them (one all-reduce for ``dx`` of Q, K and V)."""
+        if self._partials is None:
+            self._partials = self._resolve_partials()
+        return self._partials.get(tensor, ())
+
+    def _resolve_partials(self) -> dict[str, tuple[str, ...]]:
+        adds = [op for op in self.program.ops if _sums_gradients(op)]
+        if not adds:
+            return {}
+        partial: dict[str, tuple[str, ...]] = {}
+        for op in self.program.ops:  # in order: an add's inputs are settled before it
+            for item in op.inputs if _sums_gradients(op) else ():
+                tensor = item.tensor
+                if tensor in partial:
+                    continue
+                partial[tensor] = self._candidate(tensor, partial)
+        changed = True
+        while changed:  # an add of a partial and a reduced input reduces both first
+            changed = False
+            for op in adds:
+                parts = {partial.get(item.tensor, ()) for item in op.inputs}
+                if len(parts) > 1:
+                    for item in op.inputs:
+                        if partial.get(item.tensor, ()):
+                            partial[item.tensor] = ()
+                            changed = True
+                out = op.output
+                if out in partial:
+                    want = self._candidate(out, partial)
+                    if partial[out] != want:
+                        partial[out] = want
+                        changed = True
+        return {t: u for t, u in partial.items() if u}
+
+    def _candidate(self, tensor: str, partial: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+        producer = self.producers.get(tensor)
+        if producer is None or tensor in self.explicit or tensor in self.gradient_of:
+            return ()
+        readers = [(op, item) for op, item in self.readers.get(tensor, ()) if not item.saved_at]
+        if not readers or not all(_sums_gradients(op) for op, _ in readers):
+            return ()
+        local = self.at_op(producer, producer.out_letters)
+        if any(self.at_op(op, item.letters) != local for op, item in readers):
+            return ()
+        if producer.is_contraction:
+            return self.op_unreduced(producer)
+        if _sums_gradients(producer):
+            parts = {partial.get(item.tensor, ()) for item in producer.inputs}
+            return parts.pop() if len(parts) == 1 else ()
+        return ()
+
     def _is_boundary(self, op: Op) -> bool:
         for name, kind in self.program.stages:
             if name == op.stage:
@@ -391,11 +467,12 @@ class _Evaluator:
             for item, dst in zip(op.inputs, dsts, strict=True)
         )
         home = self.home(op.output)
-        key = (op.name, tuple(sigma.items()), srcs, dsts, reused, home)
+        keep = self.partial(op.output)
+        key = (op.name, tuple(sigma.items()), srcs, dsts, reused, home, keep)
         cached = self.memo.get(key)
         if cached is None:
             cached = self._evaluate_op(
-                op, sigma=sigma, srcs=srcs, dsts=dsts, reused=reused, home=home
+                op, sigma=sigma, srcs=srcs, dsts=dsts, reused=reused, home=home, keep=keep
             )
             self.memo[key] = cached
         if isinstance(cached, Rejected):
@@ -414,6 +491,7 @@ class _Evaluator:
         dsts: tuple[Dims, ...],
         reused: tuple[bool, ...],
         home: Dims,
+        keep: tuple[str, ...],
     ) -> OpPlan | Rejected:
         for letter, axes in sigma.items():
             pieces = self.paths.pieces(axes)
@@ -446,12 +524,10 @@ class _Evaluator:
         out = self.program.tensor(op.output)
         out_shape = tuple(self.sizes[c] for c in op.out_letters)
         local = self.at_op(op, op.out_letters)
-        unreduced = tuple(
-            axis for axis in self.mesh.axis_names for c in op.summed if axis in sigma.get(c, ())
-        )
+        unreduced = self.op_unreduced(op)
         post = (
             EMPTY
-            if home == local and not unreduced
+            if home == local and unreduced == keep
             else self.paths.path(out_shape, out.dtype, local, home, unreduced)
         )
         if post is None:
