@@ -200,6 +200,16 @@ class DeviceMesh:
                 raise self.unknown_axis(name)
         return tuple(name for name in self.axis_names if name in wanted)
 
+    def link_resources(self, axes: Iterable[str]) -> tuple[int, ...]:
+        """The physical dimensions a collective over ``axes`` uses the links of (two
+        collectives that share none can run at the same time)."""
+        key = ("resources", frozenset(axes))
+        cached = self.memo.get(key)
+        if cached is None:
+            cached = tuple(sorted({f.dim for a in key[1] for f in self.factors(a)}))
+            self.memo[key] = cached
+        return cached  # type: ignore[no-any-return]
+
     def describe_axis(self, name: str) -> str:
         """``y=4 over ici_y (ring of 4)`` / ``x=4 over leaf (4 nodes)``."""
         group = self.group((name,))

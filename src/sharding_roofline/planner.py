@@ -62,9 +62,20 @@ class _Path:
     steps: tuple[RawStep, ...]
     time_s: float
     bytes_sent: float
+    #: seconds per physical dimension whose links the path's collectives use
+    busy: tuple[tuple[int, float], ...] = ()
 
 
 _EMPTY = _Path((), 0.0, 0.0)
+
+
+def _comm_lower_s(*paths: _Path) -> float:
+    """The busiest link's seconds over the paths (``Cost.comm_lower_s`` of the plan)."""
+    busy: dict[int, float] = {}
+    for path in paths:
+        for resource, seconds in path.busy:
+            busy[resource] = busy.get(resource, 0.0) + seconds
+    return max(busy.values()) if busy else 0.0
 
 
 @dataclass(slots=True)
@@ -167,6 +178,7 @@ class _Context:
     def _cost_path(self, role: str, steps: tuple[RawStep, ...]) -> _Path:
         time_s = 0.0
         sent = 0.0
+        busy: dict[int, float] = {}
         itemsize = self.itemsize[role]
         for kind, axes, before, _after, _ub, _ua in steps:
             if kind is None:
@@ -180,9 +192,12 @@ class _Context:
             if r.group_size == 1:
                 continue
             elements = self.elements(role, before)
-            time_s += r.time_s(group_bytes(kind, elements, r.group_size, itemsize))
+            seconds = r.time_s(group_bytes(kind, elements, r.group_size, itemsize))
+            time_s += seconds
             sent += bytes_sent_per_chip(kind, elements, r.group_size, itemsize)
-        return _Path(steps, time_s, sent)
+            for resource in self.mesh.link_resources(axes):
+                busy[resource] = busy.get(resource, 0.0) + seconds
+        return _Path(steps, time_s, sent, tuple(busy.items()))
 
 
 class _Candidate(NamedTuple):
@@ -347,7 +362,7 @@ class Planner:
             total_memory = memory + (
                 ctx.elements("out", target) * ctx.itemsize["out"] if post.steps else 0
             )
-            lower = max(compute_s, hbm_s, comm_s)
+            lower = max(compute_s, hbm_s, _comm_lower_s(pre_l, pre_r, post))
             upper = compute_s + hbm_s + comm_s
             first, second = (lower, upper) if self.overlap is Overlap.FULL else (upper, lower)
             sent = pre_l.bytes_sent + pre_r.bytes_sent + post.bytes_sent
@@ -492,7 +507,13 @@ class Planner:
             chip=self.mesh.hardware.chip, dtype=self.einsum.dtype, flops=flops, hbm_bytes=hbm_bytes
         )
         terms = tuple(
-            CommTerm(step.axes, step.cost.link, step.cost.time_s, step.cost.bytes_sent_per_chip)
+            CommTerm(
+                step.axes,
+                step.cost.link,
+                step.cost.time_s,
+                step.cost.bytes_sent_per_chip,
+                self.mesh.link_resources(step.axes),
+            )
             for step in steps
             if step.cost is not None and step.cost.group_size > 1
         )

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..collectives import combine_terms_s
@@ -21,8 +22,11 @@ from ..crossover import Crossover, ScaledTerm, solve_crossover
 from .evaluate import _PASS, ProgramPlan
 
 
-def program_terms(plan: ProgramPlan, letter: str, pass_name: str) -> list[ScaledTerm]:
-    """The collectives of one pass as crossover terms for ``letter``."""
+def program_terms(
+    plan: ProgramPlan, letter: str, pass_name: str, axes: Iterable[str] | None = None
+) -> list[ScaledTerm]:
+    """The collectives of one pass (over ``axes`` only, if given) as crossover terms."""
+    only = None if axes is None else set(axes)
     out: list[ScaledTerm] = []
     for op in plan.ops:
         if _PASS[op.op.phase] != pass_name:
@@ -30,6 +34,8 @@ def program_terms(plan: ProgramPlan, letter: str, pass_name: str) -> list[Scaled
         for step in op.collectives:
             cost = step.cost
             if cost is None or cost.group_size == 1:
+                continue
+            if only is not None and not set(cost.axes) <= only:
                 continue
             letters = plan.program.tensor(step.operand).letters
             out.append(ScaledTerm(cost.kind, cost.bandwidth_s, cost.latency_s, letter in letters))
@@ -50,17 +56,19 @@ class CriticalBatch:
         return self.crossover.note
 
 
-def critical_batch(plan: ProgramPlan) -> CriticalBatch:
+def critical_batch(plan: ProgramPlan, *, axes: Iterable[str] | None = None) -> CriticalBatch:
     """Each pass overlaps its collectives only with its own compute (the book: DP's gradient
     all-reduces hide behind the backward pass, ``8BDF/X·C`` against ``8DF/W``), so each pass
-    has its own crossover; the step is compute-bound above the largest."""
+    has its own crossover; the step is compute-bound above the largest. With ``axes``, only
+    the collectives over those axes count (when does the data-parallel part turn
+    communication-bound?). A pass without matmuls (the optimizer's) has no crossover."""
     program = plan.program
     letter = program.roles.batch
     current = program.size(letter)
     worst: tuple[Crossover, str] | None = None
     for name, cost in plan.passes:
-        terms = program_terms(plan, letter, name)
-        if not terms:
+        terms = program_terms(plan, letter, name, axes)
+        if not terms or cost.compute_s == 0:
             continue
         cross = solve_crossover(terms, cost.compute_s, letter, current)
         if cross.size is None and cross.comm_bound_below is None:

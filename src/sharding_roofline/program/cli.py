@@ -120,9 +120,7 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
         default=Overlap.FULL.value,
         help="rank by full overlap (each pass's max, default) or none (sums)",
     )
-    layer.add_argument(
-        "--details", action="store_true", help="also print the best plan op by op"
-    )
+    layer.add_argument("--details", action="store_true", help="also print the best plan op by op")
 
 
 def layer_spec(args: argparse.Namespace) -> LayerSpec:

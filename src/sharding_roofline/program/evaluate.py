@@ -255,6 +255,7 @@ def _sums_gradients(op: Op) -> bool:
     """An add of the backward pass that sums a tensor's gradient contributions."""
     return op.phase is Phase.BACKWARD and op.kind is OpKind.POINTWISE and op.fn == "add"
 
+
 _PASS = {
     Phase.FORWARD: "forward",
     Phase.RECOMPUTE: "backward",
@@ -376,10 +377,7 @@ class _Evaluator:
         if op.is_contraction:
             sigma = self.op_sigma(op)
             return tuple(
-                axis
-                for axis in self.mesh.axis_names
-                for c in op.summed
-                if axis in sigma.get(c, ())
+                axis for axis in self.mesh.axis_names for c in op.summed if axis in sigma.get(c, ())
             )
         if _sums_gradients(op):
             return self.partial(op.inputs[0].tensor)
@@ -587,10 +585,15 @@ class _Evaluator:
             ),
         )
 
-    @staticmethod
-    def _terms(path: Path) -> list[CommTerm]:
+    def _terms(self, path: Path) -> list[CommTerm]:
         return [
-            CommTerm(s.cost.axes, s.cost.link, s.cost.time_s, s.cost.bytes_sent_per_chip)
+            CommTerm(
+                s.cost.axes,
+                s.cost.link,
+                s.cost.time_s,
+                s.cost.bytes_sent_per_chip,
+                self.mesh.link_resources(s.cost.axes),
+            )
             for s in path.steps
             if s.cost is not None
         ]

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..dtypes import canonical_dtype
+from ..einsum import Einsum
 from ..errors import SpecError
 from .graph import LetterRoles, Op, OpInput, OpKind, Program, Tensor, TensorKind
 
@@ -366,3 +367,38 @@ def build_layer(spec: LayerSpec) -> Program:
     m = builder.mlp(n2)
     y = builder.pointwise("residual2", fn="add", inputs=(r1, m), out="block_out", stage="io")
     return builder.program("block", (y,), ("io", "attn", "mlp"))
+
+
+def einsum_program(einsum: Einsum, names: tuple[str, str, str] = ("lhs", "rhs", "out")) -> Program:
+    """A single einsum as a one-op program: its operands are inputs named ``names`` (the
+    roles by default, or the user's tensor names), its result the output."""
+    spec = einsum.spec
+    lhs, rhs, out = names
+    if len({lhs, rhs, out}) != 3:
+        raise SpecError(f"einsum operand names {names} must be three different names")
+    tensors = (
+        Tensor(name=lhs, letters=spec.lhs, dtype=einsum.dtype, kind=TensorKind.INPUT),
+        Tensor(name=rhs, letters=spec.rhs, dtype=einsum.dtype, kind=TensorKind.INPUT),
+        Tensor(name=out, letters=spec.out, dtype=einsum.accum_dtype, kind=TensorKind.ACTIVATION),
+    )
+    op = Op(
+        name="einsum",
+        kind=OpKind.EINSUM,
+        inputs=(OpInput(tensor=lhs, letters=spec.lhs), OpInput(tensor=rhs, letters=spec.rhs)),
+        output=out,
+        out_letters=spec.out,
+        stage="op",
+    )
+    batch = next((c for c in spec.lhs if c in spec.out and c not in spec.rhs), spec.lhs[0])
+    model = next((c for c in spec.contracting), batch)
+    hidden = tuple(c for c in spec.rhs if c in spec.out and c not in spec.lhs)
+    return Program(
+        name=spec.equation,
+        dims=einsum.dims,
+        tensors=tensors,
+        ops=(op,),
+        roles=LetterRoles(batch=batch, sequence=batch, model=model, hidden=hidden),
+        outputs=(out,),
+        stages=(("op", "matmul"),),
+        tokens=einsum.size(batch),
+    )

@@ -28,7 +28,9 @@ def op_notation(op_plan: OpPlan) -> str:
     return f"{fn}{inputs} -> {out}{unreduced_suffix(op_plan.unreduced)}"
 
 
-def _time_dict(lower: float, upper: float, compute: float, hbm: float, comm: float) -> dict[str, float]:
+def _time_dict(
+    lower: float, upper: float, compute: float, hbm: float, comm: float
+) -> dict[str, float]:
     return {
         "compute": compute,
         "hbm": hbm,
@@ -55,7 +57,11 @@ def op_dict(op_plan: OpPlan) -> dict[str, Any]:
         "vector_flops": cost.vector_flops,
         "hbm_bytes": cost.hbm_bytes,
         "collectives": [
-            collective_dict(step.cost, operand=step.operand, notation=step.notation(_letters(op_plan, step.operand)))
+            collective_dict(
+                step.cost,
+                operand=step.operand,
+                notation=step.notation(_letters(op_plan, step.operand)),
+            )
             for step in op_plan.collectives
             if step.cost is not None
         ],
