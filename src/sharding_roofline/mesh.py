@@ -208,7 +208,7 @@ class DeviceMesh:
         if cached is None:
             cached = tuple(sorted({f.dim for a in key[1] for f in self.factors(a)}))
             self.memo[key] = cached
-        return cached  # type: ignore[no-any-return]
+        return cached
 
     def describe_axis(self, name: str) -> str:
         """``y=4 over ici_y (ring of 4)`` / ``x=4 over leaf (4 nodes)``."""

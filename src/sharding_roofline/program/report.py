@@ -221,8 +221,8 @@ def format_plan(plan: ProgramPlan, *, ops: bool = True) -> str:
         f"{plan.describe_bottleneck()}; {plan.tokens_per_s_per_chip:,.0f} tokens/s per chip",
         f"  per chip: {format_count(cost.flops)}FLOP on the matrix units, "
         f"{format_count(cost.vector_flops)}FLOP on the vector units, "
-        f"{format_bytes(cost.hbm_bytes)} HBM traffic, {format_bytes(cost.comm_bytes_sent_per_chip)} "
-        "sent",
+        f"{format_bytes(cost.hbm_bytes)} HBM traffic, "
+        f"{format_bytes(cost.comm_bytes_sent_per_chip)} sent",
         f"  memory per chip: params {format_bytes(memory.params)}, grads "
         f"{format_bytes(memory.grads)}, optimizer {format_bytes(memory.optimizer)}, activations "
         f"{format_bytes(memory.activations)}, transient {format_bytes(memory.transient)} "
