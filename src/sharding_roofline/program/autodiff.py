@@ -92,6 +92,7 @@ class _Backward:
         self.grads: dict[str, str] = {}
         self.saved_name: dict[str, str] = {}  # forward tensor -> the one the backward reads
         self.saved_at: dict[str, str] = {}  # forward tensor -> op whose layout it is read in
+        self.stage_of: dict[str, str] = {}  # tensor -> the stage of the op that wrote it
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class _Backward:
 
     def emit(self, op: Op) -> None:
         self.ops.append(op)
+        self.stage_of[op.output] = op.stage
 
     def read_saved(self, tensor: str, at: Op, letters: str) -> OpInput:
         """A forward tensor as the backward of ``at`` reads it (saved, or recomputed)."""
@@ -126,10 +128,15 @@ class _Backward:
         self.contributions.setdefault(tensor, []).append(grad)
 
     def finish(self, tensor: str, stage: str, of: str) -> bool:
-        """Sum the contributions to ``tensor``'s gradient; False if it has none."""
+        """Sum the contributions to ``tensor``'s gradient; False if it has none. The sum
+        runs in the stage that produced the contributions when they share one (where they
+        are, unreduced, so they add before one reduction), else in ``stage``."""
         parts = self.contributions.pop(tensor, [])
         if not parts:
             return False
+        stages = {self.stage_of.get(part, stage) for part in parts}
+        if len(stages) == 1:
+            stage = stages.pop()
         letters = self.tensors[tensor].letters
         total = parts[0]
         for i, part in enumerate(parts[1:], start=2):

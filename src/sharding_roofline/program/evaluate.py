@@ -298,6 +298,7 @@ class _Evaluator:
             for item in op.inputs:
                 self.readers.setdefault(item.tensor, []).append((op, item))
         self._homes: dict[str, Dims] = {}
+        self._at_op: dict[tuple[str, str], Dims] = {}
         self._partials: dict[str, tuple[str, ...]] | None = None
         self._op_sigma: dict[str, dict[str, tuple[str, ...]]] = {}
         #: layouts a tensor has already been moved to in this pass (forward; backward with
@@ -321,10 +322,16 @@ class _Evaluator:
         return cached
 
     def at_op(self, op: Op, letters: str) -> Dims:
-        if op.phase is Phase.OPTIMIZER:
-            return self.opt(op.of)
-        sigma = self.op_sigma(op)
-        return tuple(sigma.get(c, ()) for c in letters)
+        key = (op.name, letters)
+        cached = self._at_op.get(key)
+        if cached is None:
+            if op.phase is Phase.OPTIMIZER:
+                cached = self.opt(op.of)
+            else:
+                sigma = self.op_sigma(op)
+                cached = tuple(sigma.get(c, ()) for c in letters)
+            self._at_op[key] = cached
+        return cached
 
     def replicated(self, tensor: str) -> Dims:
         return ((),) * len(self.program.tensor(tensor).letters)
@@ -403,8 +410,11 @@ class _Evaluator:
                 if tensor in partial:
                     continue
                 partial[tensor] = self._candidate(tensor, partial)
+        # an add of a partial and a reduced input reduces both first; a tensor reduced
+        # stays reduced, so this ends (each pass demotes at least one tensor, or stops)
+        demoted: set[str] = set()
         changed = True
-        while changed:  # an add of a partial and a reduced input reduces both first
+        while changed:
             changed = False
             for op in adds:
                 parts = {partial.get(item.tensor, ()) for item in op.inputs}
@@ -412,12 +422,15 @@ class _Evaluator:
                     for item in op.inputs:
                         if partial.get(item.tensor, ()):
                             partial[item.tensor] = ()
+                            demoted.add(item.tensor)
                             changed = True
                 out = op.output
-                if out in partial:
+                if out in partial and out not in demoted:
                     want = self._candidate(out, partial)
                     if partial[out] != want:
                         partial[out] = want
+                        if not want:
+                            demoted.add(out)
                         changed = True
         return {t: u for t, u in partial.items() if u}
 
@@ -466,7 +479,8 @@ class _Evaluator:
         )
         home = self.home(op.output)
         keep = self.partial(op.output)
-        key = (op.name, tuple(sigma.items()), srcs, dsts, reused, home, keep)
+        unreduced = self.op_unreduced(op)
+        key = (op.name, tuple(sigma.items()), srcs, dsts, reused, home, keep, unreduced)
         cached = self.memo.get(key)
         if cached is None:
             cached = self._evaluate_op(

@@ -86,6 +86,7 @@ class Tensor:
     letters: str
     dtype: str
     kind: TensorKind
+    itemsize: int = field(init=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -97,10 +98,7 @@ class Tensor:
         if len(set(self.letters)) != len(self.letters):
             raise SpecError(f"tensor {self.name!r}: a letter repeats in {self.letters!r}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-
-    @property
-    def itemsize(self) -> int:
-        return dtype_bytes(self.dtype)
+        object.__setattr__(self, "itemsize", dtype_bytes(self.dtype))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -60,14 +60,23 @@ class TensorPaths:
         self.mesh_order = mesh.axis_names
         self.axis_items = tuple(self.axis_size.items())
         self._cache: dict[tuple[object, ...], Path | None] = {}
+        self._pieces: dict[tuple[str, ...], int] = {}
+        self._elements: dict[tuple[tuple[int, ...], Dims], int] = {}
 
     def pieces(self, axes: tuple[str, ...]) -> int:
-        return math.prod(self.axis_size[a] for a in axes)
+        value = self._pieces.get(axes)
+        if value is None:
+            value = self._pieces[axes] = math.prod(self.axis_size[a] for a in axes)
+        return value
 
     def elements(self, shape: tuple[int, ...], dims: Dims) -> int:
-        value = 1
-        for size, axes in zip(shape, dims, strict=True):
-            value *= size // self.pieces(axes)
+        key = (shape, dims)
+        value = self._elements.get(key)
+        if value is None:
+            value = 1
+            for size, axes in zip(shape, dims, strict=True):
+                value *= size // self.pieces(axes)
+            self._elements[key] = value
         return value
 
     def divisible(self, shape: tuple[int, ...], dims: Dims) -> bool:
