@@ -293,7 +293,7 @@ def calibrated_collective(
             f"no calibration for {hardware.name}'s links: roofline only",
         )
     found = resolved.collective_fit(kind, size, tier, permute_pattern=permute_pattern)
-    interval = resolved.collective_interval(tier, message)
+    interval = resolved.collective_interval(kind, tier, message)
     if found is None or interval is None:
         return _roofline_only(
             what,

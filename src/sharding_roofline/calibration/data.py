@@ -11,10 +11,13 @@ be fitted on (``Split.CALIBRATION``) or is held out (``Split.HELDOUT``).
   first row under the header has index 0. "Even rows" are those with an even index.
 * ``xla_h100_matmul.csv``, ``xla_b200_matmul.csv``, ``xla_gpu_collectives.csv``: a row is
   calibration iff its index is even.
-* ``playbook_collectives.csv`` (the Playbook bandwidth-vs-nodes sweep): a row is
-  calibration iff its index is even **and** it ran on at most 8 nodes. It is a file of
-  collective rows, so the even-row rule applies; its 16-64 node rows are measurements on
-  16-64 nodes, which the issue holds out. A row is fitted only if both rules allow it.
+* ``playbook_collectives.csv`` (the Playbook's bandwidth-versus-nodes sweep, the only
+  cross-node collective data): a row is calibration iff it ran on at most 8 nodes; the 16-64
+  node rows are held out. The even-row rule does not apply: it names the XLA perf-table
+  rows, where parity interleaves shapes and message sizes; in this sweep parity would pick
+  alternate node counts and put held-out node counts (16, 64) on the fitted side. The
+  node-count rule the issue sets for the Playbook runs makes the held-out check an
+  extrapolation from 1-8 nodes to 16-64, which is the cross-node degradation to test.
 * ``playbook_h100_runs.csv``: calibration iff the model is 1B or 8B and it ran on 1-8 nodes.
 * ``playbook_h100_failed_runs.csv`` and ``torchtitan_h100.csv``: held out entirely.
 * ``playbook_models.csv`` describes the models' architectures; it measures nothing and is
@@ -121,8 +124,8 @@ def split_of(name: str, row: Row) -> Split:
     if name in MATMUL_FILES.values() or name == COLLECTIVES_FILE:
         return Split.CALIBRATION if even else Split.HELDOUT
     if name == PLAYBOOK_COLLECTIVES_FILE:
-        small = _nodes(row, name) <= MAX_CALIBRATION_NODES
-        return Split.CALIBRATION if even and small else Split.HELDOUT
+        small = 1 <= _nodes(row, name) <= MAX_CALIBRATION_NODES
+        return Split.CALIBRATION if small else Split.HELDOUT
     if name == PLAYBOOK_RUNS_FILE:
         model_ok = row["model"] in CALIBRATION_MODELS
         nodes_ok = 1 <= _nodes(row, name) <= MAX_CALIBRATION_NODES

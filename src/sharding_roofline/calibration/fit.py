@@ -41,16 +41,26 @@ def least_squares_log(
     log_low: Sequence[float],
     log_high: Sequence[float],
     max_iterations: int = 300,
+    huber_scale: float | None = None,
 ) -> FloatArray:
     """The ``theta`` (log parameters) that minimises ``sum(residuals(theta)²)`` in the box,
-    best of the given starting points."""
+    best of the given starting points. With ``huber_scale`` the loss is Huber's instead:
+    quadratic for ``|r| <= huber_scale``, linear beyond, so a few outlying rows (a first
+    call 4x slower than its neighbours) cannot set a parameter alone."""
     low = np.asarray(log_low, dtype=float)
     high = np.asarray(log_high, dtype=float)
     best: FloatArray | None = None
     best_cost = np.inf
     for start in starts:
         theta = np.clip(np.asarray(start, dtype=float), low, high)
-        theta, cost = _levenberg_marquardt(residuals, theta, low, high, max_iterations)
+        theta, cost = _levenberg_marquardt(
+            residuals,
+            theta,
+            low=low,
+            high=high,
+            max_iterations=max_iterations,
+            huber_scale=huber_scale,
+        )
         if cost < best_cost:
             best, best_cost = theta, cost
     if best is None:
@@ -61,12 +71,28 @@ def least_squares_log(
 def _levenberg_marquardt(
     residuals: Residuals,
     theta: FloatArray,
+    *,
     low: FloatArray,
     high: FloatArray,
     max_iterations: int,
+    huber_scale: float | None,
 ) -> tuple[FloatArray, float]:
+    def loss(res: FloatArray) -> float:
+        if huber_scale is None:
+            return float(res @ res)
+        size = np.abs(res)
+        quadratic = np.minimum(size, huber_scale)
+        return float(np.sum(quadratic * (2 * size - quadratic)))  # 2·Huber loss
+
+    def weights(res: FloatArray) -> FloatArray:
+        if huber_scale is None:
+            return np.ones_like(res)
+        size = np.abs(res)
+        out: FloatArray = np.where(size <= huber_scale, 1.0, huber_scale / np.maximum(size, 1e-300))
+        return out
+
     r = residuals(theta)
-    cost = float(r @ r)
+    cost = loss(r)
     damping = 1e-3
     step_size = 1e-6
     moved = 0.0
@@ -76,14 +102,15 @@ def _levenberg_marquardt(
             shifted = theta.copy()
             shifted[j] += step_size
             jacobian[:, j] = (residuals(shifted) - r) / step_size
-        normal = jacobian.T @ jacobian
-        gradient = jacobian.T @ r
+        w = weights(r)  # iteratively reweighted least squares for the Huber loss
+        normal = jacobian.T @ (w[:, None] * jacobian)
+        gradient = jacobian.T @ (w * r)
         improved = False
         while damping < 1e10:
             scaled = normal + damping * (np.diag(np.diag(normal)) + 1e-12 * np.eye(theta.size))
             proposal = np.clip(theta - np.linalg.solve(scaled, gradient), low, high)
             r_new = residuals(proposal)
-            cost_new = float(r_new @ r_new)
+            cost_new = loss(r_new)
             if cost_new < cost:
                 moved = float(np.max(np.abs(proposal - theta)))
                 theta, r, cost = proposal, r_new, cost_new
@@ -97,7 +124,7 @@ def _levenberg_marquardt(
 
 
 def ratio_quantiles(
-    ratios: Sequence[float], low: float = 10, high: float = 90
+    ratios: Sequence[float] | FloatArray, low: float = 10, high: float = 90
 ) -> tuple[float, float]:
     """The ``low``-th and ``high``-th percentiles (numpy's linear rule) of ``ratios``."""
     values = np.asarray(ratios, dtype=float)
@@ -117,6 +144,17 @@ class MatmulRows:
     k: FloatArray
     hbm_bytes: FloatArray
     time_s: FloatArray
+
+    def subset(self, keep: NDArray[np.bool_]) -> MatmulRows:
+        """The rows where ``keep`` is true (for cross-validation)."""
+        return MatmulRows(
+            batch=self.batch[keep],
+            m=self.m[keep],
+            n=self.n[keep],
+            k=self.k[keep],
+            hbm_bytes=self.hbm_bytes[keep],
+            time_s=self.time_s[keep],
+        )
 
 
 def matmul_predict(
@@ -147,11 +185,13 @@ def fit_matmul(
     hbm_bytes_per_s: float,
     tile: tuple[int, int, int],
     max_efficiency: float = 1.0,
+    fit_k_overhead: bool = True,
 ) -> FitResult:
     """Fit (launch_floor_s, compute_efficiency, hbm_efficiency, k_overhead_elements).
 
     Bounds: the floor within 0.1 us-1 ms, efficiencies within 1 %-``max_efficiency`` (1: the
-    datasheet is a bound), the k overhead within 0-65536 elements (fitted as log(1+x)).
+    datasheet is a bound), the k overhead within 0-65536 elements (fitted as log(1+x)), or
+    held at 0 when ``fit_k_overhead`` is false.
     """
 
     def params_of(theta: FloatArray) -> tuple[float, float, float, float]:
@@ -171,7 +211,7 @@ def fit_matmul(
 
     top = np.log(max_efficiency)
     low = [np.log(1e-7), np.log(0.01), np.log(0.01), 0.0]
-    high = [np.log(1e-3), top, top, np.log(65537.0)]
+    high = [np.log(1e-3), top, top, np.log(65537.0) if fit_k_overhead else 0.0]
     floor_guess = float(np.min(rows.time_s))
     starts = [
         [np.log(floor_guess), np.log(0.7), np.log(0.7), np.log(129.0)],
@@ -203,6 +243,23 @@ class CollectiveRows:
     message_bytes: FloatArray
     time_s: FloatArray
 
+    def subset(self, keep: NDArray[np.bool_]) -> CollectiveRows:
+        """The rows where ``keep`` is true (for cross-validation)."""
+        return CollectiveRows(
+            ops=tuple(op for op, kept in zip(self.ops, keep, strict=True) if kept),
+            group_size=self.group_size[keep],
+            message_bytes=self.message_bytes[keep],
+            time_s=self.time_s[keep],
+        )
+
+
+def fold_masks(num_rows: int, num_folds: int) -> list[NDArray[np.bool_]]:
+    """Deterministic folds for cross-validation: row ``i`` is in fold ``i % num_folds``
+    (each mask marks one fold's rows). With fewer rows than folds, one row per fold."""
+    folds = min(num_folds, num_rows)
+    positions = np.arange(num_rows)
+    return [positions % folds == f for f in range(folds)]
+
 
 def collective_predict(
     latency_s: float,
@@ -227,7 +284,9 @@ def collective_predict(
     return result
 
 
-def fit_collective_bucket(rows: CollectiveRows, *, max_bus_bytes_per_s: float) -> FitResult:
+def fit_collective_bucket(
+    rows: CollectiveRows, *, max_bus_bytes_per_s: float, huber_scale: float | None = None
+) -> FitResult:
     """Fit (latency_s, pipeline_latency_s, bus_bytes_per_s) to one op at one group size.
 
     Bounds: latency 10 ns-10 ms, pipeline latency 0.1 ns-10 ms, bandwidth 100 MB/s up to
@@ -251,7 +310,9 @@ def fit_collective_bucket(rows: CollectiveRows, *, max_bus_bytes_per_s: float) -
         [np.log(floor_guess * 0.5), np.log(floor_guess * 0.5), top + np.log(0.4)],
         [np.log(floor_guess), np.log(1e-9), top + np.log(0.9)],
     ]
-    theta = least_squares_log(residuals, starts, log_low=low, log_high=high)
+    theta = least_squares_log(
+        residuals, starts, log_low=low, log_high=high, huber_scale=huber_scale
+    )
     latency, pipeline, bandwidth = (float(x) for x in np.exp(theta))
     predicted = collective_predict(
         latency, 0.0, pipeline, np.full(rows.time_s.size, bandwidth), rows
@@ -264,39 +325,35 @@ def fit_collective_bucket(rows: CollectiveRows, *, max_bus_bytes_per_s: float) -
     )
 
 
-def fit_collective_ring(
-    rows: CollectiveRows,
-    *,
-    bandwidth_group: Sequence[int],
-    num_bandwidths: int,
-    max_bus_bytes_per_s: float,
-) -> FitResult:
-    """Fit one latency per ring step shared by every row and ``num_bandwidths`` bus
-    bandwidths (row ``i`` uses bandwidth ``bandwidth_group[i]``) to rows that span group
-    sizes: ``time = steps·latency_per_step_s + S/B``. Returns
-    (latency_per_step_s, B_0, B_1, ...)."""
-    index = np.asarray(bandwidth_group, dtype=int)
+def fit_collective_ring(rows: CollectiveRows, *, max_bus_bytes_per_s: float) -> FitResult:
+    """Fit a latency per ring step and a bus bandwidth to rows that span group sizes:
+    ``time = steps·latency_per_step_s + S/B`` (``model.collective_time_s`` with no fixed or
+    pipeline latency: rows of one message size cannot tell those apart). Returns
+    (latency_per_step_s, bus_bytes_per_s)."""
+
+    def predict(theta: FloatArray, table: CollectiveRows) -> FloatArray:
+        per_step, bandwidth = np.exp(theta)
+        return collective_predict(
+            0.0, float(per_step), 0.0, np.full(table.time_s.size, bandwidth), table
+        )
 
     def residuals(theta: FloatArray) -> FloatArray:
-        values = np.exp(theta)
-        predicted = collective_predict(0.0, float(values[0]), 0.0, values[1:][index], rows)
-        out: FloatArray = np.log(predicted) - np.log(rows.time_s)
+        out: FloatArray = np.log(predict(theta, rows)) - np.log(rows.time_s)
         return out
 
     top = np.log(max_bus_bytes_per_s)
-    low = [np.log(1e-8)] + [np.log(1e8)] * num_bandwidths
-    high = [np.log(1e-2)] + [top] * num_bandwidths
     starts = [
-        [np.log(1e-5)] + [top + np.log(0.5)] * num_bandwidths,
-        [np.log(1e-6)] + [top + np.log(0.2)] * num_bandwidths,
-        [np.log(1e-4)] + [top + np.log(0.9)] * num_bandwidths,
+        [np.log(1e-5), top + np.log(0.5)],
+        [np.log(1e-6), top + np.log(0.2)],
+        [np.log(1e-4), top + np.log(0.9)],
     ]
-    theta = least_squares_log(residuals, starts, log_low=low, log_high=high)
-    values = np.exp(theta)
-    predicted = collective_predict(0.0, float(values[0]), 0.0, values[1:][index], rows)
+    theta = least_squares_log(
+        residuals, starts, log_low=[np.log(1e-8), np.log(1e8)], log_high=[np.log(1e-2), top]
+    )
+    predicted = predict(theta, rows)
     log_error = np.log(predicted) - np.log(rows.time_s)
     return FitResult(
-        params=tuple(float(x) for x in values),
+        params=tuple(float(x) for x in np.exp(theta)),
         ratios=tuple(float(x) for x in rows.time_s / predicted),
         rms_log_error=float(np.sqrt(np.mean(log_error**2))),
     )

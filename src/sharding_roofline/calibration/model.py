@@ -302,9 +302,11 @@ class CollectiveFit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CollectiveInterval:
-    """The measured/predicted spread of every collective fit of one tier over messages in
-    ``[min_message_bytes, max_message_bytes)`` (0: unbounded above)."""
+    """The measured/predicted spread of the fits of one op on one tier (every group size
+    pooled) over messages in ``[min_message_bytes, max_message_bytes)`` (0: unbounded
+    above)."""
 
+    op: Collective
     tier: LinkKind
     min_message_bytes: int
     max_message_bytes: int
@@ -315,7 +317,7 @@ class CollectiveInterval:
             self.max_message_bytes and self.max_message_bytes <= self.min_message_bytes
         ):
             raise ConfigError(
-                f"collective interval on {self.tier.value}: [{self.min_message_bytes}, "
+                f"{self.op.value} interval on {self.tier.value}: [{self.min_message_bytes}, "
                 f"{self.max_message_bytes}) is not a range of message sizes"
             )
 
@@ -444,10 +446,15 @@ class Calibration:
                     f"group {cfit.group_size} {cfit.permute_pattern}".rstrip()
                 )
             buckets.add(bucket)
-        tiers = {c.tier for c in self.collectives}
-        for tier in tiers:
-            if not any(i.tier is tier for i in self.collective_intervals):
-                raise ConfigError(f"{where}: no collective interval for tier {tier.value!r}")
+        for op, tier in sorted(
+            {(c.op, c.tier) for c in self.collectives},
+            key=lambda item: (item[0].value, item[1].value),
+        ):
+            if not any(i.op is op and i.tier is tier for i in self.collective_intervals):
+                raise ConfigError(
+                    f"{where}: no interval for the {op.value} fits on {tier.value}; every "
+                    "fitted op and tier needs one"
+                )
 
     def matmul_fit(self, lhs_dtype: str, rhs_dtype: str | None = None) -> MatmulFit | None:
         """The fit for ``lhs_dtype x rhs_dtype`` (both ``lhs_dtype`` by default), or None."""
@@ -500,8 +507,11 @@ class Calibration:
             f"group of {group_size} extrapolated from the largest measured, {largest.group_size}"
         )
 
-    def collective_interval(self, tier: LinkKind, message_bytes: float) -> RatioInterval | None:
+    def collective_interval(
+        self, op: Collective, tier: LinkKind, message_bytes: float
+    ) -> RatioInterval | None:
+        """The interval of ``op``'s fits on ``tier`` for a message of ``message_bytes``."""
         for item in self.collective_intervals:
-            if item.tier is tier and item.covers(message_bytes):
+            if item.op is op and item.tier is tier and item.covers(message_bytes):
                 return item.interval
         return None
