@@ -878,6 +878,7 @@ def fit_cross_node(rows: list[PlaybookRow]) -> tuple[list[CollectiveFit], Interv
                 tier=LinkKind.INFINIBAND,
                 group_size=0,
                 fitted_group_sizes=sizes,
+                gpus_per_node=GPUS_PER_NODE,
                 latency_s=0.0,
                 latency_per_step_s=per_step,
                 pipeline_latency_s=0.0,

@@ -19,6 +19,7 @@ from .apply import calibrated_collective as calibrated_collective
 from .apply import calibrated_einsum as calibrated_einsum
 from .apply import calibrated_matmul as calibrated_matmul
 from .apply import gemm_dims as gemm_dims
+from .apply import gpus_per_node as gpus_per_node
 from .apply import group_tier as group_tier
 from .files import list_calibrations as list_calibrations
 from .files import load_calibration as load_calibration
@@ -50,6 +51,7 @@ __all__ = [
     "calibrated_matmul",
     "collective_time_s",
     "gemm_dims",
+    "gpus_per_node",
     "group_tier",
     "list_calibrations",
     "load_calibration",

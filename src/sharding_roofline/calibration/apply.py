@@ -236,6 +236,15 @@ def calibrated_einsum(
 # -- collectives -----------------------------------------------------------------------------
 
 
+def gpus_per_node(mesh: DeviceMesh, axes: tuple[str, ...] | list[str]) -> int:
+    """How many GPUs of each NVLink domain a group over ``axes`` holds (1 when it takes one
+    GPU per node)."""
+    for span in mesh.group(axes).spans:
+        if span.tier.link is LinkKind.NVLINK:
+            return span.num_children
+    return 1
+
+
 def group_tier(mesh: DeviceMesh, axes: tuple[str, ...] | list[str]) -> LinkKind | None:
     """The tier a collective over ``axes`` is calibrated on: ``INFINIBAND`` when the group
     spans NVLink domains, ``NVLINK`` inside one, None on a TPU (no GPU tiers)."""
@@ -292,15 +301,26 @@ def calibrated_collective(
             cost.bandwidth_s,
             f"no calibration for {hardware.name}'s links: roofline only",
         )
-    found = resolved.collective_fit(kind, size, tier, permute_pattern=permute_pattern)
+    per_node = gpus_per_node(mesh, cost.axes)
+    found = resolved.collective_fit(
+        kind, size, tier, gpus_per_node=per_node, permute_pattern=permute_pattern
+    )
     interval = resolved.collective_interval(kind, tier, message)
     if found is None or interval is None:
-        return _roofline_only(
-            what,
-            cost.time_s,
-            cost.bandwidth_s,
-            f"no {kind.value} calibration on {tier.value} for {hardware.name}: roofline only",
+        measured = sorted(
+            {c.gpus_per_node for c in resolved.collectives if c.op is kind and c.tier is tier}
         )
+        if tier is LinkKind.INFINIBAND and measured:
+            reason = (
+                f"no {kind.value} calibration on {tier.value} for {hardware.name} groups with "
+                f"{per_node} GPU{'s' if per_node > 1 else ''} per node (measured: "
+                f"{', '.join(map(str, measured))} per node): roofline only"
+            )
+        else:
+            reason = (
+                f"no {kind.value} calibration on {tier.value} for {hardware.name}: roofline only"
+            )
+        return _roofline_only(what, cost.time_s, cost.bandwidth_s, reason)
     fit, how = found
     point = collective_time_s(fit, message_bytes=message, group_size=size)
     low, high = _with_interval(point, cost.bandwidth_s, interval)

@@ -256,6 +256,8 @@ class CollectiveFit:
 
     ``group_size`` is the group the fit was measured on (0: any size; the per-step latency
     scales it); ``fitted_group_sizes`` lists the sizes of the rows fitted.
+    ``gpus_per_node`` (cross-node fits only, 0 otherwise) is how many GPUs of each node the
+    measured groups held: a group with fewer shares fewer NICs, which the fit did not see.
     ``permute_pattern`` names the pattern of a collective-permute fit (empty otherwise).
     """
 
@@ -263,6 +265,7 @@ class CollectiveFit:
     tier: LinkKind
     group_size: int
     fitted_group_sizes: tuple[int, ...]
+    gpus_per_node: int = 0
     permute_pattern: str = ""
     latency_s: float
     latency_per_step_s: float
@@ -283,6 +286,12 @@ class CollectiveFit:
             raise ConfigError(
                 f"{owner}: a fit for one group size must list exactly that size in "
                 f"fitted_group_sizes, got {list(self.fitted_group_sizes)}"
+            )
+        cross_node = self.tier is LinkKind.INFINIBAND
+        if cross_node != (self.gpus_per_node > 0) or self.gpus_per_node < 0:
+            raise ConfigError(
+                f"{owner}: gpus_per_node must be >= 1 for a cross-node (infiniband) fit and 0 "
+                f"for an NVLink one, got {self.gpus_per_node}"
             )
         is_permute = self.op is Collective.COLLECTIVE_PERMUTE
         if is_permute and self.permute_pattern not in PERMUTE_PATTERNS:
@@ -471,20 +480,26 @@ class Calibration:
         group_size: int,
         tier: LinkKind,
         *,
+        gpus_per_node: int = 0,
         permute_pattern: str = RING_PERMUTE,
     ) -> tuple[CollectiveFit, str] | None:
         """The fit for ``op`` over ``group_size`` GPUs on ``tier``, and a note on how it was
-        chosen; None when the calibration has none for that op and tier.
+        chosen; None when the calibration has none for that op and tier (on InfiniBand: for
+        groups holding ``gpus_per_node`` GPUs of each node).
 
         Choice: the fit measured on exactly that group size; else a fit for any size; else
         the smallest measured group larger than the request (a larger group is no faster);
         else the largest measured group (an extrapolation, said in the note).
         """
         pattern = permute_pattern if op is Collective.COLLECTIVE_PERMUTE else ""
+        per_node = gpus_per_node if tier is LinkKind.INFINIBAND else 0
         fits = [
             c
             for c in self.collectives
-            if c.op is op and c.tier is tier and c.permute_pattern == pattern
+            if c.op is op
+            and c.tier is tier
+            and c.permute_pattern == pattern
+            and c.gpus_per_node == per_node
         ]
         if not fits:
             return None
