@@ -23,6 +23,7 @@ from sharding_roofline.calibration import (
     CollectiveFit,
     MatmulFit,
     RatioInterval,
+    achieved_matmul_flops_per_s,
     calibrated_collective,
     calibrated_einsum,
     calibrated_matmul,
@@ -550,6 +551,9 @@ def test_describe_prints_the_roofline_beside() -> None:
     assert figure.calibrated_s is not None
     flops = 2 * 4096**3
     assert 0.7 * 9.89e14 < flops / figure.calibrated_s < 9.89e14  # the H100 GEMM data: ~800 T
+    rate = achieved_matmul_flops_per_s(load_preset("h100"), m=4096, n=4096, k=4096, dtype="bf16")
+    assert rate == pytest.approx(flops / figure.calibrated_s)
+    assert achieved_matmul_flops_per_s(load_preset("tpu-v5e"), m=8, n=8, k=8, dtype="bf16") is None
 
 
 def test_gemm_dims_of_an_einsum() -> None:

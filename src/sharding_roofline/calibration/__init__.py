@@ -6,7 +6,8 @@ the Ultra-Scale Playbook's bandwidth sweep) on a fixed calibration split, with e
 carrying its roofline, its interval and its source. Presets without calibration data (every
 TPU) say so and keep the roofline. Pure Python and numpy; no JAX. See docs/calibration.md.
 
-* ``calibrated_matmul`` / ``calibrated_einsum``: one chip's matmul.
+* ``calibrated_matmul`` / ``calibrated_einsum`` / ``achieved_matmul_flops_per_s``: one
+  chip's matmul.
 * ``calibrated_collective``: one collective over mesh axes (mirrors ``collective_cost``).
 * ``load_calibration``: a preset's fitted parameters (None: roofline only).
 * ``model``: the types and the two formulas; ``fit``: the least squares;
@@ -15,6 +16,7 @@ TPU) say so and keep the roofline. Pure Python and numpy; no JAX. See docs/calib
 
 from .apply import SHIPPED as SHIPPED
 from .apply import CalibratedTime as CalibratedTime
+from .apply import achieved_matmul_flops_per_s as achieved_matmul_flops_per_s
 from .apply import calibrated_collective as calibrated_collective
 from .apply import calibrated_einsum as calibrated_einsum
 from .apply import calibrated_matmul as calibrated_matmul
@@ -46,6 +48,7 @@ __all__ = [
     "MemoryOverheadFit",
     "OverlapFit",
     "RatioInterval",
+    "achieved_matmul_flops_per_s",
     "calibrated_collective",
     "calibrated_einsum",
     "calibrated_matmul",

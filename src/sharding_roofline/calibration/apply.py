@@ -220,6 +220,35 @@ def calibrated_matmul(
     )
 
 
+def achieved_matmul_flops_per_s(
+    hardware: HardwareSpec,
+    *,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str,
+    batch: int = 1,
+    rhs_dtype: str | None = None,
+    calibration: Calibration | _Shipped | None = SHIPPED,
+) -> float | None:
+    """Achieved FLOP/s of the matmul (``2·batch·m·n·k`` over ``calibrated_matmul``'s time),
+    or None where the preset has no calibration for ``dtype`` (the roofline's rate is then
+    the datasheet peak, or the HBM roof)."""
+    figure = calibrated_matmul(
+        hardware,
+        m=m,
+        n=n,
+        k=k,
+        dtype=dtype,
+        batch=batch,
+        rhs_dtype=rhs_dtype,
+        calibration=calibration,
+    )
+    if figure.calibrated_s is None:
+        return None
+    return 2.0 * batch * m * n * k / figure.calibrated_s
+
+
 def calibrated_einsum(
     hardware: HardwareSpec,
     einsum: Einsum,
