@@ -444,12 +444,14 @@ def run_matmul(
         print("\n== Matmul: held-out (odd-row) throughput error |pred - meas| / meas ==")
         print(
             f"{'GPU':6} {'dtype key':26} {'rows':>5} {'calibrated median':>18} {'p90':>8}"
-            f" {'roofline median':>16} {'p90':>8}  note"
+            f" {'roofline median':>16} {'p90':>8} {'in interval':>11}  note"
         )
         for case in cases:
             held = case.heldout_rows
             hardware = case.hardware
             roof = [rel_error(roofline_time_s(hardware, r), r.time_s) for r in held]
+            above_peak = sum(r.flops / r.time_s > peak_for(hardware, r) for r in held)
+            inside: list[bool] = []
             if case.key in UNSHIPPED_KEYS:
                 predicted = predictors[case.gpu, case.key](as_rows(held))
                 calibrated = [rel_error(p, r.time_s) for p, r in zip(predicted, held, strict=True)]
@@ -468,14 +470,19 @@ def run_matmul(
                         rhs_dtype=r.rhs,
                         calibration=calibration,
                     )
-                    if figure.calibrated_s is None:
+                    if figure.calibrated_s is None or figure.low_s is None or figure.high_s is None:
                         raise SystemExit(f"{case.key} on {case.gpu}: {figure.source}")
                     calibrated.append(rel_error(figure.calibrated_s, r.time_s))
+                    inside.append(figure.low_s <= r.time_s <= figure.high_s)
                 note = "shipped"
+            if above_peak:
+                note += f"; {above_peak} rows measure above the datasheet peak"
             cal, rf = error_stats(calibrated), error_stats(roof)
+            coverage = float(np.mean(inside)) if inside else float("nan")
             print(
                 f"{case.gpu:6} {case.key:26} {cal['rows']:5d} {pct(cal['median']):>18} "
-                f"{pct(cal['p90']):>8} {pct(rf['median']):>16} {pct(rf['p90']):>8}  {note}"
+                f"{pct(cal['p90']):>8} {pct(rf['median']):>16} {pct(rf['p90']):>8} "
+                f"{'-' if not inside else pct(coverage):>11}  {note}"
             )
             report[case.gpu][case.key] = {
                 "heldout_median_error": cal["median"],
@@ -483,6 +490,8 @@ def run_matmul(
                 "roofline_median_error": rf["median"],
                 "roofline_p90_error": rf["p90"],
                 "heldout_rows": cal["rows"],
+                "heldout_interval_coverage": coverage if inside else None,
+                "heldout_rows_above_peak": above_peak,
                 "shipped": case.key not in UNSHIPPED_KEYS,
                 "note": note,
             }
@@ -733,11 +742,11 @@ def evaluate_in_node(rows: list[CollectiveRow]) -> dict[str, Any]:
     )
     print(
         f"{'GPU':6} {'op':19} {'messages':9} {'rows':>5} {'calibrated median':>18} {'p90':>8}"
-        f" {'roofline median':>16} {'p90':>8}"
+        f" {'roofline median':>16} {'p90':>8} {'in interval':>11}"
     )
     meshes: dict[tuple[str, int, int], DeviceMesh] = {}
-    errors: dict[tuple[str, str, str], tuple[list[float], list[float]]] = defaultdict(
-        lambda: ([], [])
+    errors: dict[tuple[str, str, str], tuple[list[float], list[float], list[bool]]] = defaultdict(
+        lambda: ([], [], [])
     )
     for r in rows:
         if r.split is not sd.Split.HELDOUT:
@@ -755,12 +764,13 @@ def evaluate_in_node(rows: list[CollectiveRow]) -> dict[str, Any]:
             permute_pattern=r.pattern or "ring_i_to_i_plus_1",
             calibration=load_calibration(preset),
         )
-        if figure.calibrated_s is None:
+        if figure.calibrated_s is None or figure.low_s is None or figure.high_s is None:
             raise SystemExit(f"{r.gpu} {r.op.value} is not calibrated: {figure.source}")
         regime = ">=1MiB" if r.message_bytes >= LARGE_MESSAGE_BYTES else "<1MiB"
-        calibrated_errors, roofline_errors = errors[r.gpu, r.op.value, regime]
+        calibrated_errors, roofline_errors, inside = errors[r.gpu, r.op.value, regime]
         calibrated_errors.append(rel_error(figure.calibrated_s, r.time_s))
         roofline_errors.append(rel_error(figure.roofline_s, r.time_s))
+        inside.append(figure.low_s <= r.time_s <= figure.high_s)
     report: dict[str, Any] = {}
     for gpu in PRESETS:
         per_op: dict[str, Any] = {}
@@ -768,12 +778,13 @@ def evaluate_in_node(rows: list[CollectiveRow]) -> dict[str, Any]:
             for regime in (">=1MiB", "<1MiB"):
                 if (gpu, op.value, regime) not in errors:
                     continue
-                cal_e, roof_e = errors[gpu, op.value, regime]
+                cal_e, roof_e, inside = errors[gpu, op.value, regime]
                 cal, rf = error_stats(cal_e), error_stats(roof_e)
+                coverage = float(np.mean(inside))
                 print(
                     f"{gpu:6} {op.value:19} {regime:9} {cal['rows']:5d} "
                     f"{pct(cal['median']):>18} {pct(cal['p90']):>8} {pct(rf['median']):>16} "
-                    f"{pct(rf['p90']):>8}"
+                    f"{pct(rf['p90']):>8} {pct(coverage):>11}"
                 )
                 per_op.setdefault(op.value, {})[regime] = {
                     "heldout_median_error": cal["median"],
@@ -781,6 +792,7 @@ def evaluate_in_node(rows: list[CollectiveRow]) -> dict[str, Any]:
                     "roofline_median_error": rf["median"],
                     "roofline_p90_error": rf["p90"],
                     "heldout_rows": cal["rows"],
+                    "heldout_interval_coverage": coverage,
                 }
         report[gpu] = per_op
     return report
@@ -900,7 +912,7 @@ def evaluate_cross_node(rows: list[PlaybookRow]) -> dict[str, Any]:
     )
     print(
         f"{'op':15} {'nodes':>5} {'split':12} {'measured busbw':>14} {'calibrated':>11} "
-        f"{'error':>7} {'roofline':>9} {'error':>7}"
+        f"{'error':>7} {'roofline':>9} {'error':>7}  in interval"
     )
     hardware = load_preset("h100")
     calibration = load_calibration("h100")
@@ -924,8 +936,9 @@ def evaluate_cross_node(rows: list[PlaybookRow]) -> dict[str, Any]:
             dtype="int8",
             calibration=calibration,
         )
-        if figure.calibrated_s is None:
+        if figure.calibrated_s is None or figure.low_s is None or figure.high_s is None:
             raise SystemExit(f"{r.op.value} on {r.nodes} nodes is not calibrated: {figure.source}")
+        inside = figure.low_s <= r.time_s <= figure.high_s
         cal_err = rel_error(figure.calibrated_s, r.time_s)
         roof_err = rel_error(figure.roofline_s, r.time_s)
         from sharding_roofline.calibration.model import bus_bytes
@@ -935,7 +948,7 @@ def evaluate_cross_node(rows: list[PlaybookRow]) -> dict[str, Any]:
         print(
             f"{r.op.book_name:15} {r.nodes:5d} {split:12} {r.busbw_bytes_per_s / 1e9:9.1f} GB/s "
             f"{sent / figure.calibrated_s / 1e9:6.1f} GB/s {pct(cal_err)} "
-            f"{sent / figure.roofline_s / 1e9:4.0f} GB/s {pct(roof_err)}"
+            f"{sent / figure.roofline_s / 1e9:4.0f} GB/s {pct(roof_err)}  {'yes' if inside else 'no'}"
         )
         out_rows.append(
             {
@@ -948,6 +961,7 @@ def evaluate_cross_node(rows: list[PlaybookRow]) -> dict[str, Any]:
                 "roofline_bus_bytes_per_s": sent / figure.roofline_s,
                 "calibrated_error": cal_err,
                 "roofline_error": roof_err,
+                "in_interval": inside,
                 "tier": "nvlink" if r.nodes == 1 else "infiniband",
             }
         )
