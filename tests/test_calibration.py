@@ -163,7 +163,7 @@ def test_heldout_models_and_node_counts_are_never_calibration() -> None:
 
 def test_a_file_without_a_split_is_an_error() -> None:
     with pytest.raises(UnknownNameError, match=r"no split is defined for data file 'x\.csv'"):
-        sd.split_of("x.csv", sd.Row(0, {}))
+        sd.split_of("x.csv", sd.Row(index=0, cells={}))
 
 
 @needs_data
@@ -530,7 +530,7 @@ def test_missing_dtypes_and_gemms_say_so() -> None:
 
 
 def test_calibrated_time_refuses_to_beat_the_datasheet() -> None:
-    with pytest.raises(ValueError, match="beats the datasheet bound"):
+    with pytest.raises(ConfigError, match="beats the datasheet bound"):
         CalibratedTime(
             what="x",
             roofline_s=2.0,
@@ -561,6 +561,12 @@ def test_gemm_dims_of_an_einsum() -> None:
     assert gemm_dims(einsum) == (2, 300, 512, 128)
     attention = Einsum.create("bhqd,bhkd->bhqk", "b=2,h=4,q=64,k=32,d=16")
     assert gemm_dims(attention) == (8, 64, 32, 16)
+    lopsided = Einsum.create("ab,bc->c", "a=3,b=5,c=7")  # a is summed in the lhs alone
+    batch, m, n, k = gemm_dims(lopsided)
+    assert (batch, m, n, k) == (1, 1, 7, 15)
+    for example in (einsum, attention, lopsided):
+        batch, m, n, k = gemm_dims(example)
+        assert 2 * batch * m * n * k == example.flops
     via_einsum = calibrated_einsum(load_preset("h100"), einsum)
     direct = calibrated_matmul(load_preset("h100"), m=300, n=512, k=128, batch=2, dtype="bf16")
     assert via_einsum.calibrated_s == direct.calibrated_s

@@ -15,7 +15,7 @@ from typing import Final
 from ..collectives import Collective, collective_cost
 from ..dtypes import canonical_dtype, dtype_bytes
 from ..einsum import Einsum
-from ..errors import SpecError
+from ..errors import ConfigError, SpecError
 from ..hardware import HardwareSpec, LinkKind
 from ..mesh import DeviceMesh
 from ..units import format_seconds
@@ -67,20 +67,20 @@ class CalibratedTime:
     def __post_init__(self) -> None:
         given = [x is None for x in (self.calibrated_s, self.low_s, self.high_s)]
         if any(given) and not all(given):
-            raise ValueError(f"{self.what}: calibrated_s, low_s and high_s come together")
+            raise ConfigError(f"{self.what}: calibrated_s, low_s and high_s come together")
         if self.bound_s > self.roofline_s * (1 + 1e-9):
-            raise ValueError(f"{self.what}: bound_s {self.bound_s} exceeds roofline_s")
+            raise ConfigError(f"{self.what}: bound_s {self.bound_s} exceeds roofline_s")
         if self.calibrated_s is not None and self.low_s is not None and self.high_s is not None:
             tolerance = self.bound_s * 1e-9
             if self.calibrated_s < self.bound_s - tolerance:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.what}: calibrated {self.calibrated_s:.6g} s beats the datasheet bound "
                     f"{self.bound_s:.6g} s; the calibration ({self.source}) claims more than the "
                     "hardware's peak, so its file is wrong (an efficiency above 1 or a "
                     "bandwidth above the link's)"
                 )
             if not self.low_s - tolerance <= self.calibrated_s <= self.high_s + tolerance:
-                raise ValueError(f"{self.what}: the interval does not contain the figure")
+                raise ConfigError(f"{self.what}: the interval does not contain the figure")
 
     @property
     def is_calibrated(self) -> bool:
@@ -143,14 +143,19 @@ def _provenance(calibration: Calibration, detail: str) -> str:
 
 def gemm_dims(einsum: Einsum) -> tuple[int, int, int, int]:
     """``(batch, m, n, k)`` of a two-operand einsum seen as a batched GEMM: batch letters
-    (in both operands and the output), lhs-only free letters (m), rhs-only free letters (n)
-    and contracting letters (k), each group multiplied together."""
+    (in both operands and the output), lhs-only free letters (m), rhs-only free letters (n),
+    and every other letter (contracted, or summed within one operand) folded into k; each
+    group multiplied together, so ``2·batch·m·n·k == einsum.flops``."""
     spec = einsum.spec
-    batch = math.prod(einsum.size(c) for c in spec.batch)
-    contracting = math.prod(einsum.size(c) for c in spec.contracting)
-    m = math.prod(einsum.size(c) for c in spec.lhs if c in spec.out and c not in spec.rhs)
-    n = math.prod(einsum.size(c) for c in spec.rhs if c in spec.out and c not in spec.lhs)
-    return batch, m, n, contracting
+    batch_letters = set(spec.batch)
+    m_letters = {c for c in spec.lhs if c in spec.out and c not in spec.rhs}
+    n_letters = {c for c in spec.rhs if c in spec.out and c not in spec.lhs}
+    k_letters = set(spec.letters) - batch_letters - m_letters - n_letters
+    batch = math.prod(einsum.size(c) for c in sorted(batch_letters))
+    m = math.prod(einsum.size(c) for c in sorted(m_letters))
+    n = math.prod(einsum.size(c) for c in sorted(n_letters))
+    k = math.prod(einsum.size(c) for c in sorted(k_letters))
+    return batch, m, n, k
 
 
 def calibrated_matmul(

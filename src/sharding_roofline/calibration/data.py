@@ -69,7 +69,7 @@ class Split(enum.Enum):
     REFERENCE = "reference"  # not a measurement (model architectures)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Row:
     """One data row: its 0-based index in the file (header excluded) and its cells."""
 
@@ -99,7 +99,7 @@ def read_rows(data_dir: Path | str, name: str) -> list[Row]:
     path = Path(data_dir) / name
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            return [Row(i, cells) for i, cells in enumerate(csv.DictReader(handle))]
+            return [Row(index=i, cells=cells) for i, cells in enumerate(csv.DictReader(handle))]
     except FileNotFoundError:
         raise UnknownNameError(
             f"data file {str(path)!r} does not exist; point ${DATA_DIR_ENV} at the shared data "

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from ..collectives import Collective
 from ..dtypes import canonical_dtype, dtype_bytes
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, SpecError, UnknownNameError
 from ..hardware import LinkKind
 
 #: The message size that separates the "small" and "large" collective regimes (1 MiB).
@@ -220,7 +220,7 @@ def matmul_time_s(
     """
     for name, value in (("m", m), ("n", n), ("k", k), ("batch", batch)):
         if value < 1:
-            raise ValueError(f"matmul dimension {name} must be >= 1, got {value}")
+            raise SpecError(f"matmul dimension {name} must be >= 1, got {value}")
     m_tiled = _round_up(m, fit.tile_m)
     n_tiled = _round_up(n, fit.tile_n)
     k_tiled = _round_up(k, fit.tile_k)
@@ -278,7 +278,7 @@ class CollectiveFit:
         owner = f"collective {self.op.value} on {self.tier.value} (group {self.group_size})"
         if self.tier not in (LinkKind.NVLINK, LinkKind.INFINIBAND):
             raise ConfigError(f"{owner}: tier must be 'nvlink' or 'infiniband'")
-        if self.group_size < 0 or (self.group_size == 1):
+        if self.group_size < 0 or self.group_size == 1:
             raise ConfigError(f"{owner}: group_size must be 0 (any) or >= 2")
         if not self.fitted_group_sizes or min(self.fitted_group_sizes) < 2:
             raise ConfigError(f"{owner}: fitted_group_sizes must list sizes >= 2")
