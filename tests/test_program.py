@@ -141,7 +141,8 @@ def test_the_backward_of_an_einsum_is_two_einsums() -> None:
 def test_a_tensor_read_three_times_gets_its_gradients_summed() -> None:
     program = training(block())
     sums = [op for op in program.ops if op.name.startswith("sum_d_xn1")]
-    assert len(sums) == 2  # q, k and v projections: two adds
+    assert len(sums) == 2  # q, k
+    assert v projections: two adds
     assert all(op.phase is Phase.BACKWARD and op.fn == "add" for op in sums)
 
 
@@ -179,7 +180,7 @@ def test_bad_strategies_say_what_is_wrong(text: str, message: str) -> None:
 
 def test_a_strategy_on_axes_the_mesh_lacks_is_an_error() -> None:
     program = block()
-    with pytest.raises(SpecError, match="mesh axis 'z'.*has axes x, y"):
+    with pytest.raises(SpecError, match=r"mesh axis 'z'.*has axes x, y"):
         place(program, v5e(), "fsdp=z")
     with pytest.raises(SpecError, match="pins stage 'moe'"):
         place(program, v5e(), "fsdp=x,moe.f=y")
@@ -211,7 +212,8 @@ def test_megatron_all_reduces_once_per_pass_and_sp_gathers_and_scatters() -> Non
     moved = [(s.operand, s.kind.value) for s in sp.collectives if s.axes == ("y",)]
     activations = {kind for name, kind in moved if "scale" not in name}
     assert activations == {"all-gather", "reduce-scatter"}
-    assert len(moved) == 8 + 2  # AG and RS per sublayer and pass; the norm scales' gradients
+    assert len(moved) == 8 + 2  # AG and RS per sublayer
+    assert pass; the norm scales' gradients
     scales = {kind for name, kind in moved if "scale" in name}
     assert scales == {"all-reduce"}  # their tokens are split over y too
 
@@ -273,7 +275,8 @@ def test_an_overflowing_plan_names_what_overflows() -> None:
     ranking = compare(training(forward), mesh, ["dp=x+y", "fsdp=x+y"])
     assert [r.strategy for r in ranking.rejected] == ["dp=x+y"]
     reason = ranking.rejected[0].reason
-    assert "more than the" in reason and "largest: optimizer w_in" in reason
+    assert "more than the" in reason
+    assert "largest: optimizer w_in" in reason
     assert [p.name for p in ranking.strategies] == ["fsdp=x+y", "dp=x+y"]  # fitting first
     assert not ranking.strategies[1].fits
 
@@ -288,7 +291,8 @@ def test_a_strategy_without_collectives_has_no_critical_batch() -> None:
     program = build_layer(LayerSpec(kind=LayerKind.MLP, d=64, f=64, batch_tokens=64))
     plan = evaluate(program, v5e(), place(program, v5e(), "dp=x+y"))  # forward DP: no comm
     cross = critical_batch(plan)
-    assert cross.tokens is None and "needs no communication" in cross.note
+    assert cross.tokens is None
+    assert "needs no communication" in cross.note
     assert max_model_parallel(plan) is None
 
 
@@ -303,13 +307,14 @@ def searched() -> tuple[Program, DeviceMesh, object]:
 
 
 def test_the_search_is_never_worse_than_a_named_strategy(searched: tuple) -> None:
-    program, mesh, ranking = searched
+    _, _, ranking = searched
     best = ranking.best
     assert ranking.named
     for named in ranking.named:
         if named.fits:
             assert best.time_s <= named.time_s * (1 + 1e-12)
-    assert ranking.beats is not None and ranking.beats >= -1e-12
+    assert ranking.beats is not None
+    assert ranking.beats >= -1e-12
 
 
 def test_a_search_result_is_a_strategy_you_can_pass_back(searched: tuple) -> None:
@@ -348,7 +353,8 @@ def test_layer_json_follows_the_contract(capsys: pytest.CaptureFixture[str]) -> 
         "params", "grads", "optimizer", "activations", "transient", "peak"
     }  # fmt: skip
     assert isinstance(first["fits"], bool)
-    assert "critical_batch_tokens_per_chip" in first and "max_model_parallel" in first
+    assert "critical_batch_tokens_per_chip" in first
+    assert "max_model_parallel" in first
     assert first["ops"][0]["name"] == "gate"
     assert {"name", "time_s", "collectives"} <= set(first["ops"][0])
     times = [s["time_s"]["lower_bound"] for s in strategies if s["fits"]]
@@ -359,7 +365,8 @@ def test_layer_strategy_and_search(capsys: pytest.CaptureFixture[str]) -> None:
     one = _json(capsys, *LAYER, "--backward", "--strategy", "fsdp=x,tp=y")
     assert [s["name"] for s in one["strategies"]] == ["fsdp=x,tp=y"]
     found = _json(capsys, *LAYER, "--backward", "--search", "--top", "2")
-    assert found["mode"] == "search" and len(found["strategies"]) <= 2
+    assert found["mode"] == "search"
+    assert len(found["strategies"]) <= 2
     assert found["beats_best_named_by"] >= -1e-12
 
 
@@ -371,13 +378,14 @@ def test_layer_reads_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     mesh = ["--hardware", "tpu-v5e", "--topology", "2x4", "--mesh", "x=2,y=4"]
     data = _json(capsys, "layer", "--config", str(config), *mesh)
-    assert data["program"] == "mlp" and data["tokens"] == 65536
+    assert data["program"] == "mlp"
+    assert data["tokens"] == 65536
     config.write_text('layer = "mlp"\ndims = "d=8"\nbatch = 4\n', encoding="utf-8")
     assert main(["layer", "--config", str(config), *mesh]) == 1
     assert "unknown key 'batch'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="is not a file"):
-        from sharding_roofline.program.cli import load_layer_config  # noqa: PLC0415
+    from sharding_roofline.program.cli import load_layer_config  # noqa: PLC0415
 
+    with pytest.raises(ConfigError, match="is not a file"):
         load_layer_config(str(tmp_path))
 
 
@@ -394,6 +402,7 @@ def test_layer_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 def test_layer_text_shows_the_table_and_the_best(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*LAYER, "--backward", "--details"]) == 0
     text = capsys.readouterr().out
-    assert "crit. batch/chip" in text and "best: strategy" in text
+    assert "crit. batch/chip" in text
+    assert "best: strategy" in text
     assert "gate_grad_w_gate" in text  # --details lists the ops
     assert math.isfinite(1.0)
