@@ -141,8 +141,7 @@ def test_the_backward_of_an_einsum_is_two_einsums() -> None:
 def test_a_tensor_read_three_times_gets_its_gradients_summed() -> None:
     program = training(block())
     sums = [op for op in program.ops if op.name.startswith("sum_d_xn1")]
-    assert len(sums) == 2  # q, k
-    assert v projections: two adds
+    assert len(sums) == 2  # q, k and v projections: two adds
     assert all(op.phase is Phase.BACKWARD and op.fn == "add" for op in sums)
 
 
@@ -212,8 +211,7 @@ def test_megatron_all_reduces_once_per_pass_and_sp_gathers_and_scatters() -> Non
     moved = [(s.operand, s.kind.value) for s in sp.collectives if s.axes == ("y",)]
     activations = {kind for name, kind in moved if "scale" not in name}
     assert activations == {"all-gather", "reduce-scatter"}
-    assert len(moved) == 8 + 2  # AG and RS per sublayer
-    assert pass; the norm scales' gradients
+    assert len(moved) == 8 + 2  # AG and RS per sublayer and pass; the norm scales' gradients
     scales = {kind for name, kind in moved if "scale" in name}
     assert scales == {"all-reduce"}  # their tokens are split over y too
 
