@@ -1,5 +1,6 @@
-"""sharding_roofline: plan and cost sharded einsums across TPU and GPU meshes, after
-"How to Scale Your Model" (the scaling book), and check the plan against XLA.
+"""sharding_roofline: plan and cost sharded einsums and whole transformer layers across TPU
+and GPU meshes, after "How to Scale Your Model" (the scaling book), and check the plan
+against XLA.
 
 The analytical core imported here never imports JAX; ``sharding_roofline.xla`` (the
 validator) and ``sharding_roofline.plot`` (matplotlib) are imported on demand.
@@ -35,6 +36,30 @@ from .plans import Rejected as Rejected
 from .plans import Step as Step
 from .presets import list_presets as list_presets
 from .presets import load_preset as load_preset
+from .program.analysis import CriticalBatch as CriticalBatch
+from .program.analysis import critical_batch as critical_batch
+from .program.analysis import max_model_parallel as max_model_parallel
+from .program.autodiff import OptimizerSpec as OptimizerSpec
+from .program.autodiff import Remat as Remat
+from .program.autodiff import training as training
+from .program.evaluate import MemoryBreakdown as MemoryBreakdown
+from .program.evaluate import OpPlan as OpPlan
+from .program.evaluate import Placement as Placement
+from .program.evaluate import ProgramPlan as ProgramPlan
+from .program.evaluate import evaluate as evaluate
+from .program.graph import Op as Op
+from .program.graph import Program as Program
+from .program.graph import Tensor as Tensor
+from .program.layers import LayerKind as LayerKind
+from .program.layers import LayerSpec as LayerSpec
+from .program.layers import build_layer as build_layer
+from .program.layers import einsum_program as einsum_program
+from .program.search import ProgramRanking as ProgramRanking
+from .program.search import compare as compare
+from .program.search import search as search
+from .program.strategies import Strategy as Strategy
+from .program.strategies import named_strategies as named_strategies
+from .program.strategies import place as place
 from .sharding import ShardedOperation as ShardedOperation
 from .sharding import ShardingSpec as ShardingSpec
 from .topology import Topology as Topology
@@ -49,30 +74,54 @@ __all__ = [
     "CollectiveCost",
     "ConfigError",
     "Cost",
+    "CriticalBatch",
     "Crossover",
     "DeviceMesh",
     "Einsum",
     "EinsumSpec",
     "HardwareSpec",
+    "LayerKind",
+    "LayerSpec",
+    "MemoryBreakdown",
+    "Op",
+    "OpPlan",
+    "OptimizerSpec",
     "Overlap",
+    "Placement",
     "Plan",
     "PlanError",
     "Planner",
+    "Program",
+    "ProgramPlan",
+    "ProgramRanking",
     "Ranking",
     "Rejected",
+    "Remat",
     "ShardedOperation",
     "ShardingRooflineError",
     "ShardingSpec",
     "SpecError",
     "Step",
+    "Strategy",
+    "Tensor",
     "Topology",
     "TopologyError",
     "UnknownNameError",
     "ValidationError",
+    "build_layer",
     "collective_cost",
+    "compare",
+    "critical_batch",
     "crossover",
+    "einsum_program",
     "estimate",
+    "evaluate",
     "list_presets",
     "load_preset",
+    "max_model_parallel",
+    "named_strategies",
+    "place",
     "plan",
+    "search",
+    "training",
 ]
