@@ -94,7 +94,7 @@ def test_case3_reduces_with_allreduce_or_reduce_scatter(ring4: DeviceMesh) -> No
     scattered = estimate(mm, ring4, lhs="None,x", rhs="x,None", out="None,x")
     assert kinds(scattered) == [("out", "reduce-scatter", ("x",))]
     assert scattered.cost.comm_s == pytest.approx(c_bytes / V5P_W)
-    assert str(scattered.operation) == "A[I, J_x] · B[J_x, K] -> C[I, K] {U_x}"
+    assert str(scattered.operation) == "lhs[I, J_x] · rhs[J_x, K] -> out[I, K] {U_x}"
 
 
 def test_case4_gathers_one_input(ring4: DeviceMesh) -> None:

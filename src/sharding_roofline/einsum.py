@@ -112,8 +112,22 @@ class Einsum:
     dims: tuple[tuple[str, int], ...]
     dtype: str = "bfloat16"
     accum_dtype: str = ""
+    #: what the operands and the result are called in printed layouts (``lhs[B_x, D]``):
+    #: their roles by default, or the user's tensor names (``x``, ``w``, ``y``)
+    names: tuple[str, str, str] = ("lhs", "rhs", "out")
 
     def __post_init__(self) -> None:
+        names = tuple(self.names)
+        if (
+            len(names) != 3
+            or len(set(names)) != 3
+            or not all(isinstance(n, str) and n.isidentifier() and n.isascii() for n in names)
+        ):
+            raise SpecError(
+                f"einsum operand names {list(names)!r} must be three different identifiers, "
+                "e.g. --names x,w,y (the left operand, the right operand, the result)"
+            )
+        object.__setattr__(self, "names", names)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         object.__setattr__(self, "accum_dtype", canonical_dtype(self.accum_dtype or self.dtype))
         given = [name for name, _ in self.dims]
@@ -144,10 +158,30 @@ class Einsum:
         dims: Mapping[str, int] | str,
         dtype: str = "bfloat16",
         accum_dtype: str | None = None,
+        names: tuple[str, str, str] | str | None = None,
     ) -> Einsum:
+        """``Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768", names="x,w,y")``."""
         spec = equation if isinstance(equation, EinsumSpec) else EinsumSpec.parse(equation)
         sizes = parse_dims(dims) if isinstance(dims, str) else dict(dims)
-        return cls(spec=spec, dims=tuple(sizes.items()), dtype=dtype, accum_dtype=accum_dtype or "")
+        if isinstance(names, str):
+            parts = tuple(n.strip() for n in names.split(","))
+            if len(parts) != 3:
+                raise SpecError(
+                    f"--names {names!r} must name the left operand, the right operand and the "
+                    "result, e.g. x,w,y"
+                )
+            names = (parts[0], parts[1], parts[2])
+        return cls(
+            spec=spec,
+            dims=tuple(sizes.items()),
+            dtype=dtype,
+            accum_dtype=accum_dtype or "",
+            names=names or ("lhs", "rhs", "out"),
+        )
+
+    def name(self, role: str) -> str:
+        """The printed name of ``"lhs"``, ``"rhs"`` or ``"out"``."""
+        return self.names[("lhs", "rhs", "out").index(role)]
 
     @property
     def dims_text(self) -> str:
@@ -170,6 +204,7 @@ class Einsum:
             dims=tuple((c, size if c == letter else s) for c, s in self.dims),
             dtype=self.dtype,
             accum_dtype=self.accum_dtype,
+            names=self.names,
         )
 
     @property

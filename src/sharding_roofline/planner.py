@@ -49,7 +49,7 @@ from .einsum import Einsum
 from .errors import PlanError, SpecError
 from .estimate import CommTerm, Cost, Overlap, local_cost
 from .mesh import DeviceMesh
-from .plans import NAMES, ROLES, Plan, Ranking, Rejected, Step
+from .plans import ROLES, Plan, Ranking, Rejected, Step
 from .reshard import Dims, RawStep, reshard_path
 from .sharding import ShardedOperation, ShardingSpec
 from .units import format_bytes
@@ -250,7 +250,10 @@ class Planner:
                     "entry per dimension (None for a replicated one)"
                 )
             sharding.check(
-                shape=einsum.shape(role), axis_size=axis_size, what=NAMES[role], letters=letters
+                shape=einsum.shape(role),
+                axis_size=axis_size,
+                what=einsum.name(role),
+                letters=letters,
             )
             fixed[role] = sharding.dims
         self.fixed = fixed
@@ -379,6 +382,7 @@ class Planner:
                 lhs_letters=spec.lhs,
                 rhs_letters=spec.rhs,
                 out_letters=spec.out,
+                names=self.einsum.names,
             )
         )
 
@@ -415,8 +419,9 @@ class Planner:
         lhs = ShardingSpec(self.fixed.get("lhs", _sigma_dims(sigma, spec.lhs)))
         rhs = ShardingSpec(self.fixed.get("rhs", _sigma_dims(sigma, spec.rhs)))
         return (
-            f"{lhs.notation('A', spec.lhs)} · {rhs.notation('B', spec.rhs)} -> "
-            f"{ShardingSpec(item.out).notation('C', spec.out)}"
+            f"{lhs.notation(self.einsum.names[0], spec.lhs)} · "
+            f"{rhs.notation(self.einsum.names[1], spec.rhs)} -> "
+            f"{ShardingSpec(item.out).notation(self.einsum.names[2], spec.out)}"
         )
 
     # -- public entry points ---------------------------------------------------------------
@@ -532,6 +537,7 @@ class Planner:
             rhs_letters=spec.rhs,
             out_letters=spec.out,
             unreduced=unreduced,
+            names=self.einsum.names,
         )
         return Plan(
             einsum=self.einsum,
@@ -571,6 +577,7 @@ class Planner:
                     unreduced_before=u_before,
                     unreduced_after=u_after,
                     cost=cost,
+                    name=self.einsum.name(role),
                 )
             )
         return out

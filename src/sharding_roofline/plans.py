@@ -14,7 +14,6 @@ from .mesh import DeviceMesh
 from .sharding import ShardedOperation, ShardingSpec, subscript, unreduced_suffix
 
 ROLES = ("lhs", "rhs", "out")
-NAMES = {"lhs": "A", "rhs": "B", "out": "C"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,10 +29,15 @@ class Step:
     unreduced_before: tuple[str, ...] = ()
     unreduced_after: tuple[str, ...] = ()
     cost: CollectiveCost | None = None
+    name: str = ""  # the printed name of the array (default: ``operand``)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.operand
 
     def notation(self, letters: str) -> str:
-        """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation)."""
-        name = NAMES.get(self.operand, self.operand)
+        """``AllGather_y rhs[D_y, F] -> rhs[D, F]`` (the book's notation)."""
+        name = self.label
         label = self.kind.book_name if self.kind else "DynamicSlice"
         before = self.before.notation(name, letters) + unreduced_suffix(self.unreduced_before)
         after = self.after.notation(name, letters) + unreduced_suffix(self.unreduced_after)
@@ -61,11 +65,13 @@ class Plan:
 
     @property
     def strategy(self) -> str:
-        """The stored operands and produced output: ``A[B_x, D] · B[D, F_y] -> C[B_x, F_y]``."""
+        """The stored operands and produced output, by name:
+        ``lhs[B_x, D] · rhs[D, F_y] -> out[B_x, F_y]``."""
         spec = self.einsum.spec
+        lhs, rhs, out = self.einsum.names
         return (
-            f"{self.lhs.notation('A', spec.lhs)} · {self.rhs.notation('B', spec.rhs)} -> "
-            f"{self.out.notation('C', spec.out)}"
+            f"{self.lhs.notation(lhs, spec.lhs)} · {self.rhs.notation(rhs, spec.rhs)} -> "
+            f"{self.out.notation(out, spec.out)}"
         )
 
     def describe(self) -> str:

@@ -309,19 +309,17 @@ _SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-t
 
 
 def collectives_summary(plan: Plan) -> str:
-    """``AG_x(A) RS_y(C)``: each collective, its axes and the array it moves."""
+    """``AG_x(lhs) RS_y(out)``: each collective, its axes and the array it moves."""
     return collectives_summary_steps(plan.collectives)
 
 
 def collectives_summary_steps(steps: Iterable[Step]) -> str:
     """``AG_x(w_in) RS_y(h)``: each collective, its axes and the tensor it moves."""
-    names = {"lhs": "A", "rhs": "B", "out": "C"}
     parts = []
     for step in steps:
         if step.cost is not None:
             short = _SHORT.get(step.cost.kind.value, "CP")
-            name = names.get(step.operand, step.operand)
-            parts.append(f"{short}_{'+'.join(step.cost.axes)}({name})")
+            parts.append(f"{short}_{'+'.join(step.cost.axes)}({step.label})")
     return " ".join(parts) or "none"
 
 

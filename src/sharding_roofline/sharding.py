@@ -246,7 +246,7 @@ class ShardedOperation:
     rhs_letters: str
     out_letters: str
     unreduced: tuple[str, ...] = ()
-    names: tuple[str, str, str] = ("A", "B", "C")
+    names: tuple[str, str, str] = ("lhs", "rhs", "out")
 
     def __str__(self) -> str:
         text = (

@@ -22,8 +22,6 @@ from ._figure import (
     strategy_labels,
 )
 
-_ARRAY = {"lhs": "A", "rhs": "B", "out": "C"}
-
 
 def _time_unit(seconds: float) -> tuple[float, str]:
     for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
@@ -54,7 +52,7 @@ def breakdown(plans: Plans, ax: Axes | None = None, *, overlap: Overlap = Overla
                 key = f"{step.cost.kind.book_name} over {'+'.join(step.cost.axes)}"
                 color = COMM_COLORS[len(comm_colors) % len(COMM_COLORS)]
                 color = comm_colors.setdefault(key, color)
-                name = f"{key} ({_ARRAY[step.operand]})"  # one bar segment per array moved
+                name = f"{key} ({step.label})"  # one bar segment per array moved
                 segments.append((name, step.cost.time_s, color, Bottleneck.COMM))
         left = 0.0
         for name, seconds, color, term in segments:
