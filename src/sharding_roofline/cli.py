@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .collectives import Collective, collective_cost, parse_collective
@@ -79,12 +79,30 @@ def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> No
         "--crossover-dim", help="letter whose crossover size to report (default: the batch)"
     )
     parser.add_argument(
+        "--at-op",
+        metavar="LETTER=AXES,...",
+        help="pin letters' layouts at the op (the strategy itself), e.g. b=x,d=None,f=y",
+    )
+    parser.add_argument(
+        "--no-idle-axes",
+        action="store_true",
+        help="do not widen gathers over idle replicated axes (the book's one-axis comparisons)",
+    )
+    parser.add_argument(
+        "--axes", metavar="A,B", help="the only mesh axes collectives may run over, e.g. x"
+    )
+    parser.add_argument(
+        "--names",
+        metavar="LHS,RHS,OUT",
+        help="what to call the operands and the result in printed layouts (default lhs,rhs,out)",
+    )
+    parser.add_argument(
         "--plot", metavar="FILE.png", help="also draw the strategy breakdown to this file"
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sharding-roofline",
         description="Plan and cost sharded einsums on TPU and GPU meshes (after the scaling book).",
     )
@@ -137,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(val, required_specs=True)
     add_validate_arguments(val)
 
+    cross = sub.add_parser(
+        "crossover",
+        help="when one strategy turns compute-bound: against HBM, communication, an axis size",
+        description="For the best strategy with the given layouts (any left free, as plan): "
+        "the size of a letter at which one chip's matmul turns compute-bound (HBM vs "
+        "compute), the size at which communication equals compute, and the largest size "
+        "of each mesh axis (a TP degree) before its collectives dominate.",
+    )
+    _einsum_args(cross, required_specs=False)
+    cross.add_argument("--dim", help="the letter to scale (default: the batch, or --crossover-dim)")
     add_layer_parser(sub, _mesh_args)
 
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
@@ -145,13 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are raised, so that ``--json`` can print them as JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        if wants_json:
+            print(json.dumps({"error": str(exc), "fix": f"see {exc.parser.prog} --help"}))
+        else:
+            exc.parser.print_usage(sys.stderr)
+            print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return _dispatch(args)
     except ShardingRooflineError as exc:
-        print(f"sharding-roofline: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc), "fix": exc.fix}))
+        else:
+            print(f"sharding-roofline: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # pragma: no cover - e.g. piped into head
         return 0
@@ -164,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _collective(args)
     if args.command in ("estimate", "plan", "validate"):
         return _plan(args)
+    if args.command == "crossover":
+        return _crossover(args)
     if args.command == "layer":
         from .program.cli import run_layer  # noqa: PLC0415
 
@@ -295,7 +351,75 @@ def _collective_after(
 
 
 def make_einsum(args: argparse.Namespace) -> Einsum:
-    return Einsum.create(args.einsum, args.dims, dtype=args.dtype, accum_dtype=args.accum_dtype)
+    return Einsum.create(
+        args.einsum,
+        args.dims,
+        dtype=args.dtype,
+        accum_dtype=args.accum_dtype,
+        names=getattr(args, "names", None),
+    )
+
+
+def _choices(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy pins and limits that ``estimate``, ``plan`` and ``validate`` share."""
+    return {
+        "at_op": args.at_op,
+        "idle_axes": not args.no_idle_axes,
+        "axes": args.axes,
+    }
+
+
+def _crossover(args: argparse.Namespace) -> int:
+    from .crossover import axis_limit, crossover, hbm_crossover  # noqa: PLC0415
+
+    mesh = make_mesh(args)
+    einsum = make_einsum(args)
+    letter = (args.dim or args.crossover_dim or "").lower() or None
+    if letter is not None:
+        einsum.size(letter)
+    planner = Planner(
+        einsum,
+        mesh,
+        lhs=args.lhs,
+        rhs=args.rhs,
+        out=args.out,
+        overlap=Overlap(args.overlap),
+        check_memory=False,
+        **_choices(args),
+    )
+    best = planner.search(top=1).best
+    hbm = hbm_crossover(best, letter)
+    comm = crossover(best, letter)
+    axes = {axis: axis_limit(best, axis) for axis in mesh.axis_names if mesh.axis_size(axis) > 1}
+    data = {
+        "einsum": einsum.spec.equation,
+        "dims": dict(einsum.dims),
+        **mesh_dict(mesh),
+        "strategy": best.strategy,
+        "at_op": str(best.operation),
+        "hbm": hbm.as_dict(),
+        "comm": comm.as_dict(),
+        "axis_limits": axes,
+    }
+    lines = [
+        f"{einsum} on {mesh}",
+        best.describe(),
+        "",
+        f"HBM vs compute: {hbm.note}",
+        f"communication vs compute: {comm.note}",
+    ]
+    for axis, limit in axes.items():
+        if limit is None:
+            lines.append(f"axis {axis}: no collective runs over it (or it splits no letter)")
+        else:
+            now = mesh.axis_size(axis)
+            state = "compute-bound" if now < limit else "communication-bound"
+            lines.append(
+                f"axis {axis} (size {now}): its collectives take as long as the matmul at a size "
+                f"of {limit:.4g}; at {now} they are {state}"
+            )
+    _emit(args, data, "\n".join(lines))
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -314,6 +438,7 @@ def _plan(args: argparse.Namespace) -> int:
             out=args.out,
             overlap=overlap,
             check_memory=False,
+            **_choices(args),
         )
         ranking = planner.estimate(alternatives=4)
         best = ranking.best
@@ -342,6 +467,7 @@ def _plan(args: argparse.Namespace) -> int:
             out=args.out,
             overlap=overlap,
             check_memory=not args.no_memory_check,
+            **_choices(args),
         )
         ranking = planner.search(top=max(1, args.top), explain=args.explain)
         plans = list(ranking.strategies)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -86,6 +86,7 @@ class _Context:
     mesh: DeviceMesh
     overlap: Overlap
     fixed: dict[str, Dims]
+    idle_axes: bool = True
     axis_size: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     letters: dict[str, str] = field(default_factory=dict)
@@ -160,7 +161,7 @@ class _Context:
             self._paths[key] = _EMPTY
             return _EMPTY
         plain = self._cost_path(role, reshard_path(src, dst, unreduced, self.mesh_order))
-        if not any(step[0] is Collective.ALL_GATHER for step in plain.steps):
+        if not self.idle_axes or not any(step[0] is Collective.ALL_GATHER for step in plain.steps):
             self._paths[key] = plain  # idle axes only ever join an all-gather
             return plain
         # Only divisibility by products of axis sizes matters to the path, so key the cache by
@@ -210,6 +211,76 @@ class _Candidate(NamedTuple):
     memory_bytes: int
 
 
+def _outside(allowed: tuple[str, ...], *paths: _Path) -> tuple[str, ...]:
+    """The axes of the paths' collectives that ``allowed`` does not list."""
+    bad: dict[str, None] = {}
+    for path in paths:
+        for kind, axes, *_ in path.steps:
+            if kind is not None:
+                for axis in axes:
+                    if axis not in allowed:
+                        bad.setdefault(axis)
+    return tuple(bad)
+
+
+def _allowed_axes(axes: Iterable[str] | str, mesh: DeviceMesh) -> tuple[str, ...]:
+    names = [a.strip() for a in (axes.split(",") if isinstance(axes, str) else axes)]
+    names = [a for a in names if a and a != "None"]
+    return mesh.ordered(names)
+
+
+def parse_at_op(
+    at_op: Mapping[str, Any] | str | None, einsum: Einsum, mesh: DeviceMesh
+) -> dict[str, tuple[str, ...]]:
+    """``"b=x,d=None,f=y+z"`` (or a mapping) -> ``{"b": ("x",), "d": (), "f": ("y", "z")}``,
+    checked against the einsum's letters, the mesh's axes and divisibility."""
+    if at_op is None:
+        return {}
+    items: list[tuple[str, str]] = []
+    if isinstance(at_op, str):
+        for part in at_op.split(","):
+            letter, eq, value = part.partition("=")
+            if not eq:
+                raise SpecError(
+                    f"--at-op {at_op!r}: {part.strip()!r} is not LETTER=AXES; write e.g. "
+                    "b=x,d=None,f=y (None: not split at the op)"
+                )
+            items.append((letter.strip().lower(), value.strip()))
+    else:
+        for letter, value in at_op.items():
+            text = value if isinstance(value, str) else "+".join(value)
+            items.append((letter, text))
+    letters = einsum.spec.letters
+    pins: dict[str, tuple[str, ...]] = {}
+    used: dict[str, str] = {}
+    for letter, value in items:
+        if letter not in letters:
+            raise SpecError(
+                f"--at-op: {letter!r} is not a letter of {einsum.spec.equation!r} (letters: "
+                f"{', '.join(letters)})"
+            )
+        if letter in pins:
+            raise SpecError(f"--at-op: letter {letter!r} is given twice")
+        group = tuple(a.strip() for a in value.replace("(", "").replace(")", "").split("+"))
+        group = tuple(a for a in group if a and a not in ("None", "none", "-"))
+        for axis in group:
+            mesh.axis_size(axis)  # a clear error for an unknown axis
+            if axis in used:
+                raise SpecError(
+                    f"--at-op: mesh axis {axis!r} splits both {used[axis]!r} and {letter!r}; a "
+                    "mesh axis splits at most one letter at the op"
+                )
+            used[axis] = letter
+        pieces = math.prod(mesh.axis_size(a) for a in group)
+        if einsum.size(letter) % pieces:
+            raise SpecError(
+                f"--at-op: {letter.upper()} (size {einsum.size(letter)}) does not divide over "
+                f"{'+'.join(group)} ({pieces} pieces); pad it or split it over fewer axes"
+            )
+        pins[letter] = group
+    return pins
+
+
 def _sigma_dims(sigma: Mapping[str, tuple[str, ...]], letters: str) -> Dims:
     return tuple(sigma[c] for c in letters)
 
@@ -227,11 +298,20 @@ class Planner:
         out: Any = None,
         overlap: Overlap = Overlap.FULL,
         check_memory: bool = True,
+        at_op: Mapping[str, Any] | str | None = None,
+        idle_axes: bool = True,
+        axes: Iterable[str] | str | None = None,
     ) -> None:
+        """``at_op`` pins letters' layouts at the op (``"b=x,d=None,f=y"``: the strategy
+        σ itself, for the book's textbook comparisons); ``idle_axes=False`` forbids widening
+        gathers over idle replicated axes; ``axes`` lists the only mesh axes collectives may
+        run over (``"x"``: everything else is rejected, with the reason)."""
         self.einsum = einsum
         self.mesh = mesh
         self.overlap = overlap
         self.check_memory = check_memory
+        self.pins = parse_at_op(at_op, einsum, mesh)
+        self.allowed = None if axes is None else _allowed_axes(axes, mesh)
         spec = einsum.spec
         axis_size = {axis.name: axis.size for axis in mesh.axes}
         fixed: dict[str, Dims] = {}
@@ -257,7 +337,9 @@ class Planner:
             )
             fixed[role] = sharding.dims
         self.fixed = fixed
-        self.ctx = _Context(einsum=einsum, mesh=mesh, overlap=overlap, fixed=fixed)
+        self.ctx = _Context(
+            einsum=einsum, mesh=mesh, overlap=overlap, fixed=fixed, idle_axes=idle_axes
+        )
         self.letters = spec.letters
         self.summed = set(spec.summed)
 
@@ -266,7 +348,8 @@ class Planner:
     def assignments(self) -> Iterator[dict[str, tuple[str, ...]]]:
         """Every σ: each mesh axis of size > 1 to one letter or to none. Within a letter,
         axes go in mesh order, unless a fixed layout splits that letter over exactly the same
-        axes in another order (then that order, so no resharding is needed)."""
+        axes in another order (then that order, so no resharding is needed). Pinned letters
+        (``at_op``) keep their axes, which no other letter takes."""
         axes = [axis.name for axis in self.mesh.axes if axis.size > 1]
         choices: tuple[str | None, ...] = (*self.letters, None)
         preferred: dict[str, dict[frozenset[str], tuple[str, ...]]] = {}
@@ -274,11 +357,18 @@ class Planner:
             for letter, group in zip(self.einsum.spec.operand(role), dims, strict=True):
                 if group:
                     preferred.setdefault(letter, {}).setdefault(frozenset(group), group)
-        for targets in itertools.product(choices, repeat=len(axes)):
+        pinned_axes = {a for group in self.pins.values() for a in group}
+        free = [a for a in axes if a not in pinned_axes]
+        free_choices = tuple(c for c in choices if c not in self.pins)
+        for free_targets in itertools.product(free_choices, repeat=len(free)):
+            chosen = dict(zip(free, free_targets, strict=True))
             sigma: dict[str, list[str]] = {letter: [] for letter in self.letters}
-            for axis, target in zip(axes, targets, strict=True):
+            for axis in axes:
+                target = chosen.get(axis)
                 if target is not None:
                     sigma[target].append(axis)
+            for letter, group in self.pins.items():
+                sigma[letter] = list(group)
             if not preferred:
                 yield {letter: tuple(group) for letter, group in sigma.items()}
                 continue
@@ -356,6 +446,17 @@ class Planner:
                 else ctx.path("out", local, target, unreduced)
             )
             comm_s = pre_l.time_s + pre_r.time_s + post.time_s
+            if self.allowed is not None:
+                outside = _outside(self.allowed, pre_l, pre_r, post)
+                if outside:
+                    yield Rejected(
+                        strategy=self._sigma_text(sigma),
+                        reason=(
+                            f"needs a collective over {'+'.join(outside)}, and --axes allows "
+                            f"only {'+'.join(self.allowed) or 'none'}"
+                        ),
+                    )
+                    continue
             if math.isinf(comm_s):
                 yield Rejected(
                     strategy=self._sigma_text(sigma),
@@ -597,11 +698,25 @@ def plan(
     overlap: Overlap = Overlap.FULL,
     explain: bool = False,
     check_memory: bool = True,
+    at_op: Mapping[str, Any] | str | None = None,
+    idle_axes: bool = True,
+    axes: Iterable[str] | str | None = None,
 ) -> Ranking:
     """Rank every strategy for ``einsum`` on ``mesh``; fix any of ``lhs``/``rhs``/``out``
-    (PartitionSpec strings like ``"x,None"`` or ``jax.sharding.PartitionSpec`` objects)."""
+    (PartitionSpec strings like ``"x,None"`` or ``jax.sharding.PartitionSpec`` objects),
+    pin letters at the op (``at_op="b=x,f=y"``), forbid the idle-axes widening or limit the
+    collectives to some ``axes``."""
     planner = Planner(
-        einsum, mesh, lhs=lhs, rhs=rhs, out=out, overlap=overlap, check_memory=check_memory
+        einsum,
+        mesh,
+        lhs=lhs,
+        rhs=rhs,
+        out=out,
+        overlap=overlap,
+        check_memory=check_memory,
+        at_op=at_op,
+        idle_axes=idle_axes,
+        axes=axes,
     )
     return planner.search(top=top, explain=explain)
 
@@ -615,9 +730,22 @@ def estimate(
     out: Any,
     overlap: Overlap = Overlap.FULL,
     check_memory: bool = False,
+    at_op: Mapping[str, Any] | str | None = None,
+    idle_axes: bool = True,
+    axes: Iterable[str] | str | None = None,
 ) -> Plan:
-    """The best plan for fixed stored operands and output (the alternatives: ``plan``)."""
+    """The best plan for fixed stored operands and output (the alternatives: ``plan``);
+    with every letter pinned by ``at_op``, exactly that strategy."""
     planner = Planner(
-        einsum, mesh, lhs=lhs, rhs=rhs, out=out, overlap=overlap, check_memory=check_memory
+        einsum,
+        mesh,
+        lhs=lhs,
+        rhs=rhs,
+        out=out,
+        overlap=overlap,
+        check_memory=check_memory,
+        at_op=at_op,
+        idle_axes=idle_axes,
+        axes=axes,
     )
     return planner.estimate().best

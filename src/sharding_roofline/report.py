@@ -323,6 +323,14 @@ def collectives_summary_steps(steps: Iterable[Step]) -> str:
     return " ".join(parts) or "none"
 
 
+def crossover_text(cross: Crossover) -> str:
+    """``B=13,130`` (a whole number of elements, or 4 digits below 100); ``none``."""
+    if cross.size is None:
+        return "none"
+    size = f"{cross.size:,.0f}" if cross.size >= 100 else f"{cross.size:.4g}"
+    return f"{cross.dimension.upper()}={size}"
+
+
 def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str:
     lines = [
         f"{ranking.einsum} on {ranking.mesh}",
@@ -338,15 +346,19 @@ def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str
             [
                 str(rank),
                 plan.strategy,
+                str(plan.operation),
                 collectives_summary(plan),
                 format_seconds(cost.time_s(ranking.overlap)),
                 format_seconds(cost.compute_s),
                 format_seconds(cost.comm_s),
                 cost.describe_bottleneck(),
-                "-" if cross.size is None else f"{cross.dimension.upper()}={cross.size:.4g}",
+                crossover_text(cross),
             ]
         )
-    header = ["#", "strategy", "collectives", "time", "compute", "comm", "bottleneck", "crossover"]
+    header = [
+        "#", "strategy", "at the op", "collectives", "time", "compute", "comm", "bottleneck",
+        "crossover",
+    ]  # fmt: skip
     lines.append(table(rows, header))
     lines.append("")
     lines.append("best strategy:")
