@@ -6,7 +6,6 @@ prints these without a traceback and exits 1; anything else escaping is a bug.
 
 from __future__ import annotations
 
-
 import re
 
 #: Words a message's fix starts with ("...; pad D to a multiple of 4").
