@@ -288,7 +288,8 @@ def _collective(args: argparse.Namespace) -> int:
         "spec": spec.text(),
         "spec_after": after.text(),
     }
-    _emit(args, data, f"{mesh}\n" + format_collective(cost, notation))
+    links = "; ".join(mesh.describe_axis(axis) for axis in ordered)
+    _emit(args, data, f"{mesh}\n" + format_collective(cost, notation, links))
     return 0
 
 

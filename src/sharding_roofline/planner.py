@@ -177,6 +177,8 @@ class _Context:
         return best
 
     def _cost_path(self, role: str, steps: tuple[RawStep, ...]) -> _Path:
+        # a step over axes of size 1 moves nothing (and must not count as a resharded copy)
+        steps = tuple(step for step in steps if self.pieces(step[1]) > 1)
         time_s = 0.0
         sent = 0.0
         busy: dict[int, float] = {}

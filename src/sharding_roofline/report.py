@@ -15,7 +15,7 @@ from .estimate import Overlap
 from .hardware import HardwareSpec
 from .mesh import DeviceMesh
 from .plans import Plan, Ranking, Step
-from .units import format_bytes, format_count, format_rate, format_seconds
+from .units import format_bytes, format_count, format_flops, format_rate, format_seconds
 
 # -- dicts (JSON) -----------------------------------------------------------------------------
 
@@ -236,7 +236,8 @@ def _looks_numeric(text: str) -> bool:
     return bool(text) and (text[0].isdigit() or text[0] in "-.") and text not in ("-",)
 
 
-def format_collective(cost: CollectiveCost, notation: str = "") -> str:
+def format_collective(cost: CollectiveCost, notation: str = "", links: str = "") -> str:
+    """A collective for people; ``links`` says what its axes are (``y=4: ici line of 4``)."""
     lines = []
     if notation:
         lines.append(notation)
@@ -244,6 +245,8 @@ def format_collective(cost: CollectiveCost, notation: str = "") -> str:
         f"{cost.kind.value} over {'+'.join(cost.axes) or '(no axes)'} (group of {cost.group_size}, "
         f"{cost.link or 'no link'}): {format_seconds(cost.time_s)}, {cost.bound.value}-bound"
     )
+    if links:
+        lines.append(f"  links: {links}")
     lines.append(
         f"  per chip: {format_count(cost.elements_in_per_chip)} elements in, "
         f"{format_count(cost.elements_out_per_chip)} out ({cost.dtype}); sends "
@@ -266,7 +269,7 @@ def format_plan(
         f"{plan.einsum} on {plan.mesh}",
         plan.describe(),
         "",
-        f"per chip: {format_count(cost.flops)}FLOP, {format_bytes(cost.hbm_bytes)} HBM traffic, "
+        f"per chip: {format_flops(cost.flops)}, {format_bytes(cost.hbm_bytes)} HBM traffic, "
         f"peak memory {format_bytes(plan.peak_memory_bytes)} "
         f"of {format_bytes(chip.hbm_capacity_bytes)}",
         f"intensity {cost.arithmetic_intensity_flops_per_byte:.4g} FLOP/B vs critical "

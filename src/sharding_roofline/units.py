@@ -57,3 +57,9 @@ def format_count(value: float, digits: int = 4) -> str:
         if abs(value) >= factor:
             return f"{value / factor:.{digits}g} {prefix}".rstrip()
     return f"{value:.{digits}g}"
+
+
+def format_flops(flops: float, digits: int = 4) -> str:
+    """``format_flops(686) == '686 FLOP'``, ``format_flops(2.749e11) == '274.9 GFLOP'``."""
+    text = format_count(flops, digits)
+    return f"{text}FLOP" if text.endswith((" k", " M", " G", " T", " P", " E")) else f"{text} FLOP"

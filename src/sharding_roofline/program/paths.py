@@ -121,6 +121,8 @@ class TensorPaths:
         for kind, axes, before, after, u_before, u_after in raw:
             if not self.divisible(shape, before) or not self.divisible(shape, after):
                 return None
+            if self.pieces(axes) == 1:
+                continue  # over axes of size 1: moves nothing
             cost = None
             if kind is not None:
                 cost = collective_cost(

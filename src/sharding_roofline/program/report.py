@@ -10,7 +10,7 @@ from typing import Any
 
 from ..report import collective_dict, collectives_summary_steps, mesh_dict, table
 from ..sharding import ShardingSpec, unreduced_suffix
-from ..units import format_bytes, format_count, format_seconds
+from ..units import format_bytes, format_count, format_flops, format_seconds
 from .analysis import critical_batch, max_model_parallel
 from .evaluate import OpPlan, ProgramPlan
 from .search import ProgramRanking
@@ -219,8 +219,8 @@ def format_plan(plan: ProgramPlan, *, ops: bool = True) -> str:
         f"  time {format_seconds(cost.lower_bound_s)} (each pass overlapped) .. "
         f"{format_seconds(cost.upper_bound_s)} (no overlap); bottleneck: "
         f"{plan.describe_bottleneck()}; {plan.tokens_per_s_per_chip:,.0f} tokens/s per chip",
-        f"  per chip: {format_count(cost.flops)}FLOP on the matrix units, "
-        f"{format_count(cost.vector_flops)}FLOP on the vector units, "
+        f"  per chip: {format_flops(cost.flops)} on the matrix units, "
+        f"{format_flops(cost.vector_flops)} on the vector units, "
         f"{format_bytes(cost.hbm_bytes)} HBM traffic, "
         f"{format_bytes(cost.comm_bytes_sent_per_chip)} sent",
         f"  memory per chip: params {format_bytes(memory.params)}, grads "
