@@ -27,7 +27,7 @@ contributes its cheapest branch to ``lower_bound`` and its dearest to everything
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sharding_roofline.collectives import Collective, CollectiveCost, collective_cost
@@ -39,7 +39,7 @@ from sharding_roofline.report import collective_dict, mesh_dict, table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
 
 from .hlo.groups import groups_to_axes, pairs_to_axes
-from .hlo.walk import Branch, HloOp, HloWalk, WalkCollective, fold_branches
+from .hlo.walk import Branch, HloOp, HloWalk, WalkCollective, fold_branches, walk_hlo
 
 __all__ = [
     "CollectiveEstimate",
@@ -47,6 +47,8 @@ __all__ = [
     "ProgramEstimate",
     "UncostedItem",
     "cost_walk",
+    "estimate_hlo",
+    "format_program",
     "numpy_dtype",
 ]
 
@@ -184,8 +186,14 @@ class ProgramEstimate:
     collectives: tuple[CollectiveEstimate, ...]
     uncosted: tuple[UncostedItem, ...]
     assumptions: tuple[str, ...] = ()
-    #: extra facts the caller attaches (the compiler's memory figures, ours, dtype rule)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: what the program is (a function's qualified name, a file path)
+    source: str = ""
+    #: ``compiled.memory_analysis()`` / ``cost_analysis()`` of the CPU compile, when we
+    #: compiled it (``estimate_jitted``): bytes per device, as XLA reports them
+    compiler_memory: dict[str, int] | None = None
+    compiler_cost: dict[str, float] | None = None
+    #: the compiled module's text (not in the JSON)
+    hlo_text: str = field(default="", repr=False, compare=False)
 
     def _fold(self, value: Any, pick: Any = max) -> float:
         by_name = {id(e.op): e for e in self.ops}
@@ -291,7 +299,24 @@ class ProgramEstimate:
             "assumptions": list(self.assumptions),
             "num_instructions": self.walk.num_instructions,
             "cpu_upcast_undone": self.walk.cpu_upcast,
-            **self.extra,
+            "source": self.source,
+            "memory_per_chip_bytes": self.memory_dict(),
+            "compiler_cost_analysis": self.compiler_cost,
+        }
+
+    def memory_dict(self) -> dict[str, Any]:
+        """Our peak memory per chip (logical types, and as compiled) beside XLA's."""
+        walk = self.walk
+        capacity = self.mesh.hardware.chip.hbm_capacity_bytes
+        ours = walk.memory.as_dict() if walk.memory is not None else None
+        return {
+            "ours": ours,
+            "ours_as_compiled": (
+                walk.memory_as_printed.as_dict() if walk.memory_as_printed is not None else None
+            ),
+            "compiler": self.compiler_memory,
+            "hbm_capacity_bytes": capacity,
+            "fits": None if ours is None else ours["peak_bytes"] <= capacity,
         }
 
 
@@ -402,6 +427,19 @@ def _hlo_itemsize(dtype: str) -> int:
     from .hlo._text import _itemsize  # noqa: PLC0415 (the package's private helper)
 
     return _itemsize(dtype)
+
+
+def estimate_hlo(
+    text: str,
+    mesh: DeviceMesh,
+    *,
+    cpu_upcast: bool | None = None,
+    collective_hints: Any = None,
+    source: str = "",
+) -> ProgramEstimate:
+    """Walk a compiled module's text and cost it on ``mesh`` (``estimate-hlo``)."""
+    walk = walk_hlo(text, cpu_upcast=cpu_upcast, collective_hints=collective_hints)
+    return replace(cost_walk(walk, mesh), source=source, hlo_text=text)
 
 
 def cost_walk(walk: HloWalk, mesh: DeviceMesh) -> ProgramEstimate:
@@ -538,6 +576,42 @@ def format_program(estimate: ProgramEstimate, *, top: int | None = 25) -> str:
     if e.uncosted:
         lines += ["", "not costed (listed, never counted as zero silently):"]
         lines += [f"  {u.name} ({u.opcode}, x{u.count}): {u.reason}" for u in e.uncosted]
+    memory = e.memory_dict()
+    ours, compiled, xla = memory["ours"], memory["ours_as_compiled"], memory["compiler"]
+    if ours is not None:
+        lines += ["", "memory per chip (arguments + outputs + peak temporaries):"]
+        mrow = [
+            [
+                "ours, on the target",
+                *(
+                    format_bytes(ours[k])
+                    for k in ("argument_bytes", "output_bytes", "temp_peak_bytes", "peak_bytes")
+                ),
+            ]
+        ]
+        if compiled is not None and e.walk.cpu_upcast:
+            mrow.append(
+                [
+                    "ours, as compiled (CPU types)",
+                    *(
+                        format_bytes(compiled[k])
+                        for k in ("argument_bytes", "output_bytes", "temp_peak_bytes", "peak_bytes")
+                    ),
+                ]
+            )
+        if xla is not None:
+            mrow.append(
+                [
+                    "XLA memory_analysis() (CPU)",
+                    format_bytes(xla["argument_size_in_bytes"]),
+                    format_bytes(xla["output_size_in_bytes"]),
+                    format_bytes(xla["temp_size_in_bytes"]),
+                    format_bytes(xla["footprint_bytes"]),
+                ]
+            )
+        lines.append(table(mrow, ["", "arguments", "outputs", "temp", "peak"]))
+        fits = "fits in" if memory["fits"] else "does NOT fit in"
+        lines.append(f"  {fits} {format_bytes(memory['hbm_capacity_bytes'])} of HBM")
     if e.assumptions:
         lines += ["", "assumptions:"] + [f"  {a}" for a in e.assumptions]
     return "\n".join(lines)

@@ -55,6 +55,7 @@ from .collectives import (
     reclassify_reduce_scatters,
 )
 from .logical import FLOAT_DTYPES, Hints, LogicalTypes, looks_like_cpu_compile
+from .memory import MemoryEstimate, peak_memory
 
 __all__ = [
     "RULES",
@@ -149,6 +150,10 @@ class HloWalk:
     num_instructions: int
     num_devices: int | None
     cpu_upcast: bool
+    #: peak memory per device at the logical types (what a chip holds) and as printed (what
+    #: the compile holds: comparable with ``compiled.memory_analysis()``)
+    memory: MemoryEstimate | None = None
+    memory_as_printed: MemoryEstimate | None = None
 
     @property
     def collectives(self) -> tuple[tuple[HloOp, WalkCollective], ...]:
@@ -230,13 +235,15 @@ def walk_hlo(
     *,
     cpu_upcast: bool | None = None,
     collective_hints: Hints | None = None,
+    memory: bool = True,
 ) -> HloWalk:
     """Walk a compiled module (``compiled.as_text()`` or any XLA dump of one module).
 
     ``cpu_upcast``: undo the CPU backend's bf16 -> f32 widening (:mod:`.logical`); ``None``
     decides from the text (YNNPACK fusions, promoted reducers). ``collective_hints``: the
     logical types of collectives by channel id, from the module after SPMD partitioning
-    (:func:`collective_hints_from`).
+    (:func:`collective_hints_from`). ``memory``: also replay the schedule for the peak
+    memory (:mod:`.memory`).
     """
     module = _module(text)
     if cpu_upcast is None:
@@ -261,6 +268,8 @@ def walk_hlo(
         num_instructions=sum(len(instrs) for instrs in module.computations.values()),
         num_devices=module.num_devices,
         cpu_upcast=cpu_upcast,
+        memory=peak_memory(module, logical) if memory else None,
+        memory_as_printed=peak_memory(module) if memory else None,
     )
 
 
