@@ -34,6 +34,7 @@ from .report import (
 )
 from .sharding import ShardingSpec, subscript, unreduced_suffix
 from .xla.cli import add_validate_arguments
+from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers, run_estimate_command
 
 _LETTERS = "ijklmnopqrstuvwxyz"
 
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(val, required_specs=True)
     add_validate_arguments(val)
 
+    add_estimate_parsers(sub, _mesh_args)
+
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
     run.add_argument("--out-dir", default="out", help="where to write the report and figures")
@@ -161,6 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _collective(args)
     if args.command in ("estimate", "plan", "validate"):
         return _plan(args)
+    if args.command in ESTIMATE_COMMANDS:
+        return run_estimate_command(args)
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
 
