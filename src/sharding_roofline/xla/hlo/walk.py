@@ -770,6 +770,17 @@ def _fusion(ctx: _Ctx, instr: _Instr, count: int, branch: Branch) -> None:
     flops, dtype, unknown = _body_matmuls(ctx, body, logical_body)
     colls = _body_collectives(ctx, body)
     walked = _walk_collectives(ctx, instr, colls)
+    if (
+        not walked
+        and not flops
+        and any(i.opcode.endswith("-done") for i in module.computations.get(body, []))
+    ):
+        return  # the done half of an async collective counted at its start (TPU fusions)
+    if ctx.logical.cpu_upcast and _slices_a_reduce_scatter(ctx, instr, body):
+        acc = _Bytes()
+        _record(ctx, instr, count, branch, kind="elided", acc=acc)
+        ctx.elided.append(ctx.ops.pop())
+        return
     acc = _Bytes()
     in_place: set[int] = set()
     root = module.root(body)
@@ -819,6 +830,33 @@ def _fusion(ctx: _Ctx, instr: _Instr, count: int, branch: Branch) -> None:
     )
     for name in unknown:
         ctx.note(instr, count, branch, f"custom call {name!r} inside the fusion: FLOPs unknown")
+
+
+_SLICE_BODY = frozenset(
+    {"parameter", "constant", "convert", "bitcast", "reshape", "copy", "dynamic-slice", "slice"}
+)
+
+
+def _slices_a_reduce_scatter(ctx: _Ctx, instr: _Instr, body: str) -> bool:
+    """The CPU prints a reduce-scatter as an all-reduce and a fusion that dynamic-slices this
+    device's part (:func:`reclassify_reduce_scatters`); on a chip that slice is the
+    reduce-scatter's own output, so the fusion is elided."""
+
+    def source(name: str) -> str:
+        value = ctx.module.instr(instr.computation, name)
+        for _ in range(4):  # through the CPU's elided dtype conversions
+            if value is None or not value.operands or not ctx.logical.is_elided(value):
+                break
+            value = ctx.module.instr(instr.computation, value.operands[0])
+        return value.name if value is not None else name
+
+    if not any(
+        any(c.kind == "reduce-scatter" for c in ctx.colls.get((instr.computation, source(n)), ()))
+        for n in instr.operands
+    ):
+        return False
+    floats = [i for i in ctx.module.computations.get(body, []) if i.type.dtype in FLOAT_DTYPES]
+    return bool(floats) and all(i.opcode in _SLICE_BODY for i in floats)
 
 
 def _has(module: _Module, body: str, opcode: str) -> bool:
