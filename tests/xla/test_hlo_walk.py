@@ -8,7 +8,6 @@ output.
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import time
@@ -252,14 +251,20 @@ def test_printed_bytes_match_xla_cost_analysis_on_fixtures() -> None:
 # --------------------------------------------------------------------------------------
 # Hand-written forms: GPU GEMM custom calls, async collectives, loops in conditionals
 
-GEMM = """HloModule gemm, is_scheduled=true, num_partitions=1
+_GEMM_CONFIG = (
+    'backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":'
+    '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
+    '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}'
+)
+GEMM = f"""HloModule gemm, is_scheduled=true, num_partitions=1
 
-ENTRY %main (a: bf16[256,512], b: bf16[512,1024]) -> bf16[256,1024] {
-  %a = bf16[256,512]{1,0} parameter(0)
-  %b = bf16[512,1024]{1,0} parameter(1)
-  %gemm = (bf16[256,1024]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
-  ROOT %out = bf16[256,1024]{1,0} get-tuple-element(%gemm), index=0
-}
+ENTRY %main (a: bf16[256,512], b: bf16[512,1024]) -> bf16[256,1024] {{
+  %a = bf16[256,512]{{1,0}} parameter(0)
+  %b = bf16[512,1024]{{1,0}} parameter(1)
+  %gemm = (bf16[256,1024]{{1,0}}, s8[4194304]{{0}}) custom-call(%a, %b),
+      custom_call_target="__cublas$gemm", {_GEMM_CONFIG}
+  ROOT %out = bf16[256,1024]{{1,0}} get-tuple-element(%gemm), index=0
+}}
 """
 
 LOOP_IN_BRANCH = """HloModule loop_in_branch, is_scheduled=true
@@ -281,7 +286,8 @@ LOOP_IN_BRANCH = """HloModule loop_in_branch, is_scheduled=true
 
 %then (r: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
   %r = (s32[], f32[64,64]{1,0}) parameter(0)
-  ROOT %w = (s32[], f32[64,64]{1,0}) while(%r), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %w = (s32[], f32[64,64]{1,0}) while(%r), condition=%cond, body=%body,
+      backend_config={"known_trip_count":{"n":"5"}}
 }
 
 %else (s: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
@@ -291,7 +297,8 @@ LOOP_IN_BRANCH = """HloModule loop_in_branch, is_scheduled=true
 ENTRY %main (flag: pred[], init: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
   %flag = pred[] parameter(0)
   %init = (s32[], f32[64,64]{1,0}) parameter(1)
-  ROOT %c = (s32[], f32[64,64]{1,0}) conditional(%flag, %init, %init), true_computation=%then, false_computation=%else
+  ROOT %c = (s32[], f32[64,64]{1,0}) conditional(%flag, %init, %init),
+      true_computation=%then, false_computation=%else
 }
 """
 
@@ -315,7 +322,8 @@ def test_async_collectives_count_once() -> None:
     kinds = sorted(c.kind for _, c in walk.collectives)
     assert kinds == ["all-gather", "reduce-scatter", "reduce-scatter"]
     (ag,) = [c for _, c in walk.collectives if c.kind == "all-gather"]
-    assert ag.elements_out_per_device == 4096 * 4096 and ag.dtype == "bf16"
+    assert ag.elements_out_per_device == 4096 * 4096
+    assert ag.dtype == "bf16"
 
 
 # --------------------------------------------------------------------------------------
@@ -448,4 +456,4 @@ def test_estimate_hlo_path_does_not_import_jax() -> None:
 
 
 def test_math_helper() -> None:
-    assert _valid_taps(4, 3, 4, 1, 1) == 4 * 3 - 2 and math.prod(()) == 1
+    assert _valid_taps(4, 3, 4, 1, 1) == 4 * 3 - 2
