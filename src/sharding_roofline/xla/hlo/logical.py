@@ -204,11 +204,15 @@ class LogicalTypes:
 
     def leaf_dtypes(self, computation: str, name: str) -> tuple[str, ...]:
         """Logical element type of each leaf of a top-level value (printed if unknown)."""
-        got = self._leaves.get((computation, name))
+        key = (computation, name)
+        got = self._leaves.get(key)
         if got is not None:
             return got
         instr = self._m.instr(computation, name)
-        return _printed(instr.type) if instr is not None else ()
+        got = _printed(instr.type) if instr is not None else ()
+        if not self.cpu_upcast:
+            self._leaves[key] = got  # nothing to infer: remember the printed types
+        return got
 
     def operand_dtypes(self, instr: _Instr, index: int) -> tuple[str, ...]:
         """Logical leaf types of operand ``index`` of a top-level instruction."""

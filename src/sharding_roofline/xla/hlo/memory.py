@@ -101,6 +101,8 @@ class _Sizes:
         self.logical = logical
 
     def leaves(self, instr: _Instr) -> list[int]:
+        if instr.type.dtype is not None and self.logical is None:
+            return [math.prod(instr.type.dims) * _itemsize(instr.type.dtype)]
         leaves = list(instr.type.leaves())
         dtypes: tuple[str, ...] = tuple(leaf.dtype or "token" for leaf in leaves)
         if self.logical is not None:

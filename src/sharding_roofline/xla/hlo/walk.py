@@ -32,6 +32,7 @@ Counts are per execution of the entry computation (one step).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -260,6 +261,7 @@ def walk_hlo(
     ctx = _Ctx(module=module, logical=logical, colls=_collectives_by_instr(text))
     for root in roots:
         _walk(ctx, root, 1, ())
+    on_chip = peak_memory(module, logical) if memory else None
     return HloWalk(
         ops=tuple(ctx.ops),
         uncosted=tuple(ctx.uncosted),
@@ -268,8 +270,8 @@ def walk_hlo(
         num_instructions=sum(len(instrs) for instrs in module.computations.values()),
         num_devices=module.num_devices,
         cpu_upcast=cpu_upcast,
-        memory=peak_memory(module, logical) if memory else None,
-        memory_as_printed=peak_memory(module) if memory else None,
+        memory=on_chip,
+        memory_as_printed=(peak_memory(module) if cpu_upcast else on_chip) if memory else None,
     )
 
 
@@ -360,6 +362,8 @@ def _walk(ctx: _Ctx, comp: str, count: int, branch: Branch) -> None:
 
 
 def _leaf_bytes(typ: _Type, dtypes: tuple[str, ...]) -> int:
+    if typ.dtype is not None:  # the common case: one array
+        return math.prod(typ.dims) * _itemsize(dtypes[0] if len(dtypes) == 1 else typ.dtype)
     leaves = list(typ.leaves())
     if len(dtypes) != len(leaves):
         dtypes = tuple(leaf.dtype or "token" for leaf in leaves)
@@ -380,8 +384,12 @@ class _Bytes:
         self.printed = 0
 
     def add(self, typ: _Type, dtypes: tuple[str, ...], fraction: float = 1.0) -> None:
-        self.logical += round(_leaf_bytes(typ, dtypes) * fraction)
-        self.printed += round(_leaf_bytes(typ, _printed_dtypes(typ)) * fraction)
+        printed = _leaf_bytes(typ, _printed_dtypes(typ) if typ.dtype is None else ())
+        logical = _leaf_bytes(typ, dtypes)
+        if fraction != 1.0:
+            printed, logical = round(printed * fraction), round(logical * fraction)
+        self.logical += logical
+        self.printed += printed
 
 
 def _operand_bytes(
@@ -397,27 +405,29 @@ def _result_bytes(ctx: _Ctx, instr: _Instr, acc: _Bytes) -> None:
     acc.add(instr.type, ctx.logical.leaf_dtypes(instr.computation, instr.name))
 
 
-def _describe(ctx: _Ctx, instr: _Instr) -> tuple[tuple[str, ...], str]:
-    def retyped(typ: _Type, dtypes: tuple[str, ...]) -> str:
-        leaves = list(typ.leaves())
-        if typ.dtype is not None and len(dtypes) == 1:
-            return _format_type(_Type(dtypes[0], typ.dims))
-        if len(leaves) == len(dtypes):
-            return (
-                "("
-                + ", ".join(
-                    _format_type(_Type(d, leaf.dims))
-                    for leaf, d in zip(leaves, dtypes, strict=True)
-                )
-                + ")"
+@functools.lru_cache(maxsize=8192)
+def _typed_text(typ: _Type, dtypes: tuple[str, ...]) -> str:
+    """``bf16[8,1024]``: a type printed with its logical element types."""
+    if typ.dtype is not None and len(dtypes) == 1:
+        return _format_type(_Type(dtypes[0], typ.dims))
+    leaves = list(typ.leaves())
+    if len(leaves) == len(dtypes):
+        return (
+            "("
+            + ", ".join(
+                _format_type(_Type(d, leaf.dims)) for leaf, d in zip(leaves, dtypes, strict=True)
             )
-        return _format_type(typ)
+            + ")"
+        )
+    return _format_type(typ)
 
+
+def _describe(ctx: _Ctx, instr: _Instr) -> tuple[tuple[str, ...], str]:
     operands = tuple(
-        retyped(ctx.module.operand_type(instr, k), ctx.logical.operand_dtypes(instr, k))
+        _typed_text(ctx.module.operand_type(instr, k), ctx.logical.operand_dtypes(instr, k))
         for k in range(len(instr.operands))
     )
-    result = retyped(instr.type, ctx.logical.leaf_dtypes(instr.computation, instr.name))
+    result = _typed_text(instr.type, ctx.logical.leaf_dtypes(instr.computation, instr.name))
     return operands, result
 
 
