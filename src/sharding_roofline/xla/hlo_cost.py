@@ -96,7 +96,19 @@ class CollectiveEstimate:
         if self.cost is not None:
             base = collective_dict(self.cost)
         else:
-            base = {"kind": coll.kind, "axes": None, "group_size": _group_size(coll)}
+            group = _group_size(coll)
+            out = self.walked.elements_out_per_device
+            elements_in = {"all-gather": out // max(group, 1), "reduce-scatter": out * group}
+            base = {
+                "kind": coll.kind,
+                "axes": None,
+                "group_size": group,
+                "dtype": numpy_dtype(self.walked.dtype),
+                "elements_in_per_chip": elements_in.get(coll.kind, out),
+                "elements_out_per_chip": out,
+                "bytes_sent_per_chip": None,
+                "time_s": None,
+            }
         return {
             "op": self.op,
             **base,
