@@ -35,6 +35,7 @@ from .report import (
 )
 from .sharding import ShardingSpec, subscript, unreduced_suffix
 from .xla.cli import add_validate_arguments
+from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers, run_estimate_command
 
 _LETTERS = "ijklmnopqrstuvwxyz"
 
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(cross, required_specs=False)
     cross.add_argument("--dim", help="the letter to scale (default: the batch, or --crossover-dim)")
     add_layer_parser(sub, _mesh_args)
+    add_estimate_parsers(sub, _mesh_args)
 
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
@@ -226,6 +228,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         data, text = run_layer(args, make_mesh(args))
         _emit(args, data, text)
         return 0
+    if args.command in ESTIMATE_COMMANDS:
+        return run_estimate_command(args)
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
 

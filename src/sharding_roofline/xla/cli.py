@@ -44,6 +44,13 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         "must be at least that)",
     )
     group.add_argument(
+        "--processes",
+        type=int,
+        metavar="P",
+        help="spread the mesh's devices over P local processes joined by jax.distributed "
+        "(CPU collectives over gloo); validates collectives and numerics across them",
+    )
+    group.add_argument(
         "--execute",
         action="store_true",
         help="also run both programs on random data and compare with numpy (small shapes: "
@@ -66,6 +73,17 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
 
 def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Validate one plan as the CLI asked (``--devices``, ``--execute``); the JSON object."""
+    if (getattr(args, "processes", None) or 1) > 1:
+        from .multiprocess import validate_multiprocess  # noqa: PLC0415 (starts no JAX here)
+
+        return validate_multiprocess(
+            plan,
+            processes=args.processes,
+            execute=True,
+            hardware=args.hardware,
+            topology=args.topology,
+            num_slices=args.num_slices,
+        )
     _start_devices(args, [plan])
     from .compare import validate_plan  # noqa: PLC0415 (imports JAX)
 
@@ -255,6 +273,12 @@ def format_validation(v: Validation | dict[str, Any]) -> str:
             f"numerics: {'ok' if n['ok'] else 'WRONG'}: max abs error {n['max_abs_error']:.3g} "
             f"(relative {n['max_rel_error']:.3g}, tolerance {n['tolerance']:g}); output layout "
             f"{'ok' if n['out_sharding_ok'] else 'WRONG'}"
+        )
+    if d.get("processes"):
+        per = d["processes"][0]["local_devices"]
+        lines.append(
+            f"ran across {len(d['processes'])} processes of {per} devices each "
+            "(jax.distributed, CPU collectives over gloo)"
         )
     for warning in d["warnings"]:
         lines.append(f"XLA warning: {warning[:300]}")
