@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
@@ -35,7 +35,7 @@ from .report import (
 )
 from .sharding import ShardingSpec, subscript, unreduced_suffix
 from .xla.cli import add_validate_arguments
-from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers, run_estimate_command
+from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers
 
 _LETTERS = "ijklmnopqrstuvwxyz"
 
@@ -229,6 +229,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _emit(args, data, text)
         return 0
     if args.command in ESTIMATE_COMMANDS:
+        from .xla.estimate_cli import run_estimate_command  # noqa: PLC0415
+
         return run_estimate_command(args)
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
@@ -238,11 +240,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+def _emit(
+    args: argparse.Namespace,
+    data: dict[str, Any] | Callable[[], dict[str, Any]],
+    text: str | Callable[[], str],
+) -> None:
+    """Print the JSON object (``--json``) or the text; either may be given as a function,
+    so that only the one printed is built."""
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=False))
+        # one line: json's C encoder (an indent would take its pure-Python path, 5x slower
+        # on a ranking of hundreds of plans); pipe into `python -m json.tool` or jq to read
+        try:
+            print(json.dumps(data() if callable(data) else data, allow_nan=False))
+        except ValueError as exc:  # a NaN or infinity: a bug or a degenerate input
+            raise ShardingRooflineError(
+                f"a result is not a finite number ({exc}), so it has no JSON form; check the "
+                "inputs for zero or absurd sizes and rates"
+            ) from None
     else:
-        print(text)
+        print(text() if callable(text) else text)
 
 
 def _hardware(args: argparse.Namespace) -> int:
@@ -476,19 +492,25 @@ def _plan(args: argparse.Namespace) -> int:
         )
         ranking = planner.search(top=max(1, args.top), explain=args.explain)
         plans = list(ranking.strategies)
-        data = ranking_dict(ranking, crossover_dim=cross)
-        text = format_ranking(ranking, crossover_dim=cross)
         if args.validate:
             from .xla.cli import format_validations, run_validate_many  # noqa: PLC0415
 
             results = run_validate_many(args, plans)
-            data["validation"] = results
-            text += "\n\n" + format_validations(results)
-            _emit(args, data, text)
+            _emit(
+                args,
+                lambda: {**ranking_dict(ranking, crossover_dim=cross), "validation": results},
+                lambda: format_ranking(ranking, crossover_dim=cross)
+                + "\n\n"
+                + format_validations(results),
+            )
             if any(r["verdict"] == "mismatch" for r in results):
                 return 1
         else:
-            _emit(args, data, text)
+            _emit(
+                args,
+                lambda: ranking_dict(ranking, crossover_dim=cross),
+                lambda: format_ranking(ranking, crossover_dim=cross),
+            )
     if args.plot:
         from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
 

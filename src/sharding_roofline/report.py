@@ -45,6 +45,14 @@ def collective_dict(
 
 
 def mesh_dict(mesh: DeviceMesh) -> dict[str, Any]:
+    """The mesh's fields of every JSON object (built once per mesh: a ranking repeats it)."""
+    cached = mesh.memo.get("mesh_dict")
+    if cached is None:
+        cached = mesh.memo["mesh_dict"] = _mesh_dict(mesh)
+    return dict(cached)
+
+
+def _mesh_dict(mesh: DeviceMesh) -> dict[str, Any]:
     return {
         "hardware": mesh.hardware.name,
         "topology": mesh.topology.shape_text,

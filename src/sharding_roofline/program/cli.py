@@ -15,19 +15,19 @@ import argparse
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..einsum import parse_dims
 from ..errors import ConfigError, SpecError
-from ..estimate import Overlap
-from ..mesh import DeviceMesh
-from ..presets import build_dataclass
-from .autodiff import OptimizerSpec, Remat, training
-from .graph import Program
-from .layers import LayerKind, LayerSpec, build_layer
-from .report import format_ranking, ranking_dict
-from .search import ProgramRanking, compare, search
-from .strategies import Strategy
+
+if TYPE_CHECKING:  # the planning modules load when the command runs, not at start-up
+    from ..mesh import DeviceMesh
+    from .graph import Program
+    from .layers import LayerSpec
+    from .search import ProgramRanking
+
+#: ``LayerKind``'s values (a test checks they agree), so building the parser imports nothing
+LAYERS = ("mlp", "gated-mlp", "attention", "block")
+OVERLAPS = ("full", "none")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +45,8 @@ class LayerConfig:
 
 
 def load_layer_config(path: str) -> LayerConfig:
+    from ..presets import build_dataclass  # noqa: PLC0415
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(
@@ -68,7 +70,7 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
     mesh_args(layer)
     layer.add_argument("--config", help="a layer TOML (configs/layers/...); flags override it")
     layer.add_argument(
-        "--layer", choices=[k.value for k in LayerKind], help="which layer (default: block)"
+        "--layer", choices=LAYERS, help="which layer (default: block)"
     )
     layer.add_argument(
         "--dims",
@@ -116,14 +118,17 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
     )
     layer.add_argument(
         "--overlap",
-        choices=[o.value for o in Overlap],
-        default=Overlap.FULL.value,
+        choices=OVERLAPS,
+        default="full",
         help="rank by full overlap (each pass's max, default) or none (sums)",
     )
     layer.add_argument("--details", action="store_true", help="also print the best plan op by op")
 
 
 def layer_spec(args: argparse.Namespace) -> LayerSpec:
+    from ..einsum import parse_dims  # noqa: PLC0415
+    from .layers import LayerSpec  # noqa: PLC0415
+
     config = load_layer_config(args.config) if args.config else None
     kind = args.layer or (config.layer if config else "block")
     dims_text = args.dims or (config.dims if config else None)
@@ -153,6 +158,9 @@ def layer_spec(args: argparse.Namespace) -> LayerSpec:
 
 
 def layer_program(args: argparse.Namespace) -> Program:
+    from .autodiff import Remat, training  # noqa: PLC0415
+    from .layers import build_layer  # noqa: PLC0415
+
     forward = build_layer(layer_spec(args))
     if not args.backward:
         if args.remat != "none" or args.optimizer_step:
@@ -163,6 +171,12 @@ def layer_program(args: argparse.Namespace) -> Program:
 
 def run_layer(args: argparse.Namespace, mesh: DeviceMesh) -> tuple[dict[str, Any], str]:
     """The ``layer`` command: its JSON object and its text."""
+    from ..estimate import Overlap  # noqa: PLC0415
+    from .autodiff import OptimizerSpec  # noqa: PLC0415
+    from .report import format_ranking, ranking_dict  # noqa: PLC0415
+    from .search import compare, search  # noqa: PLC0415
+    from .strategies import Strategy, named_strategies  # noqa: PLC0415
+
     program = layer_program(args)
     optimizer = OptimizerSpec(master_dtype="" if args.master_weights == "none" else "float32")
     overlap = Overlap(args.overlap)
@@ -194,8 +208,6 @@ def run_layer(args: argparse.Namespace, mesh: DeviceMesh) -> tuple[dict[str, Any
             )
         mode = "strategy"
     else:
-        from .strategies import named_strategies  # noqa: PLC0415
-
         strategies = named_strategies(mesh)
         if args.zero is not None:
             strategies = [
