@@ -128,6 +128,24 @@ def test_training_flops_are_three_times_forward_and_remat_adds_a_forward(
     assert _global_flops(training(forward, remat=remat)) == factor * _global_flops(forward)
 
 
+def test_flash_attention_keeps_scores_on_chip_and_recomputes_them() -> None:
+    """A fused kernel: the scores and probabilities never reach HBM and are not saved; the
+    backward pass recomputes QK^T (2·B·T²·N·H more FLOPs: the backward's attention is 2.5x
+    the forward's instead of 2x)."""
+    b, t, n, h = 64, 64, 8, 32
+    materialized = training(block())
+    flash = training(block(attention="flash"))
+    assert _global_flops(flash) - _global_flops(materialized) == 2 * b * t * t * n * h
+    mesh = v5e()
+    plans = [evaluate(p, mesh, place(p, mesh, "fsdp=x+y")) for p in (materialized, flash)]
+    saved = [{t for c, t, _ in plan.memory.items if c == "activations"} for plan in plans]
+    assert "probs" in saved[0]  # the softmax's and AV's gradients read it
+    assert not {"scores", "probs", "re_scores", "re_probs"} & saved[1]
+    per_chip_probs = 2 * (b // 8) * n * t * t  # bf16 [b/8, k, g, t, s]
+    assert plans[0].memory.activations - plans[1].memory.activations >= per_chip_probs
+    assert plans[1].cost.hbm_bytes < plans[0].cost.hbm_bytes
+
+
 def test_the_backward_of_an_einsum_is_two_einsums() -> None:
     forward = build_layer(LayerSpec(kind=LayerKind.MLP, d=64, f=128, t=8, batch_tokens=64))
     program = training(forward)

@@ -499,9 +499,11 @@ def _plan(args: argparse.Namespace) -> int:
             _emit(
                 args,
                 lambda: {**ranking_dict(ranking, crossover_dim=cross), "validation": results},
-                lambda: format_ranking(ranking, crossover_dim=cross)
-                + "\n\n"
-                + format_validations(results),
+                lambda: (
+                    format_ranking(ranking, crossover_dim=cross)
+                    + "\n\n"
+                    + format_validations(results)
+                ),
             )
             if any(r["verdict"] == "mismatch" for r in results):
                 return 1

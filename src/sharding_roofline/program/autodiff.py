@@ -102,8 +102,9 @@ class _Backward:
         while name in self.tensors:
             n += 1
             name = f"{base}_{n}"
+        source = self.tensors[like]
         self.tensors[name] = Tensor(
-            name=name, letters=letters, dtype=self.tensors[like].dtype, kind=kind
+            name=name, letters=letters, dtype=source.dtype, kind=kind, on_chip=source.on_chip
         )
         return name
 
@@ -171,13 +172,21 @@ class _Backward:
     recomputed_at: dict[str, str]
 
     def recompute(self) -> None:
-        """Emit the forward ops again (FULL) or the memory-bound ones (DOTS)."""
+        """Emit the forward ops again (FULL), the memory-bound ones (DOTS), and always those
+        that write on-chip tensors (a fused attention kernel recomputes its scores in the
+        backward pass instead of saving them)."""
         self.recomputed_at = {}
-        if self.remat is Remat.NONE:
+        on_chip = {op.name for op in self.fwd.ops if self.tensors[op.output].on_chip}
+        if self.remat is Remat.NONE and not on_chip:
             return
         renamed: dict[str, str] = {}
         for op in self.fwd.ops:
-            if self.remat is Remat.DOTS and op.kind is OpKind.EINSUM:
+            wanted = (
+                self.remat is Remat.FULL
+                or (self.remat is Remat.DOTS and op.kind is not OpKind.EINSUM)
+                or op.name in on_chip
+            )
+            if not wanted:
                 continue
             inputs = tuple(
                 OpInput(tensor=renamed.get(i.tensor, i.tensor), letters=i.letters)

@@ -41,6 +41,7 @@ class LayerConfig:
     mlp: str = "gated"
     activation: str = ""
     causal_flops: str = "full"
+    attention: str = "materialized"
     source: str = ""
 
 
@@ -69,9 +70,7 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
     )
     mesh_args(layer)
     layer.add_argument("--config", help="a layer TOML (configs/layers/...); flags override it")
-    layer.add_argument(
-        "--layer", choices=LAYERS, help="which layer (default: block)"
-    )
+    layer.add_argument("--layer", choices=LAYERS, help="which layer (default: block)")
     layer.add_argument(
         "--dims",
         help="hyperparameters: d (model), f (MLP), n (query heads), k (KV heads), h (head "
@@ -79,6 +78,12 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
     )
     layer.add_argument("--batch-tokens", type=int, help="tokens per step (global)")
     layer.add_argument("--dtype", help="parameter and activation dtype (default bfloat16)")
+    layer.add_argument(
+        "--attention",
+        choices=("materialized", "flash"),
+        help="materialized (scores through HBM, as plain JAX; default) or flash (a fused "
+        "kernel: scores on chip, recomputed in the backward pass)",
+    )
     mode = layer.add_mutually_exclusive_group()
     mode.add_argument("--strategy", help="one placement, e.g. fsdp=x+y+z or fsdp=x,sp=y")
     mode.add_argument(
@@ -147,7 +152,10 @@ def layer_spec(args: argparse.Namespace) -> LayerSpec:
             "mlp": config.mlp,
             "activation": config.activation,
             "causal_flops": config.causal_flops,
+            "attention": config.attention,
         }
+    if args.attention:
+        options["attention"] = args.attention
     return LayerSpec.from_dims(
         kind,
         parse_dims(dims_text),

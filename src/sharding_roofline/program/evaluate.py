@@ -527,7 +527,7 @@ class _Evaluator:
             if path is None:
                 return self._indivisible(op, item.tensor, src, dst)
             at_op.append((item.tensor, dst))
-            local_bytes = self.paths.elements(shape, dst) * tensor.itemsize
+            local_bytes = 0 if tensor.on_chip else self.paths.elements(shape, dst) * tensor.itemsize
             hbm_bytes += local_bytes
             if path.steps:
                 transient += local_bytes
@@ -544,10 +544,10 @@ class _Evaluator:
         )
         if post is None:
             return self._indivisible(op, op.output, local, home)
-        out_bytes = self.paths.elements(out_shape, local) * out.itemsize
+        out_bytes = 0 if out.on_chip else self.paths.elements(out_shape, local) * out.itemsize
         hbm_bytes += out_bytes
         transient += out_bytes
-        if post.steps:
+        if post.steps and not out.on_chip:
             transient += self.paths.elements(out_shape, home) * out.itemsize
         comm += self._terms(post)
         elements = 1
@@ -658,7 +658,7 @@ class _Evaluator:
             result = self.evaluate_op(op)
             if isinstance(result, Rejected):
                 return result
-            if op.phase is Phase.RECOMPUTE:
+            if op.phase is Phase.RECOMPUTE and not self.program.tensor(op.output).on_chip:
                 recompute_bytes += self._bytes(op.output, result.out_home)
             cost = result.cost
             if op.phase is Phase.BACKWARD and recompute_bytes:
@@ -709,7 +709,7 @@ class _Evaluator:
                 continue
             for item in op.inputs:
                 info = program.tensor(item.tensor)
-                if info.kind not in (TensorKind.ACTIVATION, TensorKind.INPUT):
+                if info.kind not in (TensorKind.ACTIVATION, TensorKind.INPUT) or info.on_chip:
                     continue
                 producer = self.producers.get(item.tensor)
                 if producer is not None and producer.phase is not Phase.FORWARD:

@@ -86,6 +86,9 @@ class Tensor:
     letters: str
     dtype: str
     kind: TensorKind
+    #: lives only in on-chip memory (VMEM, shared memory) inside a fused kernel: moves no
+    #: HBM bytes, takes no HBM, is never saved (a backward that needs it recomputes it)
+    on_chip: bool = False
     itemsize: int = field(init=False, compare=False, default=0)
 
     def __post_init__(self) -> None:

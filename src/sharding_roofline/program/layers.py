@@ -11,7 +11,9 @@ letter, ``b`` (the book's ``B`` tokens).
 * ``attention`` (GQA): Q/K/V projections, ``QK^T`` per KV head and query group, a causal
   softmax over ``s``, ``AV``, the O projection. Under ``causal_flops="half"`` the two
   attention einsums count half their FLOPs (a kernel that skips the masked half, as the
-  book allows); the default counts them whole, as the book's ``12BT²NH`` and XLA do;
+  book allows); the default counts them whole, as the book's ``12BT²NH`` and XLA do.
+  Under ``attention="flash"`` the scores and probabilities stay on chip (a fused kernel):
+  they move no HBM bytes, are not saved, and the backward pass recomputes the scores;
 * ``block``: RMSNorm, attention, residual add, RMSNorm, MLP (gated by default), residual
   add (the pre-norm decoder block).
 
@@ -21,6 +23,7 @@ einsum's result is written in the activation dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +58,10 @@ class LayerSpec:
     mlp: str = "gated"  # the block's MLP: "gated" (SwiGLU) or "plain"
     activation: str = ""  # gelu for the plain MLP, silu for the gated one
     causal_flops: str = "full"  # "full" (as XLA and the book's 12BT²NH) or "half"
+    #: "materialized": scores and probabilities go through HBM and are saved (what plain JAX
+    #: compiles, and what the validator checks); "flash": a fused kernel keeps them on chip
+    #: and recomputes the scores in the backward pass (2.5x the forward attention FLOPs)
+    attention: str = "materialized"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -95,6 +102,10 @@ class LayerSpec:
             )
         if self.mlp not in ("gated", "plain"):
             raise SpecError(f"{where}: mlp={self.mlp!r}; expected 'gated' or 'plain'")
+        if self.attention not in ("materialized", "flash"):
+            raise SpecError(
+                f"{where}: attention={self.attention!r}; expected materialized or flash"
+            )
         if self.causal_flops not in ("full", "half"):
             raise SpecError(f"{where}: causal_flops={self.causal_flops!r}; expected full or half")
         gated = self.kind is LayerKind.GATED_MLP or (
@@ -164,9 +175,13 @@ class _Builder:
         self.ops: list[Op] = []
         self.tok = "bt" if spec.t else "b"
 
-    def tensor(self, name: str, letters: str, kind: TensorKind, dtype: str = "") -> str:
+    def tensor(
+        self, name: str, letters: str, kind: TensorKind, dtype: str = "", *, on_chip: bool = False
+    ) -> str:
         dt = dtype or (self.spec.param_dtype if kind is TensorKind.PARAM else self.spec.dtype)
-        self.tensors[name] = Tensor(name=name, letters=letters, dtype=dt, kind=kind)
+        self.tensors[name] = Tensor(
+            name=name, letters=letters, dtype=dt, kind=kind, on_chip=on_chip
+        )
         return name
 
     def param(self, name: str, letters: str) -> str:
@@ -297,6 +312,9 @@ class _Builder:
         scores = self.einsum(
             "scores", (q, "btkgh"), (k, "bskh"), "scores", "bkgts", st, flops_scale=half
         )
+        flash = self.spec.attention == "flash"
+        if flash:  # the fused kernel keeps the scores and probabilities on chip
+            self.tensors[scores] = dataclasses.replace(self.tensors[scores], on_chip=True)
         probs = self.pointwise(
             "softmax",
             fn="causal_softmax",
@@ -306,6 +324,8 @@ class _Builder:
             kind=OpKind.SOFTMAX,
             reduce="s",
         )
+        if flash:
+            self.tensors[probs] = dataclasses.replace(self.tensors[probs], on_chip=True)
         o = self.einsum(
             "context", (probs, "bkgts"), (v, "bskh"), "context", "btkgh", st, flops_scale=half
         )
