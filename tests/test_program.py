@@ -205,9 +205,26 @@ def test_a_strategy_on_axes_the_mesh_lacks_is_an_error() -> None:
 
 def test_named_strategies_put_data_on_major_and_model_on_minor_axes() -> None:
     names = [s.name for s in named_strategies(v5e())]
-    assert names[:2] == ["dp=x+y", "fsdp=x+y"]
+    assert names[0] == "fsdp=y,sp=x"  # TP on the other (major) axis, x
+    assert names[1:3] == ["dp=x+y", "fsdp=x+y"]
     assert "fsdp=x,tp=y" in names
     assert names[-2:] == ["tp=x+y", "sp=x+y"]
+
+
+def test_a_stack_of_layers_scales_time_and_persistent_memory() -> None:
+    """L identical layers: L times every time and byte and the persistent memory; one
+    transient peak; whether it fits is judged for the stack; the crossovers do not move."""
+    program = training(block())
+    mesh = v5e()
+    one = evaluate(program, mesh, place(program, mesh, "fsdp=x,tp=y"))
+    stack = one.repeat(80)
+    assert stack.cost.lower_bound_s == pytest.approx(80 * one.cost.lower_bound_s)
+    assert stack.memory.persistent == pytest.approx(80 * one.memory.persistent)
+    assert stack.memory.transient == one.memory.transient
+    assert critical_batch(stack).tokens == pytest.approx(critical_batch(one).tokens)
+    assert max_model_parallel(stack) == pytest.approx(max_model_parallel(one))
+    ranking = compare(program, mesh, ["fsdp=x,tp=y"], layers=80)
+    assert ranking.best.memory.peak == pytest.approx(stack.memory.peak)
 
 
 def test_megatron_all_reduces_once_per_pass_and_sp_gathers_and_scatters() -> None:

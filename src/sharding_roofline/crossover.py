@@ -63,6 +63,8 @@ class ScaledTerm(NamedTuple):
     bandwidth_s: float
     latency_s: float
     scales: bool
+    #: the physical dimensions whose links it uses (``DeviceMesh.link_resources``)
+    resources: tuple[int, ...] = ()
 
 
 def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
@@ -73,16 +75,28 @@ def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
         if cost is None or cost.group_size == 1:
             continue
         letters = plan.einsum.spec.operand(step.operand)
-        out.append(ScaledTerm(cost.kind, cost.bandwidth_s, cost.latency_s, dimension in letters))
+        out.append(
+            ScaledTerm(
+                cost.kind,
+                cost.bandwidth_s,
+                cost.latency_s,
+                dimension in letters,
+                plan.mesh.link_resources(cost.axes),
+            )
+        )
     return out
 
 
 def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
-    """Communication seconds with the scaled letter ``scale`` times its size now."""
-    return sum(
-        combine_terms_s(t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s)
-        for t in terms
-    )
+    """Communication seconds with the scaled letter ``scale`` times its size now, overlapped
+    as ``Cost.comm_lower_s`` overlaps them: collectives on disjoint links at the same time,
+    those on the same links one after another (the busiest link's total)."""
+    busy: dict[object, float] = {}
+    for t in terms:
+        seconds = combine_terms_s(t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s)
+        for resource in t.resources or ("",):
+            busy[resource] = busy.get(resource, 0.0) + seconds
+    return max(busy.values(), default=0.0)
 
 
 def terms_regime(terms: Sequence[ScaledTerm], scale: float) -> str:

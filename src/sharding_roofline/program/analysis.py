@@ -38,7 +38,15 @@ def program_terms(
             if only is not None and not set(cost.axes) <= only:
                 continue
             letters = plan.program.tensor(step.operand).letters
-            out.append(ScaledTerm(cost.kind, cost.bandwidth_s, cost.latency_s, letter in letters))
+            out.append(
+                ScaledTerm(
+                    cost.kind,
+                    cost.bandwidth_s * plan.layers,
+                    cost.latency_s * plan.layers,
+                    letter in letters,
+                    plan.mesh.link_resources(cost.axes),
+                )
+            )
     return out
 
 
@@ -154,7 +162,7 @@ def max_model_parallel(plan: ProgramPlan) -> float | None:
             for step in op.collectives:
                 c = step.cost
                 if c is not None and c.group_size > 1 and set(c.axes) <= tp:
-                    comm += combine_terms_s(c.kind, c.bandwidth_s, c.latency_s)
+                    comm += combine_terms_s(c.kind, c.bandwidth_s, c.latency_s) * plan.layers
         if comm == 0:
             continue
         limit = cost.compute_s * degree / comm

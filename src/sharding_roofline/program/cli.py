@@ -94,6 +94,13 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
     )
     layer.add_argument("--top", type=int, default=5, help="how many search results (default 5)")
     layer.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="a stack of this many identical layers: time and persistent memory scale, and "
+        "whether it fits is judged for the stack (default 1)",
+    )
+    layer.add_argument(
         "--backward", action="store_true", help="forward and backward (training); default forward"
     )
     layer.add_argument(
@@ -190,13 +197,16 @@ def run_layer(args: argparse.Namespace, mesh: DeviceMesh) -> tuple[dict[str, Any
     overlap = Overlap(args.overlap)
     idle = not args.no_idle_axes
     zero = args.zero or 0
+    layers = args.layers
+    if layers < 1:
+        raise SpecError(f"--layers {layers} must be at least 1")
     ranking: ProgramRanking
     if args.search:
         if args.top < 1:
             raise SpecError(f"--top {args.top} must be at least 1")
         ranking = search(
             program, mesh, top=args.top, optimizer=optimizer, overlap=overlap, idle_axes=idle,
-            zero=zero,
+            zero=zero, layers=layers,
         )  # fmt: skip
         mode = "search"
     elif args.strategy:
@@ -207,8 +217,9 @@ def run_layer(args: argparse.Namespace, mesh: DeviceMesh) -> tuple[dict[str, Any
                 zero=args.zero, pins=strategy.pins,
             )  # fmt: skip
         ranking = compare(
-            program, mesh, [strategy], optimizer=optimizer, overlap=overlap, idle_axes=idle
-        )
+            program, mesh, [strategy], optimizer=optimizer, overlap=overlap, idle_axes=idle,
+            layers=layers,
+        )  # fmt: skip
         if not ranking.strategies:
             raise SpecError(
                 f"strategy {strategy.name} cannot run {program.name}: "
@@ -223,8 +234,9 @@ def run_layer(args: argparse.Namespace, mesh: DeviceMesh) -> tuple[dict[str, Any
                 for s in strategies
             ]
         ranking = compare(
-            program, mesh, strategies, optimizer=optimizer, overlap=overlap, idle_axes=idle
-        )
+            program, mesh, strategies, optimizer=optimizer, overlap=overlap, idle_axes=idle,
+            layers=layers,
+        )  # fmt: skip
         if not ranking.strategies:
             raise SpecError(
                 f"no named strategy can run {program.name} on {mesh}: "

@@ -24,6 +24,7 @@ the reason, never raised.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -164,10 +165,27 @@ class ProgramPlan:
     passes: tuple[tuple[str, Cost], ...]  # "forward", "backward" (with remat), "optimizer"
     memory: MemoryBreakdown
     overlap: Overlap = Overlap.FULL
+    #: how many times the program runs per step (``repeat``): ``cost``, ``passes`` and
+    #: ``memory`` are for all of them; each op's own cost stays one repetition's
+    layers: int = 1
 
     @property
     def name(self) -> str:
         return self.placement.name
+
+    def repeat(self, layers: int) -> ProgramPlan:
+        """``layers`` copies of this program per step (a stack of identical blocks): every
+        time and byte scales, the persistent memory too, the transient peak does not."""
+        if not isinstance(layers, int) or layers < 1:
+            raise PlanError(f"layers={layers!r} must be a positive integer")
+        factor = layers / self.layers
+        return dataclasses.replace(
+            self,
+            cost=self.cost * factor,
+            passes=tuple((name, cost * factor) for name, cost in self.passes),
+            memory=self.memory.scaled(layers) if self.layers == 1 else self.memory,
+            layers=layers,
+        )
 
     @property
     def collectives(self) -> tuple[Step, ...]:

@@ -180,6 +180,14 @@ def format_ranking(ranking: ProgramRanking, *, mode: str, details: bool = False)
                 )
             named_rows = [_row("", plan) for plan in ranking.named]
             lines += ["", "named strategies:", table(named_rows, header)]
+    noted = [p for p in (*ranking.strategies, *ranking.named) if p.placement.notes]
+    if noted:
+        lines += ["", "* notes:"]
+        seen: set[str] = set()
+        for plan in noted:
+            if plan.name not in seen:
+                seen.add(plan.name)
+                lines += [f"  {plan.name}: {note}" for note in plan.placement.notes]
     if ranking.strategies:
         lines += ["", "best: " + format_plan(ranking.best, ops=details)]
     if ranking.rejected:
@@ -195,7 +203,7 @@ def _row(rank: str, plan: ProgramPlan) -> list[str]:
     memory = format_bytes(plan.memory.peak) + ("" if plan.fits else " (!)")
     return [
         rank,
-        plan.name,
+        plan.name + (" *" if plan.placement.notes else ""),
         f"{format_seconds(cost.lower_bound_s)}..{format_seconds(cost.upper_bound_s)}",
         format_seconds(cost.compute_s),
         format_seconds(cost.comm_s),

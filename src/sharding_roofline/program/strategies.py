@@ -160,9 +160,13 @@ class Strategy:
 def named_strategies(mesh: DeviceMesh) -> list[Strategy]:
     """The book's strategies over the mesh's axes, for ``--compare``: data parallelism
     (DP, FSDP) on the major axes and model parallelism (TP, TP+SP) on the minor ones (inner
-    axes are the fast links: a torus's neighbours, an NVLink node), at every split."""
+    axes are the fast links: a torus's neighbours, an NVLink node), at every split; and
+    FSDP with TP+SP on each single other axis (whose size may suit the heads better)."""
     axes = tuple(a.name for a in mesh.axes if a.size > 1)
     out: list[Strategy] = []
+    for axis in axes[:-1]:  # TP on one axis that is not the minor one (an 8-wide axis)
+        others = tuple(a for a in axes if a != axis)
+        out.append(Strategy(fsdp=others, tp=(axis,), sp=True))
     for split in range(len(axes), -1, -1):
         data, model = axes[:split], axes[split:]
         if not model:
