@@ -19,6 +19,7 @@ from .mesh import DeviceMesh
 from .planner import Planner
 from .presets import list_presets, load_preset
 from .program.cli import add_layer_parser
+from .program.model_cli import add_model_parser
 from .report import (
     alternatives_dict,
     collective_dict,
@@ -40,7 +41,7 @@ from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers
 _LETTERS = "ijklmnopqrstuvwxyz"
 
 
-def _mesh_args(parser: argparse.ArgumentParser) -> None:
+def _mesh_args(parser: argparse.ArgumentParser, *, mesh_required: bool = True) -> None:
     parser.add_argument(
         "--hardware", required=True, help="a preset (see 'hardware list') or a .toml path"
     )
@@ -50,7 +51,9 @@ def _mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-slices", type=int, default=1, help="TPU slices joined over DCN (default 1)"
     )
-    parser.add_argument("--mesh", required=True, help="named axes, major to minor: x=4,y=4")
+    parser.add_argument(
+        "--mesh", required=mesh_required, help="named axes, major to minor: x=4,y=4"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(cross, required_specs=False)
     cross.add_argument("--dim", help="the letter to scale (default: the batch, or --crossover-dim)")
     add_layer_parser(sub, _mesh_args)
+    add_model_parser(sub, _mesh_args)
     add_estimate_parsers(sub, _mesh_args)
 
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
@@ -226,6 +230,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .program.cli import run_layer  # noqa: PLC0415
 
         data, text = run_layer(args, make_mesh(args))
+        _emit(args, data, text)
+        return 0
+    if args.command == "model":
+        from .program.model_cli import run_model  # noqa: PLC0415
+
+        mesh = make_mesh(args) if args.mesh else None
+        data, text = run_model(args, mesh)
         _emit(args, data, text)
         return 0
     if args.command in ESTIMATE_COMMANDS:

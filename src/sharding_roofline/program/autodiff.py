@@ -126,6 +126,8 @@ class _Backward:
         return OpInput(tensor=self.grads[tensor], letters=self.tensors[tensor].letters)
 
     def contribute(self, tensor: str, grad: str) -> None:
+        if self.tensors[tensor].no_grad:
+            return
         self.contributions.setdefault(tensor, []).append(grad)
 
     def finish(self, tensor: str, stage: str, of: str) -> bool:
@@ -375,6 +377,76 @@ class _Backward:
                 )
             )
             self.contribute(scale.tensor, dscale)
+            return
+        if op.kind is OpKind.RELABEL:  # the view's gradient is the opposite view
+            data = op.inputs[0]
+            extra = op.inputs[1:]  # the combine's gates: read again, not differentiated
+            out = self.new_tensor(
+                f"{grad_name(data.tensor)}_{op.name}",
+                data.letters,
+                data.tensor,
+                TensorKind.GRADIENT,
+            )
+            reads = (dz, *(self.read_saved(i.tensor, op, i.letters) for i in extra))
+            self.emit(
+                Op(
+                    name=f"{op.name}_grad",
+                    kind=OpKind.RELABEL,
+                    inputs=reads,
+                    output=out,
+                    out_letters=data.letters,
+                    fn="combine" if op.fn == "dispatch" else "dispatch",
+                    relabel=op.relabel,
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            self.contribute(data.tensor, out)
+            return
+        if op.kind is OpKind.GATHER:  # the table's gradient: scatter-add the rows back
+            ids, table = op.inputs
+            out = self.new_tensor(
+                f"{grad_name(table.tensor)}_{op.name}",
+                table.letters,
+                table.tensor,
+                TensorKind.GRADIENT,
+            )
+            self.emit(
+                Op(
+                    name=f"{op.name}_grad",
+                    kind=OpKind.SCATTER,
+                    inputs=(dz, self.read_saved(ids.tensor, op, ids.letters)),
+                    output=out,
+                    out_letters=table.letters,
+                    fn="scatter",
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            self.contribute(table.tensor, out)
+            return  # integer ids have no gradient
+        if op.kind is OpKind.LOSS:  # d logits = (softmax(logits) - onehot) · d loss
+            (logits,) = op.inputs
+            out = self.new_tensor(
+                f"{grad_name(logits.tensor)}_{op.name}",
+                logits.letters,
+                logits.tensor,
+                TensorKind.GRADIENT,
+            )
+            self.emit(
+                Op(
+                    name=f"{op.name}_grad",
+                    kind=OpKind.POINTWISE,
+                    inputs=(
+                        self.read_saved(logits.tensor, op, logits.letters),
+                        self.read_saved(op.output, op, op.out_letters),
+                        dz,
+                    ),
+                    output=out,
+                    out_letters=logits.letters,
+                    fn="xent_grad",
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            self.contribute(logits.tensor, out)
             return
         raise SpecError(  # pragma: no cover - every forward kind is handled above
             f"op {op.name!r}: no gradient rule for a {op.kind.value} op"

@@ -347,9 +347,27 @@ class _Evaluator:
                 cached = self.opt(op.of)
             else:
                 sigma = self.op_sigma(op)
+                if op.relabel:  # a slot letter is laid out as the token letters it stands for
+                    # (the axes that split the experts minor-most, so that the all-to-all to
+                    # the experts' layout moves just them)
+                    sigma = dict(sigma)
+                    expert = self.expert_axes()
+                    for slot, tokens in op.relabel:
+                        axes = [a for c in tokens for a in sigma.get(c, ())]
+                        axes = [a for a in axes if a not in expert] + [
+                            a for a in axes if a in expert
+                        ]
+                        sigma[slot] = tuple(axes)
                 cached = tuple(sigma.get(c, ()) for c in letters)
             self._at_op[key] = cached
         return cached
+
+    def expert_axes(self) -> tuple[str, ...]:
+        """The axes any stage splits the expert letter over (expert parallelism)."""
+        letter = self.program.roles.experts
+        if not letter:
+            return ()
+        return tuple(a for sigma in self.sigmas.values() for a in sigma.get(letter, ()))
 
     def replicated(self, tensor: str) -> Dims:
         return ((),) * len(self.program.tensor(tensor).letters)
@@ -546,6 +564,11 @@ class _Evaluator:
                 return self._indivisible(op, item.tensor, src, dst)
             at_op.append((item.tensor, dst))
             local_bytes = 0 if tensor.on_chip else self.paths.elements(shape, dst) * tensor.itemsize
+            if op.kind is OpKind.GATHER and tensor.kind is TensorKind.PARAM:
+                # a lookup reads the rows it gathers, not the whole table
+                out_shape_ = tuple(self.sizes[c] for c in op.out_letters)
+                rows = self.paths.elements(out_shape_, self.at_op(op, op.out_letters))
+                local_bytes = min(local_bytes, rows * tensor.itemsize)
             hbm_bytes += local_bytes
             if path.steps:
                 transient += local_bytes
@@ -577,6 +600,20 @@ class _Evaluator:
             flops = 2.0 * elements * op.flops_scale
         elif op.kind is OpKind.REDUCE:
             vector = 2.0 * elements
+        elif op.kind is OpKind.LOSS:
+            vector = FLOPS_PER_ELEMENT["xent"] * elements
+        elif op.kind is OpKind.RELABEL:
+            vector = FLOPS_PER_ELEMENT[op.fn] * max(
+                self.paths.elements(
+                    tuple(self.sizes[c] for c in item.letters), self.at_op(op, item.letters)
+                )
+                for item in op.inputs
+            )
+        elif op.kind in (OpKind.GATHER, OpKind.SCATTER):
+            vector = FLOPS_PER_ELEMENT[op.kind.value] * self.paths.elements(
+                tuple(self.sizes[c] for c in op.inputs[0].letters),
+                self.at_op(op, op.inputs[0].letters),
+            )
         else:
             vector = FLOPS_PER_ELEMENT[op.fn] * self.paths.elements(out_shape, local)
         if op.phase is Phase.OPTIMIZER:
@@ -766,6 +803,9 @@ class Evaluation:
     mesh: DeviceMesh
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     overlap: Overlap = Overlap.FULL
+    #: axes gathers may never widen over though they look idle (a pipeline's stage axis:
+    #: its chips hold other layers)
+    exclude_widen: tuple[str, ...] = ()
     _paths: dict[bool, TensorPaths] = field(default_factory=dict)
     _memo: dict[bool, dict[tuple[object, ...], OpPlan | Rejected]] = field(default_factory=dict)
 
@@ -773,7 +813,7 @@ class Evaluation:
         paths = self._paths.get(placement.idle_axes)
         if paths is None:
             paths = self._paths[placement.idle_axes] = TensorPaths(
-                self.mesh, idle_axes=placement.idle_axes
+                self.mesh, idle_axes=placement.idle_axes, exclude=self.exclude_widen
             )
         memo = self._memo.setdefault(placement.idle_axes, {})
         return _Evaluator(

@@ -307,8 +307,10 @@ class _Builder:
         self.param("w_v", "dkh")
         self.param("w_o", "kghd")
         q = self.einsum("q_proj", (x, "btd"), ("w_q", "dkgh"), "q", "btkgh", st)
-        k = self.einsum("k_proj", (x, "bsd"), ("w_k", "dkh"), "k", "bskh", st)
-        v = self.einsum("v_proj", (x, "bsd"), ("w_v", "dkh"), "v", "bskh", st)
+        # keys and values are written per position t and read as positions s: a layout
+        # that splits t (context parallelism) then gathers them before the scores
+        k = self.einsum("k_proj", (x, "btd"), ("w_k", "dkh"), "k", "btkh", st)
+        v = self.einsum("v_proj", (x, "btd"), ("w_v", "dkh"), "v", "btkh", st)
         scores = self.einsum(
             "scores", (q, "btkgh"), (k, "bskh"), "scores", "bkgts", st, flops_scale=half
         )

@@ -53,12 +53,17 @@ EMPTY = Path((), 0.0, 0.0)
 class TensorPaths:
     """Costed resharding paths for tensors of known shapes on one mesh (cached)."""
 
-    def __init__(self, mesh: DeviceMesh, *, idle_axes: bool = True) -> None:
+    def __init__(
+        self, mesh: DeviceMesh, *, idle_axes: bool = True, exclude: tuple[str, ...] = ()
+    ) -> None:
         self.mesh = mesh
         self.idle_axes = idle_axes
         self.axis_size = {axis.name: axis.size for axis in mesh.axes}
         self.mesh_order = mesh.axis_names
         self.axis_items = tuple(self.axis_size.items())
+        # axes a gather never widens over: their chips are busy with other work (other
+        # pipeline stages' layers)
+        self.busy = tuple(exclude)
         self._cache: dict[tuple[object, ...], Path | None] = {}
         self._pieces: dict[tuple[str, ...], int] = {}
         self._elements: dict[tuple[tuple[int, ...], Dims], int] = {}
@@ -103,7 +108,7 @@ class TensorPaths:
         if self.idle_axes and gathers:
             spread_shape = tuple(math.gcd(n, self.mesh.num_devices) for n in shape)
             raw = reshard_path(
-                src, dst, unreduced, self.mesh_order, (spread_shape, self.axis_items)
+                src, dst, unreduced, self.mesh_order, (spread_shape, self.axis_items), self.busy
             )
             wide = self._cost(shape, dtype, raw)
             if wide is not None and (
