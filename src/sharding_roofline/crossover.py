@@ -94,7 +94,7 @@ def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
     busy: dict[object, float] = {}
     for t in terms:
         seconds = combine_terms_s(t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s)
-        for resource in t.resources or ("",):
+        for resource in t.resources or (t.kind,):
             busy[resource] = busy.get(resource, 0.0) + seconds
     return max(busy.values(), default=0.0)
 

@@ -74,10 +74,12 @@ def critical_batch(plan: ProgramPlan, *, axes: Iterable[str] | None = None) -> C
     letter = program.roles.batch
     current = program.size(letter)
     worst: tuple[Crossover, str] | None = None
+    communicates = False
     for name, cost in plan.passes:
         terms = program_terms(plan, letter, name, axes)
         if not terms or cost.compute_s == 0:
             continue
+        communicates = True
         cross = solve_crossover(terms, cost.compute_s, letter, current)
         if cross.size is None and cross.comm_bound_below is None:
             worst = (cross, name)  # never compute-bound: that decides it
@@ -92,7 +94,11 @@ def critical_batch(plan: ProgramPlan, *, axes: Iterable[str] | None = None) -> C
             size=None,
             comm_bound_below=None,
             current_size=current,
-            note="this strategy needs no communication",
+            note=(
+                "its collectives never outlast the compute: compute-bound at every batch"
+                if communicates
+                else "this strategy needs no communication"
+            ),
         )
         return CriticalBatch(tokens=None, tokens_per_chip=None, crossover=none)
     cross, name = worst

@@ -93,13 +93,17 @@ class MemoryBreakdown:
 
     def scaled(self, layers: int) -> MemoryBreakdown:
         """``layers`` copies of the persistent parts; one transient peak."""
+        return self.scaled_by(layers)
+
+    def scaled_by(self, factor: float) -> MemoryBreakdown:
+        """The persistent parts times ``factor``; the transient peak as it is."""
         return MemoryBreakdown(
-            params=self.params * layers,
-            grads=self.grads * layers,
-            optimizer=self.optimizer * layers,
-            activations=self.activations * layers,
+            params=self.params * factor,
+            grads=self.grads * factor,
+            optimizer=self.optimizer * factor,
+            activations=self.activations * factor,
             transient=self.transient,
-            items=tuple((c, t, b * layers) for c, t, b in self.items),
+            items=tuple((c, t, b * factor) for c, t, b in self.items),
             transient_op=self.transient_op,
         )
 
@@ -183,7 +187,7 @@ class ProgramPlan:
             self,
             cost=self.cost * factor,
             passes=tuple((name, cost * factor) for name, cost in self.passes),
-            memory=self.memory.scaled(layers) if self.layers == 1 else self.memory,
+            memory=self.memory.scaled_by(factor),
             layers=layers,
         )
 
