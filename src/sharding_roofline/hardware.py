@@ -88,27 +88,38 @@ def _positive(owner: str, name: str, value: float) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChipSpec:
-    """One accelerator chip: peak matmul rate per dtype and its HBM."""
+    """One accelerator chip: peak matmul rate per dtype and its HBM.
+
+    ``peak_flops_per_s[dtype]`` is the dense rate of a matmul with inputs of ``dtype`` *as XLA
+    lowers it by default*. For ``float32`` on NVIDIA H100/H200/B200/GB200 that is the TF32
+    tensor-core rate: JAX's default matmul precision computes float32 dots in TF32 on recent
+    GPUs (docs.jax.dev, "Matmul precision"), bf16 passes on TPU. ``vector_flops_per_s[dtype]``
+    is the rate of element-wise and reduction work outside the matrix units (CUDA-core FP32 on
+    a GPU, which is also what a ``precision=HIGHEST`` float32 matmul runs at); optional, and
+    listed only where the vendor publishes it.
+    """
 
     name: str
     peak_flops_per_s: FrozenMap
     hbm_bytes_per_s: float
     hbm_capacity_bytes: float
     source: str
+    vector_flops_per_s: FrozenMap = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
-        given: Mapping[str, float] = self.peak_flops_per_s
-        if not isinstance(given, FrozenMap):  # built in code from a dict: keep specs hashable
-            object.__setattr__(self, "peak_flops_per_s", FrozenMap(given))
+        for table in ("peak_flops_per_s", "vector_flops_per_s"):
+            given: Mapping[str, float] = getattr(self, table)
+            if not isinstance(given, FrozenMap):  # built in code from a dict: keep it hashable
+                object.__setattr__(self, table, FrozenMap(given))
+            for dtype, rate in getattr(self, table).items():
+                if canonical_dtype(dtype) != dtype:
+                    raise ConfigError(
+                        f"chip {self.name!r}: {table} key {dtype!r} is an alias; "
+                        f"write {canonical_dtype(dtype)!r}"
+                    )
+                _positive(f"chip {self.name!r}", f"{table}.{dtype}", rate)
         if not self.peak_flops_per_s:
             raise ConfigError(f"chip {self.name!r}: peak_flops_per_s lists no dtype")
-        for dtype, rate in self.peak_flops_per_s.items():
-            if canonical_dtype(dtype) != dtype:
-                raise ConfigError(
-                    f"chip {self.name!r}: peak_flops_per_s key {dtype!r} is an alias; "
-                    f"write {canonical_dtype(dtype)!r}"
-                )
-            _positive(f"chip {self.name!r}", f"peak_flops_per_s.{dtype}", rate)
         _sourced(f"chip {self.name!r}", self.source)
         _positive(f"chip {self.name!r}", "hbm_bytes_per_s", self.hbm_bytes_per_s)
         _positive(f"chip {self.name!r}", "hbm_capacity_bytes", self.hbm_capacity_bytes)
@@ -141,6 +152,10 @@ class IciSpec:
     hop_latency_s: float
     source: str
     cube_edge: int = 4
+    #: Slices built of whole cubes (TPU7x): a slice larger than one cube has every axis a
+    #: multiple of ``cube_edge`` and at most this many cubes; ``max_shape`` then only names
+    #: the pod. 0: any slice that fits inside ``max_shape`` (v5e, v6e, v4, v5p).
+    max_cubes: int = 0
 
     def __post_init__(self) -> None:
         _positive("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
@@ -155,6 +170,10 @@ class IciSpec:
             )
         if self.cube_edge < 1:
             raise ConfigError(f"[ici]: cube_edge must be >= 1, got {self.cube_edge}")
+        if self.max_cubes < 0:
+            raise ConfigError(
+                f"[ici]: max_cubes must be >= 0 (0: no cube rule), got {self.max_cubes}"
+            )
 
     @property
     def links_per_chip(self) -> int:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import TopologyError
-from .hardware import HardwareKind, HardwareSpec, LinkKind, NvlinkSpec, ScaleOutLevel
+from .hardware import HardwareKind, HardwareSpec, IciSpec, LinkKind, NvlinkSpec, ScaleOutLevel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +149,47 @@ def _nvlink(hardware: HardwareSpec) -> NvlinkSpec:
     return hardware.nvlink
 
 
+def _check_slice(hardware: HardwareSpec, ici: IciSpec, shape: tuple[int, ...], text: str) -> None:
+    """Raise unless ``shape`` is a slice this chip's pods are cut into.
+
+    Without a cube rule (``max_cubes == 0``) any shape that fits inside the pod's
+    ``max_shape`` (sizes compared largest to largest) is a slice. With one (TPU7x), a slice
+    inside one cube is any shape of at most ``cube_edge`` chips per axis; a larger one is
+    whole cubes: every axis a multiple of ``cube_edge``, at most ``max_cubes`` cubes.
+    """
+    if not ici.max_cubes:
+        padded_max = sorted(ici.max_shape)[-len(shape) :]
+        if any(size > most for size, most in zip(sorted(shape), padded_max, strict=True)):
+            raise TopologyError(
+                f"topology {text} does not fit in one {hardware.name} pod of "
+                f"{format_shape(ici.max_shape)}; use a smaller slice, or several slices over "
+                "DCN with --num-slices"
+            )
+        return
+    edge = ici.cube_edge
+    full = (1,) * (ici.num_torus_dims - len(shape)) + shape
+    if max(full) <= edge:
+        return  # inside one cube
+    cube = "x".join([str(edge)] * ici.num_torus_dims)
+    ragged = [size for size in full if size % edge]
+    if ragged:
+        rounded = format_shape(tuple(-(-size // edge) * edge for size in full))
+        raise TopologyError(
+            f"topology {text} is not a {hardware.name} slice: a slice larger than one {cube} "
+            f"cube is built of whole cubes, so every axis must be a multiple of {edge} "
+            f"(got {ragged[0]}); use e.g. {rounded}, or a slice inside one cube (at most "
+            f"{edge} chips per axis)"
+        )
+    cubes = math.prod(full) // edge**ici.num_torus_dims
+    if cubes > ici.max_cubes:
+        chips = ici.max_cubes * edge**ici.num_torus_dims
+        raise TopologyError(
+            f"topology {text} has {cubes} cubes of {cube} chips, more than the {ici.max_cubes} "
+            f"({chips} chips) of one {hardware.name} pod; use at most {ici.max_cubes} cubes, "
+            "or several slices over DCN with --num-slices"
+        )
+
+
 def _tpu_topology(
     hardware: HardwareSpec, shape: tuple[int, ...], text: str, num_slices: int
 ) -> Topology:
@@ -161,13 +202,7 @@ def _tpu_topology(
             f"{ici.num_torus_dims}D torus; give at most {ici.num_torus_dims} sizes "
             f"(e.g. {format_shape(ici.max_shape)} is a full pod)"
         )
-    padded_max = sorted(ici.max_shape)[-len(shape) :]
-    if any(size > most for size, most in zip(sorted(shape), padded_max, strict=True)):
-        raise TopologyError(
-            f"topology {text} does not fit in one {hardware.name} pod of "
-            f"{format_shape(ici.max_shape)}; use a smaller slice, or several slices over DCN "
-            "with --num-slices"
-        )
+    _check_slice(hardware, ici, shape, text)
     tiers = [
         Tier(
             name="ici",
