@@ -7,13 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharding_roofline import (
+    Collective,
+    DeviceMesh,
     Einsum,
     EinsumSpec,
     ShardedOperation,
     ShardingSpec,
     SpecError,
+    collective_cost,
     load_preset,
 )
+from sharding_roofline.dtypes import array_bytes, dtype_bytes
 
 
 def test_dot_product_intensity_is_about_a_half() -> None:
@@ -196,3 +200,20 @@ def test_book_notation_round_trips(op: ShardedOperation) -> None:
 def test_partition_spec_text_round_trips(dims: list[list[str]]) -> None:
     spec = ShardingSpec(tuple(tuple(d) for d in dims))
     assert ShardingSpec.parse(spec.text()) == spec
+
+
+def test_fp4_counts_half_a_byte_everywhere() -> None:
+    """float4_e2m1fn packs two elements per byte: bytes per element is 0.5, element counts
+    stay integers, and every byte figure (operands, collectives) is the exact half."""
+    assert dtype_bytes("fp4") == 0.5
+    assert array_bytes(3, "float4_e2m1fn") == 1.5
+    mm = Einsum.create("bd,df->bf", "b=4,d=6,f=2", dtype="float4_e2m1fn", accum_dtype="bf16")
+    assert mm.operand_bytes("lhs") == 4 * 6 * 0.5
+    assert mm.operand_bytes("rhs") == 6 * 2 * 0.5
+    assert mm.operand_bytes("out") == 4 * 2 * 2
+    mesh = DeviceMesh.create(load_preset("b200"), "x=8", "1x8")
+    cost = collective_cost(mesh, Collective.ALL_GATHER, ("x",), elements_in_per_chip=3, dtype="fp4")
+    assert cost.elements_in_per_chip == 3
+    assert cost.elements_out_per_chip == 24
+    assert cost.bytes_sent_per_chip == 7 / 8 * 3 * 8 * 0.5  # (g-1)/g of the gathered 12 bytes
+    assert cost.group_bytes == 12.0

@@ -379,7 +379,7 @@ class CollectiveCost:
 
 
 def group_bytes(
-    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int
+    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: float
 ) -> float:
     """The book's ``V``: the gathered array (AllGather), the unreduced array (ReduceScatter,
     AllReduce), every chip's buffer together (AllToAll), one chip's buffer (permute)."""
@@ -390,7 +390,7 @@ def group_bytes(
 
 
 def bytes_sent_per_chip(
-    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int
+    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: float
 ) -> float:
     """Bytes each chip sends in the ring algorithms the costs assume (the same figures
     XLA's partitioner implies: AllGather (g-1)/g of the result, ReduceScatter (g-1)/g of the

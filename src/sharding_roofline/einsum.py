@@ -177,12 +177,12 @@ class Einsum:
         """``2 × product of every distinct letter's size`` (the book's 2BDF for a matmul)."""
         return 2 * math.prod(size for _, size in self.dims)
 
-    def operand_bytes(self, role: str) -> int:
+    def operand_bytes(self, role: str) -> float:
         itemsize = dtype_bytes(self.accum_dtype if role == "out" else self.dtype)
         return itemsize * math.prod(self.shape(role))
 
     @property
-    def hbm_bytes(self) -> int:
+    def hbm_bytes(self) -> float:
         """Bytes of both inputs and the output: what one chip reads and writes unsharded."""
         return sum(self.operand_bytes(role) for role in ("lhs", "rhs", "out"))
 
