@@ -384,7 +384,9 @@ def test_mesh_sweep_marker_sits_where_the_lines_meet() -> None:
 # -- collectives against message size ----------------------------------------------------------
 
 
-def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
+def test_collective_sweep_combines_terms_per_link_family() -> None:
+    """TPU ICI: the larger of the latency and bandwidth terms (the book); GPU NVLink: their
+    sum, with NCCL's base latency (tuning.cc)."""
     v5p = load_preset("tpu-v5p")
     ring = DeviceMesh.create(v5p, "x=4,y=4,z=4", "4x4x4")  # whole cube: wraps
     line_mesh = DeviceMesh.create(v5p, "x=4,y=4,z=2", "4x4x2")  # not whole cubes: no wrap
@@ -399,8 +401,9 @@ def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
     expected = [
         (1 / V5P_W_BIDI, 2 * 1 * US),
         (3 / (4 * V5P_W_UNI), 3 * 1 * US),
-        (7 / (8 * H100_NVLINK), 7 * 3.4 * US),
+        (7 / (8 * H100_NVLINK), 8.4 * US + 7 * 3.4 * US),
     ]
+    adds = [False, False, True]
     ax = sr_plot.collective_sweep(cases, array_bytes=[1e3, 1e5, 1e7, 1e9])
     for index, (s_per_byte, latency_s) in enumerate(expected):
         volumes, total = xy(ax, f"collective:{index}:total")
@@ -409,7 +412,7 @@ def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
         for v, t, lat, bw in zip(volumes, total, latency, bandwidth, strict=True):
             assert bw == pytest.approx(v * s_per_byte, rel=1e-9)
             assert lat == pytest.approx(latency_s, rel=1e-9)
-            assert t == pytest.approx(max(lat, bw), rel=1e-12)
+            assert t == pytest.approx(lat + bw if adds[index] else max(lat, bw), rel=1e-12)
         [knee_v], [knee_t] = xy(ax, f"collective:{index}:knee")
         assert knee_v == pytest.approx(latency_s / s_per_byte, rel=1e-6)
         assert knee_t == pytest.approx(latency_s, rel=1e-9)

@@ -8,6 +8,7 @@ validator) and ``sharding_roofline.plot`` (matplotlib) are imported on demand.
 from .collectives import Bound as Bound
 from .collectives import Collective as Collective
 from .collectives import CollectiveCost as CollectiveCost
+from .collectives import Combine as Combine
 from .collectives import collective_cost as collective_cost
 from .crossover import Crossover as Crossover
 from .crossover import crossover as crossover
@@ -47,6 +48,7 @@ __all__ = [
     "ChipSpec",
     "Collective",
     "CollectiveCost",
+    "Combine",
     "ConfigError",
     "Cost",
     "Crossover",

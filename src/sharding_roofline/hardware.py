@@ -216,8 +216,11 @@ class NvlinkSpec:
 
     gpus_per_domain: int
     bytes_per_s_per_gpu_per_direction: float
-    latency_s: float
+    latency_s: float  # per ring step over NVLink (NCCL hwLatencies[NVLINK][RING][SIMPLE])
     source: str
+    #: NCCL's fixed latency of one ring collective (baseLatencies[RING][SIMPLE]), paid once
+    #: per AllGather/ReduceScatter/AllReduce on top of the per-step latencies; 0: none.
+    ring_base_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gpus_per_domain < 1:
@@ -226,6 +229,8 @@ class NvlinkSpec:
             "[nvlink]", "bytes_per_s_per_gpu_per_direction", self.bytes_per_s_per_gpu_per_direction
         )
         _positive("[nvlink]", "latency_s", self.latency_s)
+        if self.ring_base_latency_s != 0:
+            _positive("[nvlink]", "ring_base_latency_s", self.ring_base_latency_s)
         _sourced("[nvlink]", self.source)
 
 
