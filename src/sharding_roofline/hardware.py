@@ -15,12 +15,13 @@ leaf and spine levels of a GPU fat tree, or the data-center network (DCN) betwee
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from . import limits
 from .dtypes import canonical_dtype
 from .errors import ConfigError, UnknownNameError
+from .limits import check_count, check_number
 
 
 class FrozenMap(Mapping[str, float]):
@@ -80,10 +81,41 @@ class Wraparound(enum.Enum):
     NEVER = "never"
 
 
-def _positive(owner: str, name: str, value: float) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{owner}: {name} must be a positive finite number, got {value!r}")
+def _bandwidth(owner: str, name: str, value: float) -> None:
+    check_number(
+        value,
+        what=f"{owner}: {name}",
+        bounds=limits.BANDWIDTH_BYTES_PER_S,
+        unit="bytes/s",
+        example="4.5e10 for 45 GB/s",
+        error=ConfigError,
+    )
+
+
+def _rate(owner: str, name: str, value: float) -> None:
+    check_number(
+        value,
+        what=f"{owner}: {name}",
+        bounds=limits.FLOPS_PER_S,
+        unit="FLOPs/s",
+        example="1.97e14 for 197 TFLOP/s",
+        error=ConfigError,
+    )
+
+
+def _latency(owner: str, name: str, value: float) -> None:
+    check_number(
+        value,
+        what=f"{owner}: {name}",
+        bounds=limits.LATENCY_S,
+        unit="s",
+        example="1e-6 for 1 us",
+        error=ConfigError,
+    )
+
+
+def _count(owner: str, name: str, value: int, most: int, least: int = 1) -> None:
+    check_count(value, what=f"{owner}: {name}", most=most, least=least, error=ConfigError)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,12 +149,19 @@ class ChipSpec:
                         f"chip {self.name!r}: {table} key {dtype!r} is an alias; "
                         f"write {canonical_dtype(dtype)!r}"
                     )
-                _positive(f"chip {self.name!r}", f"{table}.{dtype}", rate)
+                _rate(f"chip {self.name!r}", f"{table}.{dtype}", rate)
         if not self.peak_flops_per_s:
             raise ConfigError(f"chip {self.name!r}: peak_flops_per_s lists no dtype")
         _sourced(f"chip {self.name!r}", self.source)
-        _positive(f"chip {self.name!r}", "hbm_bytes_per_s", self.hbm_bytes_per_s)
-        _positive(f"chip {self.name!r}", "hbm_capacity_bytes", self.hbm_capacity_bytes)
+        _bandwidth(f"chip {self.name!r}", "hbm_bytes_per_s", self.hbm_bytes_per_s)
+        check_number(
+            self.hbm_capacity_bytes,
+            what=f"chip {self.name!r}: hbm_capacity_bytes",
+            bounds=limits.CAPACITY_BYTES,
+            unit="bytes",
+            example="17179869184 for 16 GiB",
+            error=ConfigError,
+        )
 
     def peak_flops_per_s_for(self, dtype: str) -> float:
         """Peak dense matmul FLOPs/s for ``dtype``; a clear error if the chip lacks it."""
@@ -158,22 +197,20 @@ class IciSpec:
     max_cubes: int = 0
 
     def __post_init__(self) -> None:
-        _positive("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
-        _positive("[ici]", "hop_latency_s", self.hop_latency_s)
+        _bandwidth("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
+        _latency("[ici]", "hop_latency_s", self.hop_latency_s)
         _sourced("[ici]", self.source)
         if self.num_torus_dims not in (1, 2, 3):
             raise ConfigError(f"[ici]: num_torus_dims must be 1, 2 or 3, got {self.num_torus_dims}")
-        if len(self.max_shape) != self.num_torus_dims or min(self.max_shape) < 1:
+        if len(self.max_shape) != self.num_torus_dims:
             raise ConfigError(
                 f"[ici]: max_shape {list(self.max_shape)} must list {self.num_torus_dims} "
                 "positive sizes, one per torus dimension"
             )
-        if self.cube_edge < 1:
-            raise ConfigError(f"[ici]: cube_edge must be >= 1, got {self.cube_edge}")
-        if self.max_cubes < 0:
-            raise ConfigError(
-                f"[ici]: max_cubes must be >= 0 (0: no cube rule), got {self.max_cubes}"
-            )
+        for size in self.max_shape:
+            _count("[ici]", "max_shape entry", size, most=2**16)
+        _count("[ici]", "cube_edge", self.cube_edge, most=64)
+        _count("[ici]", "max_cubes", self.max_cubes, most=2**20, least=0)
 
     @property
     def links_per_chip(self) -> int:
@@ -223,14 +260,13 @@ class NvlinkSpec:
     ring_base_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.gpus_per_domain < 1:
-            raise ConfigError(f"[nvlink]: gpus_per_domain must be >= 1, got {self.gpus_per_domain}")
-        _positive(
+        _count("[nvlink]", "gpus_per_domain", self.gpus_per_domain, most=2**16)
+        _bandwidth(
             "[nvlink]", "bytes_per_s_per_gpu_per_direction", self.bytes_per_s_per_gpu_per_direction
         )
-        _positive("[nvlink]", "latency_s", self.latency_s)
+        _latency("[nvlink]", "latency_s", self.latency_s)
         if self.ring_base_latency_s != 0:
-            _positive("[nvlink]", "ring_base_latency_s", self.ring_base_latency_s)
+            _latency("[nvlink]", "ring_base_latency_s (0: none)", self.ring_base_latency_s)
         _sourced("[nvlink]", self.source)
 
 
@@ -254,18 +290,15 @@ class ScaleOutLevel:
 
     def __post_init__(self) -> None:
         owner = f"[[scale_out]] {self.name!r}"
-        if self.children < 0:
-            raise ConfigError(
-                f"{owner}: children must be >= 0 (0 = unbounded), got {self.children}"
-            )
+        _count(owner, "children (0 = unbounded)", self.children, most=2**20, least=0)
         if self.link not in (LinkKind.INFINIBAND, LinkKind.DCN):
             raise ConfigError(
                 f"{owner}: link must be 'infiniband' or 'dcn', got {self.link.value!r}"
             )
-        _positive(
+        _bandwidth(
             owner, "bytes_per_s_per_chip_per_direction", self.bytes_per_s_per_chip_per_direction
         )
-        _positive(owner, "latency_s", self.latency_s)
+        _latency(owner, "latency_s", self.latency_s)
         _sourced(owner, self.source)
 
 
