@@ -217,3 +217,25 @@ def test_fp4_counts_half_a_byte_everywhere() -> None:
     assert cost.elements_out_per_chip == 24
     assert cost.bytes_sent_per_chip == 7 / 8 * 3 * 8 * 0.5  # (g-1)/g of the gathered 12 bytes
     assert cost.group_bytes == 12.0
+
+
+def test_summed_free_letter_is_reduced_before_the_dot_as_xla_does() -> None:
+    """``bd,df->f``: ``b`` is in one operand only and the output drops it. XLA reduces it
+    first (B·D input elements to D: B·D - D adds) and then runs the dot ``d,df->f`` (2DF),
+    not the 2BDF a product over every letter would count (64x more at B=64)."""
+    b, d, f = 64, 512, 256
+    einsum = Einsum.create("bd,df->f", {"b": b, "d": d, "f": f})
+    assert einsum.spec.reduced_first == ("b",)
+    assert einsum.spec.dot_letters == ("d", "f")
+    assert einsum.dot_flops == 2 * d * f
+    assert einsum.reduce_flops == b * d - d
+    assert einsum.flops == 2 * d * f + b * d - d
+    assert 2 * b * d * f / einsum.flops > 40  # what the old count overstated
+    # a plain matmul is unchanged: every letter sits in two of the three arrays
+    mm = Einsum.create("bd,df->bf", {"b": b, "d": d, "f": f})
+    assert mm.spec.reduced_first == ()
+    assert mm.flops == mm.dot_flops == 2 * b * d * f
+    # both operands may hold one: 'ab,cd->' reduces each to a scalar, then multiplies
+    outer = Einsum.create("ab,cd->", {"a": 2, "b": 3, "c": 4, "d": 5})
+    assert outer.reduce_flops == (2 * 3 - 1) + (4 * 5 - 1)
+    assert outer.dot_flops == 2
