@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 
 from .dtypes import canonical_dtype, dtype_bytes
 from .errors import SpecError
 from .hardware import HardwareKind, LinkKind
+from .limits import MAX_ARRAY_ELEMENTS, check_count, shown
 from .mesh import AxisGroup, DeviceMesh, RingSegment, TierSpan
 
 
@@ -68,8 +70,15 @@ _BOOK_NAMES = {
 }
 
 
-def parse_collective(name: str) -> Collective:
+def parse_collective(name: Collective | str) -> Collective:
     """``"all-gather"``, ``"AllGather"`` or ``"all_gather"`` -> ``Collective.ALL_GATHER``."""
+    if isinstance(name, Collective):
+        return name
+    if not isinstance(name, str):
+        raise SpecError(
+            f"a collective is a Collective or a name like 'all-gather', got {name!r}; expected "
+            f"one of {', '.join(k.value for k in Collective)}"
+        )
     key = name.strip().lower().replace("_", "-")
     for kind in Collective:
         if key in (kind.value, kind.book_name.lower()):
@@ -492,13 +501,28 @@ def elements_out_per_chip(kind: Collective, elements_in_per_chip: int, group_siz
 
 def collective_cost(
     mesh: DeviceMesh,
-    kind: Collective,
-    axes: tuple[str, ...] | list[str],
+    kind: Collective | str,
+    axes: tuple[str, ...] | list[str] | str,
     *,
     elements_in_per_chip: int,
     dtype: str,
 ) -> CollectiveCost:
-    """The cost of ``kind`` over mesh ``axes`` on a buffer of ``elements_in_per_chip``."""
+    """The cost of ``kind`` over mesh ``axes`` on a buffer of ``elements_in_per_chip``.
+
+    ``kind`` may be a ``Collective`` or its name (``"all-reduce"``); ``axes`` a sequence of
+    mesh axis names or one name (``"x"``, ``"x,y"``)."""
+    if not isinstance(mesh, DeviceMesh):
+        raise SpecError(f"collective_cost needs a DeviceMesh, got {shown(mesh)}")
+    kind = parse_collective(kind)
+    if isinstance(axes, str):
+        axes = [a.strip() for a in re.split(r"[,+]", axes) if a.strip()]
+    check_count(
+        elements_in_per_chip,
+        what="elements_in_per_chip",
+        most=MAX_ARRAY_ELEMENTS,
+        least=0,
+        error=SpecError,
+    )
     dtype = canonical_dtype(dtype)
     ordered = mesh.ordered(axes)
     r = rate(mesh, kind, ordered)

@@ -44,6 +44,11 @@ _ALIASES: dict[str, str] = {
 
 def canonical_dtype(name: str) -> str:
     """``canonical_dtype("bf16") == "bfloat16"``; raises with the valid names otherwise."""
+    if not isinstance(name, str):
+        raise UnknownNameError(
+            f"a dtype is a name like 'bfloat16', got {name!r}; expected one of "
+            f"{', '.join(DTYPE_BYTES)}"
+        )
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DTYPE_BYTES:

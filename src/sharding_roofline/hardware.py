@@ -59,6 +59,8 @@ class FrozenMap(Mapping[str, float]):
 
 
 def _sourced(owner: str, source: str) -> None:
+    if not isinstance(source, str):
+        raise ConfigError(f"{owner}: source must be text, got {source!r}")
     if not source.strip():
         raise ConfigError(f"{owner}: source is empty; say where the numbers come from")
 
@@ -139,8 +141,15 @@ class ChipSpec:
     vector_flops_per_s: FrozenMap = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigError(f"chip name must be text, got {self.name!r}")
         for table in ("peak_flops_per_s", "vector_flops_per_s"):
             given: Mapping[str, float] = getattr(self, table)
+            if not isinstance(given, Mapping):
+                raise ConfigError(
+                    f"chip {self.name!r}: {table} must map dtype names to FLOPs/s (e.g. "
+                    f"{{'bfloat16': 1.97e14}}), got {given!r}"
+                )
             if not isinstance(given, FrozenMap):  # built in code from a dict: keep it hashable
                 object.__setattr__(self, table, FrozenMap(given))
             for dtype, rate in getattr(self, table).items():
@@ -197,6 +206,11 @@ class IciSpec:
     max_cubes: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.wraparound, Wraparound):
+            raise ConfigError(f"[ici]: wraparound must be a Wraparound, got {self.wraparound!r}")
+        if not isinstance(self.max_shape, tuple):
+            raise ConfigError(f"[ici]: max_shape must be a tuple of sizes, got {self.max_shape!r}")
+        _count("[ici]", "num_torus_dims", self.num_torus_dims, most=3)
         _bandwidth("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
         _latency("[ici]", "hop_latency_s", self.hop_latency_s)
         _sourced("[ici]", self.source)
@@ -290,6 +304,8 @@ class ScaleOutLevel:
 
     def __post_init__(self) -> None:
         owner = f"[[scale_out]] {self.name!r}"
+        if not isinstance(self.link, LinkKind):
+            raise ConfigError(f"{owner}: link must be a LinkKind, got {self.link!r}")
         _count(owner, "children (0 = unbounded)", self.children, most=2**20, least=0)
         if self.link not in (LinkKind.INFINIBAND, LinkKind.DCN):
             raise ConfigError(
@@ -323,6 +339,16 @@ class HardwareSpec:
 
     def __post_init__(self) -> None:
         where = self.path or self.name
+        if not isinstance(self.kind, HardwareKind):
+            raise ConfigError(f"{where}: kind must be 'tpu' or 'gpu', got {self.kind!r}")
+        if not isinstance(self.chip, ChipSpec):
+            raise ConfigError(f"{where}: chip must be a ChipSpec, got {self.chip!r}")
+        if not isinstance(self.scale_out, tuple) or not all(
+            isinstance(level, ScaleOutLevel) for level in self.scale_out
+        ):
+            raise ConfigError(
+                f"{where}: scale_out must be a tuple of ScaleOutLevel, got {self.scale_out!r}"
+            )
         if self.kind is HardwareKind.TPU and (self.ici is None or self.nvlink is not None):
             raise ConfigError(f"{where}: a TPU preset needs an [ici] table and no [nvlink]")
         if self.kind is HardwareKind.GPU and (self.nvlink is None or self.ici is not None):
