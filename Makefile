@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/sharding-roofline run configs/demo.toml --out-dir $(OUT)
+	$(BIN)/sharding-roofline run configs/demo.toml --out-dir $(OUT) --force
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

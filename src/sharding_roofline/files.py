@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterable
@@ -25,6 +26,11 @@ from .limits import MAX_CONFIG_BYTES
 
 #: What matplotlib writes that we accept for a figure.
 FIGURE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+
+
+def slug(text: str) -> str:
+    """A file-name stem from a name: ``"TPU v5e 4x4, free" -> "tpu-v5e-4x4-free"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "plan"
 
 
 def read_config_text(path: str | Path, *, what: str, missing: type[Exception] = ConfigError) -> str:
@@ -80,17 +86,17 @@ def check_output_path(
     existing file is refused unless ``force``; a directory is always refused."""
     out = Path(path)
     allowed = tuple(formats) if formats is not None else None
+    if out.is_dir():
+        raise OutputError(f"cannot write {str(out)!r}: it is a directory; give a file name")
     if allowed is not None:
         suffix = out.suffix.lower().lstrip(".")
         if suffix not in allowed:
-            got = f"'.{suffix}'" if suffix else "no suffix"
+            got = f"'.{suffix}' is not a format we write" if suffix else "it has no suffix"
             names = ", ".join(f".{s}" for s in allowed)
             raise OutputError(
-                f"cannot write {str(out)!r}: {got} is not a format we write; name the file "
-                f"with one of {names} (e.g. {out.with_suffix('.' + allowed[0]).name})"
+                f"cannot write {str(out)!r}: {got}; name the file with one of {names} "
+                f"(e.g. {out.with_suffix('.' + allowed[0]).name}); nothing is appended for you"
             )
-    if out.is_dir():
-        raise OutputError(f"cannot write {str(out)!r}: it is a directory; give a file name")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         what = "is a file, not a directory" if parent.exists() else "does not exist"

@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from ..files import FIGURE_FORMATS, check_output_path, write_atomic
 from ..plans import Plan, Ranking
 from ..report import collectives_summary
 from ..units import format_count, format_seconds
@@ -89,12 +90,21 @@ def figure_png(obj: Axes | Figure, *, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(obj: Axes | Figure, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write the figure holding ``obj`` to ``path`` (format from the suffix); returns it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure_of(obj).savefig(out, dpi=dpi, bbox_inches="tight")
-    return out
+def save_figure(
+    obj: Axes | Figure, path: str | Path, *, dpi: int = 120, force: bool = False
+) -> Path:
+    """Write the figure holding ``obj`` to ``path`` and return it. The format comes from the
+    suffix and must be one of ``files.FIGURE_FORMATS`` (png, pdf, svg); the directory must
+    exist; an existing file is replaced only with ``force``; the write is atomic, and the
+    layout is tight, so no legend outside the Axes is clipped."""
+    out = check_output_path(path, force=force, formats=FIGURE_FORMATS)
+    figure = figure_of(obj)
+    suffix = out.suffix.lower().lstrip(".")
+
+    def write(temporary: Path) -> None:
+        figure.savefig(temporary, dpi=dpi, bbox_inches="tight", format=suffix)
+
+    return write_atomic(out, write)
 
 
 # -- axes formatting ---------------------------------------------------------------------------

@@ -106,6 +106,8 @@ def breakdown(plans: Plans, ax: Axes | None = None, *, overlap: Overlap = Overla
     return ax
 
 
-def save_breakdown(plans: Plans, path: str | Path, *, overlap: Overlap = Overlap.FULL) -> Path:
-    """``breakdown(plans)`` written to ``path`` (the CLI's ``--plot``)."""
-    return save_figure(breakdown(plans, overlap=overlap), path)
+def save_breakdown(
+    plans: Plans, path: str | Path, *, overlap: Overlap = Overlap.FULL, force: bool = False
+) -> Path:
+    """``breakdown(plans)`` written to ``path`` (the CLI's ``--plot``; ``save_figure``'s rules)."""
+    return save_figure(breakdown(plans, overlap=overlap), path, force=force)

@@ -369,6 +369,8 @@ def _rank(ax: Axes, x: float, y: float, index: int, color: str) -> None:
     )
 
 
-def save_roofline(path: str | Path, hardware: Any = None, **kwargs: Any) -> Path:
-    """``roofline(hardware, **kwargs)`` written to ``path``."""
-    return save_figure(roofline(hardware, **kwargs), path)
+def save_roofline(
+    path: str | Path, hardware: Any = None, *, force: bool = False, **kwargs: Any
+) -> Path:
+    """``roofline(hardware, **kwargs)`` written to ``path`` (``save_figure``'s rules)."""
+    return save_figure(roofline(hardware, **kwargs), path, force=force)

@@ -231,9 +231,11 @@ def crossover_panels(
     return figure
 
 
-def save_crossover_sweep(path: str | Path, plans: Plans, **kwargs: Any) -> Path:
-    """``crossover_sweep(plans, **kwargs)`` written to ``path``."""
-    return save_figure(crossover_sweep(plans, **kwargs), path)
+def save_crossover_sweep(
+    path: str | Path, plans: Plans, *, force: bool = False, **kwargs: Any
+) -> Path:
+    """``crossover_sweep(plans, **kwargs)`` written to ``path`` (``save_figure``'s rules)."""
+    return save_figure(crossover_sweep(plans, **kwargs), path, force=force)
 
 
 # -- crossover as the mesh grows ---------------------------------------------------------------
