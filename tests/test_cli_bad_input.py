@@ -314,3 +314,21 @@ def test_run_latin1_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     config = tmp_path / "latin.toml"
     config.write_bytes('title = "caf\xe9"\n'.encode("latin-1"))
     refused(capsys, ["run", str(config)], "not UTF-8 text")
+
+
+def test_run_with_a_user_config_draws_only_its_own_figures(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The demo's fixed chip comparison is drawn only when a config asks for it."""
+    config = _config(tmp_path, PLAN_JOB.format(name="mine", extra="top = 3"), figures=True)
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    names = sorted(p.name for p in out.iterdir())
+    assert "chips_crossover.png" not in names
+    assert "mine_breakdown.png" in names
+    assert "mine_roofline.png" in names
+    assert set(names) <= {
+        "report.md", "results.json", "collectives.png",
+        "mine_breakdown.png", "mine_roofline.png", "mine_crossover.png",
+    }  # fmt: skip

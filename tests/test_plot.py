@@ -19,6 +19,7 @@ import pytest
 matplotlib.use("Agg")
 
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
@@ -522,3 +523,86 @@ def test_plotting_never_imports_pyplot() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
     assert result.returncode == 0, result.stderr.decode()
+
+
+# -- hundreds of strategies ------------------------------------------------------------------
+
+
+def _many() -> tuple[list[Plan], DeviceMesh]:
+    """Every strategy of a matmul on a v5e 4x4 (x and y are both lines of 4: symmetric)."""
+    einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=4,y=4", "4x4")
+    return list(plan(einsum, mesh, top=None).strategies), mesh
+
+
+def test_symmetric_strategies_merge_into_one_row_with_a_count() -> None:
+    strategies, _ = _many()
+    rows = sr_plot.merge_symmetric(strategies)
+    assert len(rows) < len(strategies)
+    assert sum(count for _, count in rows) == len(strategies)
+    for item, count in rows:
+        twins = [p for p in strategies if sr_plot.symmetry_key(p) == sr_plot.symmetry_key(item)]
+        assert len(twins) == count
+        for twin in twins:  # the same cost, really: merging hides nothing
+            assert twin.cost.compute_s == pytest.approx(item.cost.compute_s, rel=1e-12)
+            assert twin.cost.comm_s == pytest.approx(item.cost.comm_s, rel=1e-12)
+            assert twin.cost.hbm_s == pytest.approx(item.cost.hbm_s, rel=1e-12)
+    assert any(count > 1 for _, count in rows)
+
+
+def test_breakdown_of_hundreds_of_strategies_shows_the_top_distinct_ones() -> None:
+    strategies, _ = _many()
+    ax = sr_plot.breakdown(strategies, top=8)
+    rows = sr_plot.merge_symmetric(strategies)[:8]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 8
+    for row, (label, (item, count)) in enumerate(zip(labels, rows, strict=True)):
+        assert label.startswith(f"#{row + 1}  ")
+        assert label.endswith(f"(x{count} by symmetry)") == (count > 1)
+        [tick], _ = xy(ax, f"estimate:{row}")
+        assert tick * 1e-3 == pytest.approx(item.cost.time_s(Overlap.FULL), rel=1e-9)
+    title = ax.get_title()
+    assert "bd,df->bf (b=8192,d=8192,f=32768) bfloat16 on tpu-v5e x=4,y=4" in title
+    assert f"8 of {len(sr_plot.merge_symmetric(strategies))} distinct strategies" in title
+    assert f"{len(strategies)} before merging" in title
+
+
+def test_roofline_labels_only_the_top_strategies() -> None:
+    strategies, _ = _many()
+    ax = sr_plot.roofline(plans=strategies, top=3)
+    drawn = [a.get_gid() for a in ax.get_lines() if str(a.get_gid()).startswith("strategy:")]
+    drawn = [gid for gid in drawn if str(gid).endswith(":hbm")]
+    assert drawn == ["strategy:0:hbm", "strategy:1:hbm", "strategy:2:hbm"]
+    assert "bd,df->bf" in ax.get_title()
+    assert f"best 3 of {len(strategies)}" in ax.get_title()
+
+
+def test_crossover_labels_never_overlap() -> None:
+    """Strategies whose crossovers lie close together get one label row each."""
+    einsum = Einsum.create("bd,df->bf", "b=65536,d=8192,f=32768")
+    talking = []
+    for preset, topology in (("tpu-v5e", "2x4"), ("tpu-v5p", "2x2x2"), ("h100", "1x8")):
+        mesh = DeviceMesh.create(load_preset(preset), "x=8", topology)
+        fsdp = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
+        talking.append(fsdp.find(b="x", d="", f=""))
+    assert all(crossover(p).size is not None for p in talking)
+    ax = sr_plot.crossover_sweep(talking)
+    labels = [t for t in ax.texts if str(t.get_gid()).endswith(":label")]
+    assert len(labels) >= 2
+    rows = sorted(t.xyann[1] for t in labels)
+    gaps = [b - a for a, b in zip(rows, rows[1:], strict=False)]
+    assert min(gaps) == pytest.approx(sr_plot.sweeps.LABEL_STEP)
+    assert "bd,df->bf" in ax.get_title()
+
+
+def test_saved_legends_are_not_clipped(tmp_path: Path) -> None:
+    """The legend sits outside the Axes; the saved figure's tight box must contain it."""
+    strategies, _ = _many()
+    ax = sr_plot.breakdown(strategies[:3])
+    figure = sr_plot.figure_of(ax)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    tight = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)
+    assert tight.x1 >= legend.x1 - 1
+    sr_plot.save_breakdown(strategies[:3], tmp_path / "b.pdf")
+    assert (tmp_path / "b.pdf").read_bytes().startswith(b"%PDF")

@@ -15,7 +15,7 @@ from ..planner import plan
 from ..plans import Plan, Ranking
 from ..presets import load_preset
 from ..report import collectives_summary
-from ._figure import InlineFigure, Plans, save_figure
+from ._figure import InlineFigure, Plans, problem_text, save_figure
 from .breakdowns import save_breakdown
 from .messages import CollectiveCase, save_collective_sweep
 from .roofs import group_text, save_roofline
@@ -104,14 +104,22 @@ def save_demo_figures(
     cases: dict[tuple[str, float, float], CollectiveCase] = {}  # equal links: one line
     for name, ranking in named.items():
         stem = slug(name)
-        written.append(save_breakdown(ranking, out / f"{stem}_breakdown.png", force=force))
+        problem = problem_text(ranking.strategies[0])
+        written.append(
+            save_breakdown(
+                ranking, out / f"{stem}_breakdown.png", force=force, title=f"{name}\n{problem}"
+            )
+        )
         top = list(ranking.strategies[:5])
-        written.append(save_roofline(out / f"{stem}_roofline.png", plans=top, force=force))
+        path = out / f"{stem}_roofline.png"
+        written.append(save_roofline(path, plans=top, force=force, title=f"{name}\n{problem}"))
         talking = _distinct_talkers(ranking.strategies)
         if talking:
             path = out / f"{stem}_crossover.png"
+            letter = _telling(talking)
+            title = f"{name}: compute vs communication as {letter.upper()} grows\n{problem}"
             written.append(
-                save_crossover_sweep(path, talking, dimension=_telling(talking), force=force)
+                save_crossover_sweep(path, talking, dimension=letter, force=force, title=title)
             )
         mesh = ranking.mesh
         for axis in (a.name for a in mesh.axes if a.size > 1):
