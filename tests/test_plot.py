@@ -18,6 +18,8 @@ import pytest
 
 matplotlib.use("Agg")
 
+import itertools
+
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D
@@ -590,7 +592,7 @@ def test_crossover_labels_never_overlap() -> None:
     labels = [t for t in ax.texts if str(t.get_gid()).endswith(":label")]
     assert len(labels) >= 2
     rows = sorted(t.xyann[1] for t in labels)
-    gaps = [b - a for a, b in zip(rows, rows[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(rows)]
     assert min(gaps) == pytest.approx(sr_plot.sweeps.LABEL_STEP)
     assert "bd,df->bf" in ax.get_title()
 
