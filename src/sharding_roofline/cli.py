@@ -58,7 +58,12 @@ def _mesh_args(parser: argparse.ArgumentParser) -> None:
 
 def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> None:
     _mesh_args(parser)
-    parser.add_argument("--einsum", required=True, help="two-operand equation, e.g. bd,df->bf")
+    parser.add_argument(
+        "--einsum",
+        required=True,
+        help="two-operand equation, quoted: --einsum 'bd,df->bf' (unquoted, the shell reads "
+        "> as a redirect)",
+    )
     parser.add_argument(
         "--dims", required=True, help="global size of every letter: b=8192,d=8192,f=32768"
     )
