@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/planner_speed.py
 	$(BIN)/python benchmarks/validation_speed.py
 	$(BIN)/python benchmarks/xla_agreement.py --random 500
+	$(BIN)/python benchmarks/validate_512.py
 
 # Mutation testing of the cost core (collectives.py, mesh.py) with a fast test selection
 # ([tool.mutmut] in pyproject.toml); about 10 minutes on 2 cores, so not part of `make test`.
