@@ -286,6 +286,7 @@ def test_a_size_one_group_has_no_terms_no_link_and_zero_bytes() -> None:
         assert cost.group_size == 1
     rate = group_rate(Collective.ALL_GATHER, mesh.group(("one",)))
     assert (rate.s_per_byte, rate.latency_s, rate.link, rate.group_size) == (0.0, 0.0, "", 1)
+    assert rate.kind is Collective.ALL_GATHER
     assert rate.time_s(1.0) == 0.0
 
 
@@ -343,7 +344,7 @@ def test_alltoall_scales_each_tiers_share_by_the_square_of_its_chips() -> None:
     mesh = DeviceMesh.create(load_preset("h100"), "node=2,gpu=8", "2x8")
     group = mesh.group(("node", "gpu"))
     nvlink_span = next(span for span in group.spans if span.tier.name == "nvlink")
-    v = 1.0
+    v = 2.0**40  # large, so the seconds are not below pytest.approx's absolute tolerance
     expected = (8 - 1) * 1 * (v * (8 / 16) ** 2) / 8**2 / 450e9
     got = _span_time(Collective.ALL_TO_ALL, nvlink_span, v, group.size)
     assert got.bandwidth_s == pytest.approx(expected, rel=1e-12)
@@ -394,3 +395,9 @@ def test_describe_axis_names_the_links() -> None:
     assert split.describe_axis("tp") == "tp=16: nvlink across 8; leaf across 2, 8 chips each"
     one = DeviceMesh.create(load_preset("tpu-v5e"), "one=1,x=8", "8")
     assert one.describe_axis("one") == "one=1: one chip"
+    every2 = DeviceMesh.create(load_preset("tpu-v5e"), "x=4,y=2", "8")
+    assert every2.describe_axis("x") == "x=4: ici line of 4, every 2th chip"
+    pairs = DeviceMesh.create(load_preset("h100"), "node=2,tp=4", "2x4")
+    assert pairs.describe_axis("node") == "node=2: leaf across 2"
+    two_per = DeviceMesh.create(load_preset("h100"), "x=2,tp=4", "4x2")
+    assert two_per.describe_axis("tp") == "tp=4: nvlink across 2; leaf across 2, 2 chips each"
