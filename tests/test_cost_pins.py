@@ -22,7 +22,8 @@ from sharding_roofline.collectives import (
     torus_all_to_all,
     torus_permute,
 )
-from sharding_roofline.mesh import AxisFactor, MeshAxis, RingSegment, _segment
+from sharding_roofline.errors import UnknownNameError
+from sharding_roofline.mesh import AxisFactor, MeshAxis, RingSegment, _segment, parse_mesh_axes
 
 BF16 = 2
 US = 1e-6
@@ -401,3 +402,13 @@ def test_describe_axis_names_the_links() -> None:
     assert pairs.describe_axis("node") == "node=2: leaf across 2"
     two_per = DeviceMesh.create(load_preset("h100"), "x=2,tp=4", "4x2")
     assert two_per.describe_axis("tp") == "tp=4: nvlink across 2; leaf across 2, 2 chips each"
+
+
+def test_unknown_axes_and_zero_sizes_are_named() -> None:
+    mesh = _strided()
+    with pytest.raises(UnknownNameError, match=r"unknown mesh axis 'q'; the mesh \(x=2,y=4\)"):
+        mesh.axis_size("q")
+    with pytest.raises(UnknownNameError, match=r"unknown mesh axis 'q'"):
+        mesh.factors("q")
+    with pytest.raises(TopologyError, match=r"size of 'x' = 0 is outside 1 to"):
+        parse_mesh_axes("x=0,y=4")
