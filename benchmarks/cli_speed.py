@@ -58,7 +58,11 @@ def main() -> int:
     plan_beyond = medians["plan --json (209 strategies)"] - startup
     print(f"CPU seconds per process, median of {RUNS}")
     for name, seconds in medians.items():
-        beyond = "" if "start-up" in name or "pass" in name else f"  ({(seconds - startup) * 1e3:+.0f} ms beyond start-up)"
+        beyond = (
+            ""
+            if "start-up" in name or "pass" in name
+            else f"  ({(seconds - startup) * 1e3:+.0f} ms beyond start-up)"
+        )
         print(f"  {name:<36} {seconds * 1e3:7.1f} ms{beyond}")
     ok = startup < 0.150 and plan_beyond < 0.050
     print(

@@ -67,10 +67,10 @@ def main() -> int:
         def one_einsum(matmul: Einsum = matmul, mesh: DeviceMesh = mesh) -> None:
             Planner(matmul, mesh, check_memory=False).search(top=None)
 
-        def named(program=program, mesh=mesh, strategies=strategies) -> None:  # noqa: ANN001
+        def named(program=program, mesh=mesh, strategies=strategies) -> None:
             compare(program, mesh, strategies)
 
-        def layout_search(program=program, mesh=mesh) -> None:  # noqa: ANN001
+        def layout_search(program=program, mesh=mesh) -> None:
             search(program, mesh, top=5)
 
         baseline = _median_s(one_einsum)
@@ -103,8 +103,10 @@ def main() -> int:
         f"{'one einsum':>11} {'named/1':>8} {'search/1':>9}  targets"
     )
     for r in rows:
-        targets = ("ok" if r["named_under_50ms"] else "MISSED <50ms") + ", " + (
-            "ok" if r["search_under_1s"] else "MISSED <1s"
+        targets = (
+            ("ok" if r["named_under_50ms"] else "MISSED <50ms")
+            + ", "
+            + ("ok" if r["search_under_1s"] else "MISSED <1s")
         )
         print(
             f"{r['hardware'] + ' ' + r['mesh']:<26} {r['ops']:>4} {r['named_strategies']:>6} "
@@ -112,7 +114,9 @@ def main() -> int:
             f"{r['one_einsum_all_strategies_s'] * 1e3:>9.1f}ms {r['named_over_one_einsum']:>8.2f} "
             f"{r['search_over_one_einsum']:>9.1f}  {targets}"
         )
-        print(f"{'':<26} best: {r['best']} (beats the best named by {r['beats_best_named_by']:.1%})")
+        print(
+            f"{'':<26} best: {r['best']} (beats the best named by {r['beats_best_named_by']:.1%})"
+        )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps({"about": __doc__.strip().splitlines()[0], "cases": rows}, indent=2) + "\n",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .collectives import Bound as Bound
 from .collectives import Collective as Collective
 from .collectives import CollectiveCost as CollectiveCost
+from .collectives import Combine as Combine
 from .collectives import collective_cost as collective_cost
 from .crossover import Crossover as Crossover
 from .crossover import crossover as crossover
@@ -123,6 +124,7 @@ __all__ = [
     "ChipSpec",
     "Collective",
     "CollectiveCost",
+    "Combine",
     "ConfigError",
     "Cost",
     "CriticalBatch",

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
@@ -15,8 +17,10 @@ from .collectives import Collective, collective_cost, parse_collective
 from .einsum import Einsum
 from .errors import ShardingRooflineError, SpecError
 from .estimate import Overlap
+from .files import FIGURE_FORMATS, check_output_path
 from .mesh import DeviceMesh
 from .planner import Planner
+from .plans import Plan
 from .presets import list_presets, load_preset
 from .program.cli import add_layer_parser
 from .program.model_cli import add_model_parser
@@ -34,7 +38,7 @@ from .report import (
     plan_dict,
     ranking_dict,
 )
-from .sharding import ShardingSpec, subscript, unreduced_suffix
+from .sharding import ShardingSpec, parse_array_shape, subscript, unreduced_suffix
 from .xla.cli import add_validate_arguments
 from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers
 
@@ -59,7 +63,12 @@ def _mesh_args(parser: argparse.ArgumentParser, *, mesh_required: bool = True) -
 
 def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> None:
     _mesh_args(parser)
-    parser.add_argument("--einsum", required=True, help="two-operand equation, e.g. bd,df->bf")
+    parser.add_argument(
+        "--einsum",
+        required=True,
+        help="two-operand equation, quoted: --einsum 'bd,df->bf' (unquoted, the shell reads "
+        "> as a redirect)",
+    )
     parser.add_argument(
         "--dims", required=True, help="global size of every letter: b=8192,d=8192,f=32768"
     )
@@ -101,8 +110,11 @@ def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> No
         help="what to call the operands and the result in printed layouts (default lhs,rhs,out)",
     )
     parser.add_argument(
-        "--plot", metavar="FILE.png", help="also draw the strategy breakdown to this file"
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the strategy breakdown to this file (.png, .pdf or .svg)",
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing --plot file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
     run.add_argument("--out-dir", default="out", help="where to write the report and figures")
+    run.add_argument("--force", action="store_true", help="replace files already in --out-dir")
     return parser
 
 
@@ -213,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"sharding-roofline: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("sharding-roofline: interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # pragma: no cover - e.g. piped into head
         return 0
 
@@ -246,7 +262,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
 
-        run_config(args.config, args.out_dir)
+        run_config(args.config, args.out_dir, force=args.force)
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
@@ -261,15 +277,39 @@ def _emit(
     if args.json:
         # one line: json's C encoder (an indent would take its pure-Python path, 5x slower
         # on a ranking of hundreds of plans); pipe into `python -m json.tool` or jq to read
-        try:
-            print(json.dumps(data() if callable(data) else data, allow_nan=False))
-        except ValueError as exc:  # a NaN or infinity: a bug or a degenerate input
-            raise ShardingRooflineError(
-                f"a result is not a finite number ({exc}), so it has no JSON form; check the "
-                "inputs for zero or absurd sizes and rates"
-            ) from None
+        print(json_text(data() if callable(data) else data))
     else:
         print(text() if callable(text) else text)
+
+
+def json_text(data: dict[str, Any]) -> str:
+    """``data`` as JSON, refusing NaN and infinities (JSON has none: a parser would choke
+    on the ``Infinity`` Python writes by default)."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:
+        bad = _non_finite(data)
+        raise ShardingRooflineError(
+            f"the result holds a non-finite number ({bad}), which JSON cannot represent; "
+            "check the hardware numbers (a rate or bandwidth near 0 or overflowing)"
+        ) from None
+
+
+def _non_finite(value: Any, where: str = "") -> str:
+    """The path of the first NaN or infinity in ``value`` (``strategies[0].time_s.comm``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where or 'value'} = {value}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _non_finite(item, f"{where}[{index}]")
+            if found:
+                return found
+    return ""
 
 
 def _hardware(args: argparse.Namespace) -> int:
@@ -295,10 +335,7 @@ def _collective(args: argparse.Namespace) -> int:
     if not axes:
         raise SpecError("--axes names no mesh axis; give one or more, e.g. --axes y or --axes x,y")
     ordered = mesh.ordered(axes)
-    try:
-        shape = tuple(int(s) for s in args.shape.replace("x", ",").split(","))
-    except ValueError:
-        raise SpecError(f"--shape {args.shape!r} must be sizes like 2048,8192") from None
+    shape = parse_array_shape(args.shape)
     axis_size = {a.name: a.size for a in mesh.axes}
     spec = ShardingSpec.parse(args.spec or None, rank=len(shape))
     letters = _LETTERS[: len(shape)]
@@ -455,6 +492,9 @@ def _crossover(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    plot_path = None
+    if args.plot:  # checked before any work, so a bad path costs nothing
+        plot_path = check_output_path(args.plot, force=args.force, formats=FIGURE_FORMATS)
     mesh = make_mesh(args)
     einsum = make_einsum(args)
     overlap = Overlap(args.overlap)
@@ -484,6 +524,7 @@ def _plan(args: argparse.Namespace) -> int:
                 result,
                 format_plan(best, overlap=overlap) + "\n\n" + format_validation(result),
             )
+            _plot(args, plot_path, plans, overlap)
             return 1 if result["verdict"] == "mismatch" else 0
         data = plan_dict(best, overlap=overlap, crossover_dim=cross)
         data["alternatives"] = alternatives_dict(ranking)
@@ -524,11 +565,18 @@ def _plan(args: argparse.Namespace) -> int:
                 lambda: ranking_dict(ranking, crossover_dim=cross),
                 lambda: format_ranking(ranking, crossover_dim=cross),
             )
-    if args.plot:
-        from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
-
-        save_breakdown(plans, args.plot, overlap=overlap)
+    _plot(args, plot_path, plans, overlap)
     return 0
+
+
+def _plot(args: argparse.Namespace, path: Path | None, plans: list[Plan], overlap: Overlap) -> None:
+    """Draw ``--plot`` (its path was checked before any work) and say where it went."""
+    if path is None:
+        return
+    from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
+
+    written = save_breakdown(plans, path, overlap=overlap, force=args.force)
+    print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .collectives import Collective, combine_terms_s
+from .collectives import Collective, Combine, combine_terms_s
 from .dtypes import dtype_bytes
 from .plans import Plan
 
@@ -65,6 +65,8 @@ class ScaledTerm(NamedTuple):
     scales: bool
     #: the physical dimensions whose links it uses (``DeviceMesh.link_resources``)
     resources: tuple[int, ...] = ()
+    #: how its two terms make one time (``combine_terms_s``: max on TPU links, NCCL's sum)
+    combine: Combine | None = None
 
 
 def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
@@ -82,6 +84,7 @@ def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
                 cost.latency_s,
                 dimension in letters,
                 plan.mesh.link_resources(cost.axes),
+                cost.combine,
             )
         )
     return out
@@ -93,7 +96,9 @@ def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
     those on the same links one after another (the busiest link's total)."""
     busy: dict[object, float] = {}
     for t in terms:
-        seconds = combine_terms_s(t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s)
+        seconds = combine_terms_s(
+            t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s, t.combine
+        )
         for resource in t.resources or (t.kind,):
             busy[resource] = busy.get(resource, 0.0) + seconds
     return max(busy.values(), default=0.0)
@@ -282,7 +287,7 @@ def axis_limit(plan: Plan, axis: str) -> float | None:
     if not any(axis in axes for _, axes in plan.assignment):
         return None
     comm = sum(
-        combine_terms_s(step.cost.kind, step.cost.bandwidth_s, step.cost.latency_s)
+        step.cost.time_s
         for step in plan.collectives
         if step.cost is not None and axis in step.cost.axes
     )

@@ -64,3 +64,7 @@ class PlanError(ShardingRooflineError, ValueError):
 
 class ValidationError(ShardingRooflineError, RuntimeError):
     """The XLA validator could not compile, run or read a program."""
+
+
+class OutputError(ShardingRooflineError, ValueError):
+    """An output path cannot be written as asked (format, directory, existing file)."""

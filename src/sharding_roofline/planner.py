@@ -90,7 +90,7 @@ class _Context:
     axis_size: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     letters: dict[str, str] = field(default_factory=dict)
-    itemsize: dict[str, int] = field(default_factory=dict)
+    itemsize: dict[str, float] = field(default_factory=dict)
     peak_flops_per_s: float = 0.0
     hbm_bytes_per_s: float = 0.0
     hbm_capacity_bytes: float = 0.0
@@ -210,7 +210,7 @@ class _Candidate(NamedTuple):
     key: tuple[Any, ...]
     sigma: tuple[tuple[str, ...], ...]
     out: Dims
-    memory_bytes: int
+    memory_bytes: float
 
 
 def _outside(allowed: tuple[str, ...], *paths: _Path) -> tuple[str, ...]:
@@ -408,7 +408,7 @@ class Planner:
         rhs_op = _sigma_dims(sigma, spec.rhs)
         local = _sigma_dims(sigma, spec.out)
         unreduced = tuple(axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c])
-        flops = 2
+        local_sizes: dict[str, int] = {}
         for letter, axes in sigma.items():
             pieces = ctx.pieces(axes)
             if ctx.sizes[letter] % pieces:
@@ -420,7 +420,8 @@ class Planner:
                     ),
                 )
                 return
-            flops *= ctx.sizes[letter] // pieces
+            local_sizes[letter] = ctx.sizes[letter] // pieces
+        flops = spec.flops(local_sizes)
         stored_lhs = self.fixed.get("lhs", lhs_op)
         stored_rhs = self.fixed.get("rhs", rhs_op)
         pre_l = ctx.path("lhs", stored_lhs, lhs_op) if stored_lhs != lhs_op else _EMPTY
@@ -604,8 +605,8 @@ class Planner:
             steps.extend(self._steps(role, ctx.path(role, src, dst, u).steps))
         post = ctx.path("out", local, candidate.out, unreduced)
         steps.extend(self._steps("out", post.steps))
-        flops = 2 * math.prod(
-            ctx.sizes[c] // math.prod(ctx.axis_size[a] for a in sigma[c]) for c in self.letters
+        flops = self.einsum.spec.flops(
+            {c: ctx.sizes[c] // math.prod(ctx.axis_size[a] for a in sigma[c]) for c in self.letters}
         )
         hbm_bytes = sum(
             ctx.elements(role, dims) * ctx.itemsize[role]
@@ -652,7 +653,7 @@ class Planner:
             operation=operation,
             steps=tuple(steps),
             cost=cost,
-            peak_memory_bytes=candidate.memory_bytes,
+            peak_memory_bytes=math.ceil(candidate.memory_bytes),  # fp4 packs two per byte
         )
 
     def _steps(self, role: str, raw: tuple[RawStep, ...]) -> list[Step]:

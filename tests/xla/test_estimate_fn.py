@@ -68,7 +68,8 @@ def mlp(x: Any, w1: Any, w2: Any) -> Any:
 
 def book_all_reduce_s(hardware: str, v_bytes: float) -> float:
     """AllReduce of V bytes per chip over y (4 chips) of the 2x4 mesh: twice a
-    ReduceScatter (= an AllGather), the larger of the bandwidth and latency terms."""
+    ReduceScatter (= an AllGather): on TPU the larger of the bandwidth and latency terms,
+    on GPU their sum plus NCCL's base latency (NCCL's model, src/graph/tuning.cc)."""
     if hardware == "tpu-v5p":
         # y spans two dims of 2 chips of a 2x2x2 slice, no wraparound (v5p wraps only on
         # full 4x4x4 cubes): per line of X chips T = V·(X-1)/(X·W_uni), the two lines in
@@ -78,10 +79,11 @@ def book_all_reduce_s(hardware: str, v_bytes: float) -> float:
         latency = lines * (x_chips - 1) * 1e-6
     else:
         # 4 GPUs of one NVLink node: T = V·(D-1)/(D·W), W = 450 GB/s per GPU each way
-        # (gpus.md); latency: D-1 ring steps of 3.4 us (NCCL's NVLink ring latency).
+        # (gpus.md); latency: 8.4 us once plus 2(D-1) ring steps of 3.4 us (NCCL's NVLink
+        # ring latency), added to the bandwidth term.
         w_gpu, d_gpus = 4.5e11, 4
         gather = v_bytes * (d_gpus - 1) / (d_gpus * w_gpu)
-        latency = (d_gpus - 1) * 3.4e-6
+        return 2 * gather + 8.4e-6 + 2 * (d_gpus - 1) * 3.4e-6
     return max(2 * gather, 2 * latency)
 
 

@@ -144,13 +144,14 @@ def _provenance(calibration: Calibration, detail: str) -> str:
 def gemm_dims(einsum: Einsum) -> tuple[int, int, int, int]:
     """``(batch, m, n, k)`` of a two-operand einsum seen as a batched GEMM: batch letters
     (in both operands and the output), lhs-only free letters (m), rhs-only free letters (n),
-    and every other letter (contracted, or summed within one operand) folded into k; each
-    group multiplied together, so ``2·batch·m·n·k == einsum.flops``."""
+    and the contracted letters folded into k; each group multiplied together, so
+    ``2·batch·m·n·k == einsum.dot_flops``. Letters summed within one operand are reduced out
+    of it before the dot (``einsum.reduce_flops``, vector work) and are not the GEMM's."""
     spec = einsum.spec
     batch_letters = set(spec.batch)
     m_letters = {c for c in spec.lhs if c in spec.out and c not in spec.rhs}
     n_letters = {c for c in spec.rhs if c in spec.out and c not in spec.lhs}
-    k_letters = set(spec.letters) - batch_letters - m_letters - n_letters
+    k_letters = set(spec.contracting)
     batch = math.prod(einsum.size(c) for c in sorted(batch_letters))
     m = math.prod(einsum.size(c) for c in sorted(m_letters))
     n = math.prod(einsum.size(c) for c in sorted(n_letters))

@@ -194,7 +194,7 @@ def _round_up(value: int, tile: int) -> int:
     return -(-value // tile) * tile
 
 
-def matmul_bytes(fit: MatmulFit, *, m: int, n: int, k: int, batch: int = 1) -> int:
+def matmul_bytes(fit: MatmulFit, *, m: int, n: int, k: int, batch: int = 1) -> float:
     """HBM bytes of ``[b,m,k]·[b,k,n] -> [b,m,n]`` in the fit's dtypes (each operand once)."""
     return batch * (
         m * k * dtype_bytes(fit.lhs_dtype)

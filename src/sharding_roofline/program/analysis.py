@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..collectives import combine_terms_s
 from ..crossover import Crossover, ScaledTerm, solve_crossover
 from .evaluate import _PASS, ProgramPlan
 
@@ -45,6 +44,7 @@ def program_terms(
                     cost.latency_s * plan.layers,
                     letter in letters,
                     plan.mesh.link_resources(cost.axes),
+                    cost.combine,
                 )
             )
     return out
@@ -168,7 +168,7 @@ def max_model_parallel(plan: ProgramPlan) -> float | None:
             for step in op.collectives:
                 c = step.cost
                 if c is not None and c.group_size > 1 and set(c.axes) <= tp:
-                    comm += combine_terms_s(c.kind, c.bandwidth_s, c.latency_s) * plan.layers
+                    comm += c.time_s * plan.layers
         if comm == 0:
             continue
         limit = cost.compute_s * degree / comm

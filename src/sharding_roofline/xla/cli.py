@@ -9,12 +9,15 @@ JAX operation in the process before it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sharding_roofline.dtypes import dtype_bytes
 from sharding_roofline.errors import ValidationError
+from sharding_roofline.limits import MAX_SIMULATED_DEVICES
 from sharding_roofline.plans import Plan
 from sharding_roofline.report import table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
@@ -23,8 +26,11 @@ if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
     from .compare import Validation
 
 __all__ = [
+    "EXECUTE_BUDGET_BYTES",
     "Progress",
     "add_validate_arguments",
+    "check_execute_memory",
+    "execute_bytes",
     "format_validation",
     "format_validations",
     "run_validate",
@@ -63,12 +69,60 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
 
     needed = max(plan.mesh.num_devices for plan in plans)
     asked = getattr(args, "devices", None)
+    if asked is not None and not 1 <= asked <= MAX_SIMULATED_DEVICES:
+        raise ValidationError(
+            f"--devices {asked} is outside 1 to {MAX_SIMULATED_DEVICES}, the simulated CPU "
+            f"devices the validator starts; pass --devices {needed} (the mesh's count) or leave "
+            "it out"
+        )
+    if needed > MAX_SIMULATED_DEVICES:
+        raise ValidationError(
+            f"the mesh has {needed} devices, more than the {MAX_SIMULATED_DEVICES} simulated "
+            "CPU devices the validator starts; validate a smaller mesh of the same shape"
+        )
+    if getattr(args, "execute", False):
+        for plan in plans:
+            check_execute_memory(plan)
     if asked is not None and asked < needed:
         raise ValidationError(
             f"--devices {asked} is fewer than the {needed} devices of the mesh "
             f"({plans[0].mesh.spec_text}); pass --devices {needed} or more, or leave it out"
         )
     ensure_devices(asked if asked is not None else needed)
+
+
+#: The most host memory ``--execute`` may use (simulated devices share the host's RAM).
+EXECUTE_BUDGET_BYTES = 4 * 1024**3
+
+
+def execute_bytes(plan: Plan) -> int:
+    """An estimate of the host memory ``--execute`` needs for ``plan``: the global inputs in
+    their dtype and as float64 (numpy's reference), the reference, its scale and each
+    program's result as float64, and on the simulated devices every chip's local operands
+    and result, three times over for the resharded copies."""
+    einsum = plan.einsum
+    elements = {role: math.prod(einsum.shape(role)) for role in ("lhs", "rhs", "out")}
+    itemsize = dtype_bytes(einsum.dtype)
+    host = (elements["lhs"] + elements["rhs"]) * (itemsize + 8) + elements["out"] * 8 * 4
+    axis_size = {axis.name: axis.size for axis in plan.mesh.axes}
+    local = sum(
+        math.prod(spec.local_shape(einsum.shape(role), axis_size))
+        for role, spec in (("lhs", plan.lhs), ("rhs", plan.rhs), ("out", plan.out))
+    )
+    devices = plan.mesh.num_devices * local * max(itemsize, dtype_bytes(einsum.accum_dtype)) * 3
+    return int(host + devices)
+
+
+def check_execute_memory(plan: Plan, budget_bytes: int = EXECUTE_BUDGET_BYTES) -> None:
+    """Refuse ``--execute`` before running anything when it would need more than
+    ``budget_bytes`` of host memory (an estimate: ``execute_bytes``)."""
+    need = execute_bytes(plan)
+    if need > budget_bytes:
+        raise ValidationError(
+            f"--execute on {plan.einsum} would need about {format_bytes(need)} of host memory, "
+            f"more than the {format_bytes(budget_bytes)} it may use; drop --execute (compiling "
+            "needs no data) or validate smaller sizes with the same shardings"
+        )
 
 
 def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
