@@ -167,6 +167,15 @@ def default_shape(hardware: HardwareSpec, mesh_shape: tuple[int, ...]) -> tuple[
     return (total // per_domain, per_domain)
 
 
+def default_mesh_text(topology: Topology) -> str:
+    """The mesh a bare ``--topology`` means: one axis per physical dimension of a TPU slice
+    (``x=16,y=16,z=8``, plus ``slice=N`` first over DCN), ``node=N,gpu=G`` for GPUs."""
+    if topology.hardware.kind is HardwareKind.GPU:
+        gpus = topology.dims[-1].size
+        return f"node={topology.num_devices // gpus},gpu={gpus}"
+    return ",".join(f"{d.name.removeprefix('ici_')}={d.size}" for d in topology.dims)
+
+
 def _nvlink(hardware: HardwareSpec) -> NvlinkSpec:
     if hardware.nvlink is None:  # HardwareSpec checks this on load; a hand-built spec may not
         raise TopologyError(f"{hardware.name} is a GPU preset without an [nvlink] table")

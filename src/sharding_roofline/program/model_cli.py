@@ -33,7 +33,8 @@ def add_model_parser(sub: Any, mesh_args: Any) -> None:
     mode = model.add_mutually_exclusive_group()
     mode.add_argument(
         "--strategy",
-        help="e.g. fsdp=x+y,sp=z or dp=slice,fsdp=x,tp=y,pp=z,mb=16 (needs --mesh)",
+        help="e.g. fsdp=x+y,tp=z or dp=slice,fsdp=x,tp=y,pp=z,mb=16 (axes of --mesh; "
+        "without it, of the topology: x,y,z on a TPU slice, slice over DCN, node,gpu on GPUs)",
     )
     mode.add_argument("--search", action="store_true", help="search parallelism layouts")
     model.add_argument("--top", type=int, default=5, help="search results to show (default 5)")
@@ -100,7 +101,10 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
             config, result.plans, args, search=result
         )
     if mesh is None:
-        raise SpecError("model --strategy needs --mesh (named axes, e.g. x=16,y=16,z=8)")
+        raise SpecError(
+            "model --strategy needs --mesh (named axes, e.g. x=16,y=16,z=8) or --topology "
+            "(whose dimensions are then the axes)"
+        )
     if not args.strategy:
         raise SpecError("model needs --strategy (e.g. fsdp=x+y,sp=z) or --search (to find one)")
     strategy = Strategy.parse(args.strategy)

@@ -411,8 +411,12 @@ def build_placement(
             for c in param.letters
         ]
         stored = _shard_over(param.letters, at, fsdp, roles.model, sizes, axis_size, mesh)
-        if fsdp and stored == at:
-            remarks.append(f"{param.name} is too small to shard over {'+'.join(fsdp)}")
+        whole = [a for a in fsdp if a not in {x for d in stored for x in d}]
+        if whole:
+            remarks.append(
+                f"{param.name} {list(param.letters)} does not divide over "
+                f"{'+'.join(whole)}: whole over {'it' if len(whole) == 1 else 'them'}"
+            )
         opt = stored
         if dp and zero >= 1:
             opt = _shard_over(param.letters, stored, dp, roles.model, sizes, axis_size, mesh)
@@ -463,8 +467,11 @@ def _shard_over(  # noqa: PLR0917 (the layout, then what to add and the sizes)
     axis_size: dict[str, int],
     mesh: DeviceMesh,
 ) -> list[list[str]]:
-    """``layout`` with ``axes`` added on the model letter (or else the largest letter they
-    divide), as FSDP and ZeRO shard a parameter; unchanged when nothing divides."""
+    """``layout`` with ``axes`` added as FSDP and ZeRO shard a parameter: all of them on the
+    model letter when they divide it, else axis by axis (major first) on the model letter
+    or the largest letter each still divides (``d = 5120`` over 4096 chips: ``x+y`` on
+    ``d``, ``z`` on ``f``); an axis that divides no letter leaves the parameter whole over
+    it."""
     if not axes:
         return layout
     used = {a for d in layout for a in d}
@@ -472,10 +479,14 @@ def _shard_over(  # noqa: PLR0917 (the layout, then what to add and the sizes)
     if not extra:
         return layout
     order = sorted(range(len(letters)), key=lambda i: (letters[i] != model, -sizes[letters[i]]))
-    for i in order:
-        pieces = _pieces(layout[i], axis_size) * _pieces(extra, axis_size)
-        if sizes[letters[i]] % pieces == 0:
-            out = [list(d) for d in layout]
-            out[i] = out[i] + extra
+    out = [list(d) for d in layout]
+    for i in order:  # every axis on one letter, the model letter first
+        if sizes[letters[i]] % (_pieces(out[i], axis_size) * _pieces(extra, axis_size)) == 0:
+            out[i] += extra
             return out
-    return layout
+    for axis in extra:
+        for i in order:
+            if sizes[letters[i]] % (_pieces(out[i], axis_size) * axis_size[axis]) == 0:
+                out[i].append(axis)
+                break
+    return out
