@@ -95,6 +95,7 @@ FLOPS_PER_ELEMENT: dict[str, float] = {
     "causal_softmax_grad": 5.0,
     "rmsnorm": 5.0,  # square, mean, rsqrt, two multiplies
     "rmsnorm_grad": 9.0,
+    "rmsnorm_apply": 2.0,  # x * rsqrt(mean) * scale, given the sum of squares (a REDUCE)
     "layernorm": 8.0,
     "layernorm_grad": 14.0,
     "adamw": 18.0,  # two moment updates, bias correction, sqrt, divide, weight decay
