@@ -24,6 +24,7 @@ from .plans import Plan
 from .presets import list_presets, load_preset
 from .program.cli import add_layer_parser
 from .program.model_cli import add_model_parser
+from .program.serve_cli import add_serve_parser
 from .report import (
     alternatives_dict,
     collective_dict,
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument("--dim", help="the letter to scale (default: the batch, or --crossover-dim)")
     add_layer_parser(sub, _mesh_args)
     add_model_parser(sub, _mesh_args)
+    add_serve_parser(sub, _mesh_args)
     add_estimate_parsers(sub, _mesh_args)
 
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
@@ -262,6 +264,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         data, text = run_model(args, mesh)
         _emit(args, data, text)
         return 0
+    if args.command == "serve":
+        from .program.serve_cli import serve_command  # noqa: PLC0415
+
+        if not args.mesh:
+            if not args.topology:
+                raise SpecError("serve needs --topology (e.g. 4x8) or --mesh (e.g. x=4,y=8)")
+            from .topology import Topology, default_mesh_text  # noqa: PLC0415
+
+            topo = Topology.build(
+                load_preset(args.hardware), args.topology, num_slices=args.num_slices
+            )
+            args.mesh = default_mesh_text(topo)
+        return serve_command(args, make_mesh(args), _emit)
     if args.command in ESTIMATE_COMMANDS:
         from .xla.estimate_cli import run_estimate_command  # noqa: PLC0415
 

@@ -237,6 +237,16 @@ def plan_serving(
     layout does not divide the model's sizes. A malformed strategy raises ``SpecError``."""
     strategy = ServeStrategy.parse(strategy)
     strategy.check(mesh)
+    pieces = batch_pieces(mesh, strategy, serving)
+    if serving.batch % pieces:
+        return Rejected(
+            strategy=strategy.name,
+            reason=(
+                f"the batch of {serving.batch} sequences does not split {pieces} ways (the "
+                f"axes {strategy.name} splits the sequences over); use a batch that is a "
+                f"multiple of {pieces}"
+            ),
+        )
     parts = serving_parts(config, serving)
     evaluated: list[tuple[ServePart, ProgramPlan]] = []
     for part in parts:
@@ -312,8 +322,13 @@ def require(plan: ServePlan | Rejected, config: ModelConfig) -> ServePlan:
     """``plan``, or a ``PlanError`` saying why the strategy cannot serve ``config``."""
     if isinstance(plan, Rejected):
         raise PlanError(
-            f"serving strategy {plan.strategy} cannot run {config.name}: {plan.reason}; "
-            "choose axes whose sizes divide the model's (heads, widths, batch), or use --search"
+            f"serving strategy {plan.strategy} cannot run {config.name}: {plan.reason}"
+            + (
+                ""
+                if "; use" in plan.reason
+                else "; choose axes whose sizes divide the model's (heads, widths, batch), "
+                "or use --search"
+            )
         )
     return plan
 
@@ -321,10 +336,9 @@ def require(plan: ServePlan | Rejected, config: ModelConfig) -> ServePlan:
 # -- what a plan implies ------------------------------------------------------------------------
 
 
-def critical_batch(plan: ServePlan) -> CriticalBatch:
-    """The token batch above which the step's weight matmuls turn compute-bound, solved
-    from the plan: each such einsum's FLOPs and activation bytes scale with the batch, its
-    weight bytes do not, so ``C·B/B₀ = W_w + A·B/B₀`` at ``B = B₀·W_w/(C - A)``."""
+def weight_matmuls(plan: ServePlan) -> tuple[float, float, float]:
+    """Per chip, per step, over the einsums that read a weight: (their compute seconds,
+    their weights' HBM seconds, their other HBM seconds: activations in and out)."""
     compute = weight_s = other_s = 0.0
     rate = plan.mesh.hardware.chip.hbm_bytes_per_s
     for _, one, count in plan._one:
@@ -341,6 +355,14 @@ def critical_batch(plan: ServePlan) -> CriticalBatch:
             compute += count * op_plan.cost.compute_s
             weight_s += count * w
             other_s += count * (op_plan.cost.hbm_s - w)
+    return compute, weight_s, other_s
+
+
+def critical_batch(plan: ServePlan) -> CriticalBatch:
+    """The token batch above which the step's weight matmuls turn compute-bound, solved
+    from the plan: each such einsum's FLOPs and activation bytes scale with the batch, its
+    weight bytes do not, so ``C·B/B₀ = W_w + A·B/B₀`` at ``B = B₀·W_w/(C - A)``."""
+    compute, weight_s, other_s = weight_matmuls(plan)
     tokens = plan.serving.tokens
     replicas = plan.strategy.replicas(plan.mesh)
     if compute == 0:
@@ -351,35 +373,46 @@ def critical_batch(plan: ServePlan) -> CriticalBatch:
 
 def model_parallel_limit(plan: ServePlan) -> float | None:
     """The model-parallel degree ``Y*`` above which the collectives over the model axes
-    (their bandwidth terms: activations, whose bytes a ring moves whatever its size) take
-    longer than reading the weights from HBM (which split ``Y`` ways): ``Y* = Y·T_weights /
-    T_ici``, the book's ``F/(B·β)`` for an MLP. ``None`` without model-parallel collectives."""
+    take longer than the work that model parallelism splits: their bandwidth terms (they
+    move activations, whose bytes a ring moves whatever its size) against the larger of the
+    matmuls' compute and the weights' HBM reads (both split ``Y`` ways): ``Y* = Y·T_split /
+    T_ici``. Decode is weight-bound, so this is the book's ``F/(B·β)``, ``β = W_hbm/W_ici``
+    (inference.md: 64 for F = 16384, B = 32, β = 8); prefill is compute-bound, so it is the
+    training rule ``M_Y·F·W_ici/C``. ``None`` without model-parallel collectives."""
     axes = set(plan.strategy.tp) | set(plan.strategy.d)
     if not axes:
         return None
     ici = 0.0
+    compute = 0.0
     for _, one, count in plan._one:
         for op_plan in one.ops:
+            if op_plan.op.kind is OpKind.EINSUM:
+                compute += count * op_plan.cost.compute_s
             for step in op_plan.collectives:
                 cost = step.cost
                 if cost is not None and cost.group_size > 1 and set(cost.axes) <= axes:
                     ici += count * cost.bandwidth_s
     if ici == 0:
         return None
-    return plan.model_parallel_degree * plan.weight_hbm_s / ici
+    return plan.model_parallel_degree * max(compute, plan.weight_hbm_s) / ici
+
+
+def batch_pieces(mesh: DeviceMesh, strategy: ServeStrategy, serving: Serving) -> int:
+    """How many ways the strategy splits the sequences: over the replicas (and FSDP axes),
+    over ``kvb`` at the attention core, and with ``sp`` over the tp axes between blocks
+    (decode, whose only token letter is the batch)."""
+    axes = [*strategy.dp, *strategy.fsdp]
+    if serving.is_decode:
+        axes += [*strategy.kvb]
+        if strategy.sp:
+            axes += [*strategy.tp]
+    cp = set(strategy.cp)
+    return math.prod(mesh.axis_size(a) for a in dict.fromkeys(axes) if a not in cp)
 
 
 def batch_step(plan: ServePlan) -> int:
-    """The batch must be a multiple of this: the product of the axes that split the
-    sequences somewhere in the step (replicas, kvb, sp)."""
-    step = 1
-    for _, one, _ in plan._one:
-        letter = one.program.roles.batch
-        for _, mapping in one.placement.stages:
-            for c, axes in mapping:
-                if c == letter:
-                    step = math.lcm(step, math.prod(plan.mesh.axis_size(a) for a in axes))
-    return step
+    """The batch must be a multiple of this (``batch_pieces`` of the plan's strategy)."""
+    return batch_pieces(plan.mesh, plan.strategy, plan.serving)
 
 
 def max_batch(
@@ -425,12 +458,37 @@ def max_batch(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CurvePoint:
+    """One batch of the sweep: the step and its parts (per chip)."""
+
     batch: int
     step_time_s: float
     tokens_per_s_per_chip: float
     fits: bool
     bottleneck: str
     memory_peak_bytes: float
+    compute_s: float
+    weight_compute_s: float  # the weight matmuls' part of compute_s
+    weight_hbm_s: float
+    kv_hbm_s: float
+    hbm_s: float
+    comm_s: float
+
+    @classmethod
+    def of(cls, plan: ServePlan) -> CurvePoint:
+        return cls(
+            weight_compute_s=weight_matmuls(plan)[0],
+            batch=plan.serving.batch,
+            step_time_s=plan.step_time_s,
+            tokens_per_s_per_chip=plan.tokens_per_s_per_chip,
+            fits=plan.fits,
+            bottleneck=plan.bottleneck,
+            memory_peak_bytes=plan.memory.peak,
+            compute_s=plan.cost.compute_s,
+            weight_hbm_s=plan.weight_hbm_s,
+            kv_hbm_s=plan.kv_hbm_s,
+            hbm_s=plan.cost.hbm_s,
+            comm_s=plan.cost.comm_lower_s,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -441,8 +499,13 @@ class ServeCurve:
     strategy: str
     points: tuple[CurvePoint, ...]
     critical_batch: float | None  # tokens per step: compute-bound above
+    #: the same counting only the weights' bytes (the book's C/W_hbm form: 240 bf16 on v5e)
+    critical_batch_weights_only: float | None
     max_batch: int  # the largest batch that fits (0: none)
     capacity_bytes: float
+    #: the step at the largest batch that fits (None if none does)
+    max_batch_point: CurvePoint | None = None
+    tokens_per_sequence: int = 1  # prefill: the prompt length (the batch counts prompts)
 
 
 def latency_throughput(
@@ -478,16 +541,11 @@ def latency_throughput(
         plan = require(
             plan_serving(config, mesh, strategy, serving.with_batch(b), cache=cache), config
         )
-        points.append(
-            CurvePoint(
-                batch=b,
-                step_time_s=plan.step_time_s,
-                tokens_per_s_per_chip=plan.tokens_per_s_per_chip,
-                fits=plan.fits,
-                bottleneck=plan.bottleneck,
-                memory_peak_bytes=plan.memory.peak,
-            )
-        )
+        points.append(CurvePoint.of(plan))
+    fit_point = None
+    if fit:
+        at_fit = plan_serving(config, mesh, strategy, serving.with_batch(fit), cache=cache)
+        fit_point = CurvePoint.of(require(at_fit, config))
     phase = "decode" if serving.is_decode else "prefill"
     return ServeCurve(
         label=(
@@ -497,8 +555,11 @@ def latency_throughput(
         strategy=strategy.name,
         points=tuple(points),
         critical_batch=crit.tokens,
+        critical_batch_weights_only=crit.weights_only,
         max_batch=fit,
         capacity_bytes=base.capacity_bytes,
+        max_batch_point=fit_point,
+        tokens_per_sequence=1 if serving.is_decode else serving.context,
     )
 
 

@@ -386,7 +386,8 @@ def decode_moe_block(config: ModelConfig, serving: Serving) -> Program:
 def _retype(program: Program, serving: Serving) -> Program:
     """A training-style forward program in the serving dtypes: weights at ``weights`` (norm
     scales, one number per channel, at ``compute``), the cache (``k``, ``v``) at ``kv``,
-    every other activation at ``compute``."""
+    every other activation at ``compute``; under flash attention the causal ``QK^T`` and
+    ``AV`` count half their FLOPs (the kernel skips the masked blocks)."""
     tensors = []
     for t in program.tensors:
         dtype = t.dtype
@@ -398,7 +399,13 @@ def _retype(program: Program, serving: Serving) -> Program:
             dtype = serving.compute
         tensors.append(dataclasses.replace(t, dtype=dtype))
     outputs = tuple(dict.fromkeys((*program.outputs, "k", "v")))
-    return dataclasses.replace(program, tensors=tuple(tensors), outputs=outputs)
+    ops = program.ops
+    if serving.attention == "flash":  # a flash kernel skips the causal mask's upper half
+        ops = tuple(
+            dataclasses.replace(op, flops_scale=0.5) if op.name in ("scores", "context") else op
+            for op in ops
+        )
+    return dataclasses.replace(program, tensors=tuple(tensors), ops=ops, outputs=outputs)
 
 
 def prefill_block(config: ModelConfig, serving: Serving) -> Program:
