@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 
@@ -22,7 +23,10 @@ from ..program.serve_plan import CurvePoint, ServeCurve
 from ..units import format_count, format_seconds
 from ._figure import OUTSIDE, PALETTE, STAR, log_ticks, new_axes, save_figure, subplots
 
-_DIAMOND = {"marker": "D", "ms": 9, "mec": "black", "mew": 0.8, "zorder": 6, "ls": ""}
+#: The largest-batch-that-fits marker.
+_DIAMOND: dict[str, Any] = {
+    "marker": "D", "ms": 9, "mec": "black", "mew": 0.8, "zorder": 6, "ls": "",
+}  # fmt: skip
 
 
 def _interpolate(points: list[CurvePoint], batch: float) -> tuple[float, float] | None:
