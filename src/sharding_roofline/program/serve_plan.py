@@ -30,6 +30,7 @@ the time to first token, on the same mesh or on a separate prefill pool (disaggr
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ..errors import PlanError, SpecError
@@ -40,7 +41,7 @@ from ..reshard import Dims
 from ..units import format_bytes, format_seconds
 from .config import ModelConfig
 from .evaluate import Evaluation, ProgramPlan
-from .graph import OpKind, TensorKind
+from .graph import OpKind, Program, TensorKind
 from .serve_strategies import ServeStrategy, place_serving, serving_candidates
 from .serving import ServePart, ServePhase, Serving, kv_bytes_per_token, serving_parts
 
@@ -104,9 +105,10 @@ class CriticalBatch:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServePlan:
-    """One serving step of a model under one strategy."""
+    """One serving step of a model under one strategy (``config`` is None for a single
+    program planned by ``plan_program``)."""
 
-    config: ModelConfig
+    config: ModelConfig | None
     mesh: DeviceMesh
     strategy: ServeStrategy
     serving: Serving
@@ -235,6 +237,41 @@ def plan_serving(
 ) -> ServePlan | Rejected:
     """The step of ``serving`` under ``strategy``; ``Rejected`` with the reason when the
     layout does not divide the model's sizes. A malformed strategy raises ``SpecError``."""
+    return plan_parts(
+        serving_parts(config, serving),
+        mesh,
+        strategy,
+        serving,
+        config=config,
+        overlap=overlap,
+        cache=cache,
+    )
+
+
+def plan_program(
+    program: Program,
+    mesh: DeviceMesh,
+    strategy: ServeStrategy | str,
+    serving: Serving,
+    *,
+    cache: tuple[str, ...] = (),
+    overlap: Overlap = Overlap.FULL,
+) -> ServePlan | Rejected:
+    """One program (a decode MLP, the book's single-layer settings) as a serving step."""
+    part = ServePart(name=program.name, program=program, count=1, cache=cache)
+    return plan_parts((part,), mesh, strategy, serving, config=None, overlap=overlap)
+
+
+def plan_parts(
+    parts: tuple[ServePart, ...],
+    mesh: DeviceMesh,
+    strategy: ServeStrategy | str,
+    serving: Serving,
+    *,
+    config: ModelConfig | None,
+    overlap: Overlap = Overlap.FULL,
+    cache: dict[object, object] | None = None,
+) -> ServePlan | Rejected:
     strategy = ServeStrategy.parse(strategy)
     strategy.check(mesh)
     pieces = batch_pieces(mesh, strategy, serving)
@@ -247,7 +284,6 @@ def plan_serving(
                 f"multiple of {pieces}"
             ),
         )
-    parts = serving_parts(config, serving)
     evaluated: list[tuple[ServePart, ProgramPlan]] = []
     for part in parts:
         placement = place_serving(part, mesh, strategy, serving)
@@ -265,7 +301,7 @@ def plan_serving(
 
 
 def _compose(
-    config: ModelConfig,
+    config: ModelConfig | None,
     mesh: DeviceMesh,
     strategy: ServeStrategy,
     serving: Serving,
@@ -309,20 +345,19 @@ def _compose(
         ),
         weight_bytes_read=weight_reads,
         kv_bytes_read=kv_reads,
-        kv_bytes_per_token=kv_bytes_per_token(
-            config, serving, tuple(part for part, _ in evaluated)
-        ),
+        kv_bytes_per_token=kv_bytes_per_token(tuple(part for part, _ in evaluated), serving),
         overlap=overlap,
         notes=tuple(notes),
         _one=tuple((part.name, plan, part.count) for part, plan in evaluated),
     )
 
 
-def require(plan: ServePlan | Rejected, config: ModelConfig) -> ServePlan:
+def require(plan: ServePlan | Rejected, config: ModelConfig | None = None) -> ServePlan:
     """``plan``, or a ``PlanError`` saying why the strategy cannot serve ``config``."""
     if isinstance(plan, Rejected):
+        what = "the program" if config is None else config.name
         raise PlanError(
-            f"serving strategy {plan.strategy} cannot run {config.name}: {plan.reason}"
+            f"serving strategy {plan.strategy} cannot run {what}: {plan.reason}"
             + (
                 ""
                 if "; use" in plan.reason
@@ -336,15 +371,20 @@ def require(plan: ServePlan | Rejected, config: ModelConfig) -> ServePlan:
 # -- what a plan implies ------------------------------------------------------------------------
 
 
-def weight_matmuls(plan: ServePlan) -> tuple[float, float, float]:
-    """Per chip, per step, over the einsums that read a weight: (their compute seconds,
-    their weights' HBM seconds, their other HBM seconds: activations in and out)."""
+def weight_matmuls(
+    plan: ServePlan, ops: Collection[str] | None = None
+) -> tuple[float, float, float]:
+    """Per chip, per step, over the einsums that read a weight (those named in ``ops``, if
+    given): (their compute seconds, their weights' HBM seconds, their other HBM seconds:
+    activations in and out)."""
     compute = weight_s = other_s = 0.0
     rate = plan.mesh.hardware.chip.hbm_bytes_per_s
     for _, one, count in plan._one:
         program = one.program
         for op_plan in one.ops:
-            if op_plan.op.kind is not OpKind.EINSUM:
+            if op_plan.op.kind is not OpKind.EINSUM or (
+                ops is not None and op_plan.name not in ops
+            ):
                 continue
             params = [
                 (t, dims) for t, dims in op_plan.at_op if program.tensor(t).kind is TensorKind.PARAM
@@ -358,11 +398,12 @@ def weight_matmuls(plan: ServePlan) -> tuple[float, float, float]:
     return compute, weight_s, other_s
 
 
-def critical_batch(plan: ServePlan) -> CriticalBatch:
-    """The token batch above which the step's weight matmuls turn compute-bound, solved
-    from the plan: each such einsum's FLOPs and activation bytes scale with the batch, its
-    weight bytes do not, so ``C·B/B₀ = W_w + A·B/B₀`` at ``B = B₀·W_w/(C - A)``."""
-    compute, weight_s, other_s = weight_matmuls(plan)
+def critical_batch(plan: ServePlan, ops: Collection[str] | None = None) -> CriticalBatch:
+    """The token batch above which the step's weight matmuls (those named in ``ops``, e.g.
+    the experts') turn compute-bound, solved from the plan: each such einsum's FLOPs and
+    activation bytes scale with the batch, its weight bytes do not, so
+    ``C·B/B₀ = W_w + A·B/B₀`` at ``B = B₀·W_w/(C - A)``."""
+    compute, weight_s, other_s = weight_matmuls(plan, ops)
     tokens = plan.serving.tokens
     replicas = plan.strategy.replicas(plan.mesh)
     if compute == 0:
@@ -422,6 +463,9 @@ def max_batch(
     strategy: the weights stay, the KV cache and activations grow with the batch; from the
     plan's own memory, checked by planning at that batch (0: even one step's weights do not
     fit)."""
+    if plan.config is None:
+        raise PlanError("max_batch replans the model at other batches: plan it by its config")
+    config = plan.config
     capacity = plan.capacity_bytes
     step = batch_step(plan)
     current = plan
@@ -438,7 +482,7 @@ def max_batch(
         if guess == current.serving.batch and current.fits:
             return guess
         trial = plan_serving(
-            plan.config,
+            config,
             plan.mesh,
             plan.strategy,
             plan.serving.with_batch(guess),

@@ -511,13 +511,12 @@ def serving_parts(config: ModelConfig, serving: Serving) -> tuple[ServePart, ...
     return tuple(parts)
 
 
-def kv_bytes_per_token(
-    config: ModelConfig, serving: Serving, parts: tuple[ServePart, ...] | None = None
-) -> float:
+def kv_bytes_per_token(parts: tuple[ServePart, ...], serving: Serving) -> float:
     """Bytes of KV cache per token, every layer: ``2·L·K·H·bytes`` read off the cache
-    tensors of the step's programs (LLaMA-3-70B in int8: 2·80·8·128 = 163,840)."""
+    tensors of the step's programs (``serving_parts``; LLaMA-3-70B in int8: 2·80·8·128 =
+    163,840)."""
     total = 0.0
-    for part in parts if parts is not None else serving_parts(config, serving):
+    for part in parts:
         if not part.cache:
             continue
         program = part.program
