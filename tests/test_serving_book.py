@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from sharding_roofline.hardware import Wraparound
+from sharding_roofline.hardware import HardwareSpec, Wraparound
 from sharding_roofline.mesh import DeviceMesh
 from sharding_roofline.presets import load_preset
 from sharding_roofline.program.config import ModelConfig, load_model_config
@@ -47,9 +47,10 @@ BOOK_30B = ModelConfig(
 )  # fmt: skip
 
 
-def _ring_hardware(beta: float | None = None) -> object:
+def _ring_hardware(beta: float | None = None) -> HardwareSpec:
     """v5e with every axis a ring (the book's collective formulas assume wraparound), and
     optionally the ICI bandwidth that makes ``β = W_hbm / W_ici`` exactly ``beta``."""
+    assert V5E.ici is not None
     ici = dataclasses.replace(V5E.ici, wraparound=Wraparound.ALWAYS)
     if beta is not None:
         ici = dataclasses.replace(ici, link_bytes_per_s_per_direction=W_HBM / beta / 2)
@@ -108,12 +109,12 @@ def test_generation_tp_limit_book_setting() -> None:
     expected = f / (b * beta)
     assert expected == 64  # the book's number
     hardware = _ring_hardware(beta)
-    mesh = DeviceMesh.create(hardware, "y=8", "8")  # type: ignore[arg-type]
+    mesh = DeviceMesh.create(hardware, "y=8", "8")
     mlp = build_layer(LayerSpec(kind=LayerKind.MLP, d=d, f=f, batch_tokens=b, mlp="plain"))
     plan = require(plan_program(mlp, mesh, "tp=y", Serving(batch=b, context=1)))
     assert model_parallel_limit(plan) == pytest.approx(expected, rel=1e-9)
     # on the v5e preset beta is 8.2e11/9e10 = 9.1, so the limit is 56
-    real = DeviceMesh.create(_ring_hardware(), "y=8", "8")  # type: ignore[arg-type]
+    real = DeviceMesh.create(_ring_hardware(), "y=8", "8")
     plan = require(plan_program(mlp, real, "tp=y", Serving(batch=b, context=1)))
     assert model_parallel_limit(plan) == pytest.approx(f / (b * W_HBM / W_ICI), rel=1e-9)
 
@@ -132,6 +133,7 @@ def test_2d_weight_stationary_beats_1d_above_72_chips() -> None:
     b, d = 2048, 8192
     f = 4 * d
     v5p = load_preset("tpu-v5p")
+    assert v5p.ici is not None
     w = 2 * v5p.ici.link_bytes_per_s_per_direction  # the book's bidirectional W_ici
     one_d = 4 * b * d / (3 * w)
     times = {}
@@ -190,7 +192,7 @@ def test_llama3_70b_bf16_batch_64_per_matmul_on_v5e_4x8() -> None:
     assert (t_ici, t_hbm, t_math) == pytest.approx((11.65e-6, 17.9e-6, 4.77e-6), rel=2e-3)
 
     serving = Serving(batch=b, context=8192)
-    ring = DeviceMesh.create(_ring_hardware(), "x=4,y=8", "4x8")  # type: ignore[arg-type]
+    ring = DeviceMesh.create(_ring_hardware(), "x=4,y=8", "4x8")
     plan = require(plan_serving(LLAMA3_70B, ring, "tp=x+y,kvb=y", serving))
     block = plan.part("block")
     for name in ("gate", "up", "down"):
