@@ -10,7 +10,10 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import pytest
+
+matplotlib.use("Agg")
 
 from sharding_roofline.cli import main
 from sharding_roofline.errors import PlanError, SpecError, UnknownNameError
