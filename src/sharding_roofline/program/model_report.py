@@ -170,6 +170,8 @@ def describe(plan: ModelPlan) -> str:
         f"{format_bytes(memory.activations)}, transient {format_bytes(memory.transient)} = "
         f"{format_bytes(memory.peak)} of "
         f"{format_bytes(plan.mesh.hardware.chip.hbm_capacity_bytes)}",
+        "  mesh axes: "
+        + "; ".join(plan.mesh.describe_axis(axis.name) for axis in plan.mesh.axes if axis.size > 1),
     ]
     for name, part in plan.parts:
         lines.append(

@@ -29,7 +29,6 @@ Two steps, so that ``10^5`` layouts rank in seconds:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
@@ -41,7 +40,6 @@ from ..collectives import Collective, rate
 from ..errors import PlanError, SpecError
 from ..mesh import DeviceMesh
 from ..plans import Rejected
-from ..presets import load_preset
 from ..topology import Topology, parse_shape
 from .autodiff import OptimizerSpec, Remat, training
 from .config import ModelConfig
@@ -195,25 +193,30 @@ def _bits(n: int) -> int | None:
 
 def search_model(
     config: ModelConfig,
-    args: argparse.Namespace,
+    topology: Topology,
     *,
-    mesh: DeviceMesh | None = None,
+    batch_tokens: int,
+    seq_len: int | None = None,
     top: int = 5,
+    master_weights: bool = True,
+    idle_axes: bool = True,
     recost: int = 48,
     microbatch_options: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
     remats: tuple[Remat, ...] = (Remat.NONE, Remat.FULL),
 ) -> SearchResult:
-    """Search layouts of ``config`` on ``--hardware``/``--topology``/``--num-slices``."""
+    """Every layout of ``config`` on ``topology`` (degrees of pp, dp, fsdp, cp and tp laid
+    over the physical dimensions in that order, outermost first, so tp takes the fastest
+    links and pp/dp the slowest; ep over the data axes; microbatches, remat, schedule,
+    ZeRO-1), screened by a closed form, the best ``recost`` re-costed exactly by
+    ``plan_model``; the ``top`` that fit, fastest first.
+
+    ``search_model(load_model_config("configs/models/llama3-70b.toml"),
+    Topology.build(load_preset("tpu-v5p"), "16x16x16"), batch_tokens=2**21, seq_len=2048)``
+    """
     start = time.process_time()
-    hardware = load_preset(args.hardware)
-    shape = parse_shape(args.topology) if args.topology else None
-    if shape is None:
-        if mesh is None:
-            raise SpecError("model --search needs --topology (e.g. 16x16x16, or 64x8 GPU nodes)")
-        shape = mesh.topology.shape
-        if args.num_slices > 1:
-            shape = shape[1:]
-    topology = Topology.build(hardware, shape, num_slices=args.num_slices)
+    hardware = topology.hardware
+    num_slices = topology.num_slices
+    shape = parse_shape(topology.shape_text.rsplit(" ", 1)[-1])  # one slice's, or NODESxGPUS
     chips = topology.num_devices
     total_bits = _bits(chips)
     if total_bits is None:
@@ -221,21 +224,21 @@ def search_model(
             f"the layout search needs a power-of-two chip count; {chips} chips is not one "
             "(give --strategy with an explicit --mesh instead)"
         )
-    seq = args.seq_len or config.seq_len
+    seq = seq_len or config.seq_len
     if not seq:
         raise SpecError(f"model {config.name} has no seq_len; pass --seq-len")
-    batch = args.batch_tokens
+    batch = batch_tokens
     if batch % seq:
         raise SpecError(f"--batch-tokens {batch} is not a whole number of {seq}-token sequences")
     sequences = batch // seq
     chip = hardware.chip
     peak = chip.peak_flops_per_s_for(config.dtype)
     capacity = chip.hbm_capacity_bytes
-    optimizer = OptimizerSpec(master_dtype="" if args.master_weights == "none" else "float32")
+    optimizer = OptimizerSpec(master_dtype="float32" if master_weights else "")
     # a mesh with one axis per bit: every role's group is a set of these axes (rates cached)
     bit_mesh = DeviceMesh.create(
         hardware, ",".join(f"b{i}=2" for i in range(total_bits)) or "b0=1", shape,
-        num_slices=args.num_slices,
+        num_slices=num_slices,
     )  # fmt: skip
     profiles = {remat: _profile(config, seq, remat, hardware) for remat in remats}
     params = config.params()
@@ -305,7 +308,7 @@ def search_model(
         layout_mesh = meshes.get(text)
         if layout_mesh is None:
             layout_mesh = meshes[text] = DeviceMesh.create(
-                hardware, text, shape, num_slices=args.num_slices
+                hardware, text, shape, num_slices=num_slices
             )
         training_ = Training(
             batch_tokens=batch,
@@ -318,7 +321,7 @@ def search_model(
         )
         plan = plan_model(
             config, layout_mesh, layout.strategy(), training_,
-            idle_axes=not args.no_idle_axes, cache=cache,
+            idle_axes=idle_axes, cache=cache,
         )  # fmt: skip
         recosted += 1
         if isinstance(plan, Rejected):
