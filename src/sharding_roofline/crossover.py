@@ -105,12 +105,21 @@ def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
 
 
 def terms_regime(terms: Sequence[ScaledTerm], scale: float) -> str:
-    """Whether the collectives are latency- or bandwidth-bound at ``scale``."""
-    latency = sum(1 for t in terms if t.latency_s > t.bandwidth_s * (scale if t.scales else 1.0))
-    bandwidth = len(terms) - latency
-    if latency and bandwidth:
-        return "mixed"
-    return "latency" if latency else "bandwidth"
+    """Whether the collectives' time at ``scale`` is latency's or bandwidth's: ``latency``
+    when latency makes at least 90% of it, ``bandwidth`` when at most 10%, else ``mixed``
+    (weighted by time, so a tiny latency-bound gather beside large bandwidth-bound ones
+    does not make the batch "latency-bound")."""
+    total = latency = 0.0
+    for t in terms:
+        bandwidth_s = t.bandwidth_s * (scale if t.scales else 1.0)
+        seconds = combine_terms_s(t.kind, bandwidth_s, t.latency_s, t.combine)
+        summed = seconds > max(bandwidth_s, t.latency_s)  # the terms add (NCCL, a permute)
+        total += seconds
+        latency += t.latency_s if summed else (seconds if t.latency_s > bandwidth_s else 0.0)
+    share = latency / total if total else 0.0
+    if share >= 0.9:
+        return "latency"
+    return "bandwidth" if share <= 0.1 else "mixed"
 
 
 def comm_and_compute_s(plan: Plan, dimension: str, size: float) -> tuple[float, float]:
