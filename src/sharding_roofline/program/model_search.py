@@ -92,6 +92,9 @@ class _Profile:
     hbm: tuple[float, float] = (0.0, 0.0)  # (A, B): bytes per token = A + B / tp
     saved: tuple[float, float] = (0.0, 0.0)
     transient: tuple[float, float] = (0.0, 0.0)
+    #: parameters per block: each is gathered and its gradient reduced by its own
+    #: collective, so their count multiplies the collectives' latency
+    params: int = 0
 
 
 def _profile(config: ModelConfig, seq: int, remat: Remat, hardware: Any) -> _Profile:
@@ -105,7 +108,7 @@ def _profile(config: ModelConfig, seq: int, remat: Remat, hardware: Any) -> _Pro
         forward = build_layer(block_spec(config, tokens, seq))
     program = training(forward, remat=remat)
     sizes = program.sizes
-    profile = _Profile()
+    profile = _Profile(params=len(program.params))
     for op in program.ops:
         if op.kind is not OpKind.EINSUM:
             continue
@@ -446,9 +449,10 @@ def _screen(
     expert_weights = expert_params * itemsize / (tp * ep)
     weights = dense_weights + expert_weights
     fsdp_axes = (*groups["fsdp"], *groups["cp"])
-    add(Collective.ALL_GATHER, fsdp_axes, weights, layers, "forward")
-    add(Collective.ALL_GATHER, fsdp_axes, weights, layers, "backward")
-    add(Collective.REDUCE_SCATTER, fsdp_axes, weights, layers, "backward")
+    n = max(profile.params, 1)  # one collective per parameter (their latencies add)
+    add(Collective.ALL_GATHER, fsdp_axes, weights / n, layers * n, "forward")
+    add(Collective.ALL_GATHER, fsdp_axes, weights / n, layers * n, "backward")
+    add(Collective.REDUCE_SCATTER, fsdp_axes, weights / n, layers * n, "backward")
     # EP: dispatch and combine, forward and backward
     if layout.ep and config.is_moe:
         slots = tokens * config.top_k * config.capacity_factor * d * itemsize
@@ -465,8 +469,8 @@ def _screen(
     # once per step: DP's gradient reduction (ZeRO-1: reduce-scatter + gather of weights)
     grads = weights / fsdp
     once: dict[int, float] = {}
-    if dp > 1:
-        seconds = rate(mesh, Collective.ALL_REDUCE, groups["dp"]).time_s(grads * layers)
+    if dp > 1:  # each parameter's gradient reduced by its own collective
+        seconds = rate(mesh, Collective.ALL_REDUCE, groups["dp"]).time_s(grads / n) * n * layers
         for resource in mesh.link_resources(groups["dp"]):
             once[resource] = once.get(resource, 0.0) + seconds
     bubble = 0.0
