@@ -5,10 +5,13 @@ grows in proportion to ``n``; each collective's bandwidth term grows with ``n`` 
 array has that letter and stays put otherwise, and its latency term never moves. The
 crossover is the ``n`` at which communication time equals compute time.
 
-``comm(n) = Σ max(latency_i, bandwidth_i(n))`` is convex and ``compute(n)`` linear, so when
-compute grows faster than communication there is exactly one crossover and the strategy is
-communication-bound below it (the book's ``B > C/W`` rules: ``B > 2550`` for an all-gather of
-the weights on v5p); when communication grows at least as fast, there is none.
+Each collective's time is ``combine_terms_s`` of its two terms: ``max(latency_i,
+bandwidth_i(n))`` on TPU links (the book's), ``latency_i + bandwidth_i(n)`` on GPU links
+(NCCL's); collectives on disjoint links overlap (the busiest link counts). Either way
+``comm(n)`` is convex and ``compute(n)`` linear, so when compute grows faster than
+communication there is exactly one crossover and the strategy is communication-bound below
+it (the book's ``B > C/W`` rules: ``B > 2550`` for an all-gather of the weights on v5p);
+when communication grows at least as fast, there is none.
 """
 
 from __future__ import annotations
