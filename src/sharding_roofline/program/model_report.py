@@ -150,6 +150,8 @@ def format_model_plans(
     lines.append(table(rows, header))
     if plans:
         lines += ["", "best: " + describe(plans[0])]
+        if search is not None and search.best_reason:
+            lines.append(f"  why it wins: {search.best_reason}")
         if getattr(args, "train_tokens", None):
             steps = args.train_tokens / args.batch_tokens
             days = steps * plans[0].step_lower_s / 86400

@@ -516,5 +516,17 @@ def _why(plans: list[ModelPlan]) -> str:
             parts.append(f"{label} {b - a:.3g} s less")
     if best.pipeline is None and runner.pipeline is not None:
         parts.append(f"no pipeline bubble (the next loses {runner.pipeline.bubble_fraction:.0%})")
+    elif best.pipeline is not None and runner.pipeline is not None:
+        ours, theirs = best.pipeline.bubble_fraction, runner.pipeline.bubble_fraction
+        if abs(theirs - ours) > 0.005:
+            parts.append(f"pipeline bubble {ours:.1%} against {theirs:.1%}")
+    if runner.grad_reduction_s > best.grad_reduction_s * 1.02:
+        parts.append(
+            f"gradient reductions {runner.grad_reduction_s - best.grad_reduction_s:.3g} s less"
+        )
+    if not parts and best.memory.peak < runner.memory.peak * 0.98:
+        parts.append(
+            f"as fast, with {(runner.memory.peak - best.memory.peak) / 2**30:.3g} GiB less per chip"
+        )
     detail = "; ".join(parts) or "nearly the same costs"
     return f"{gap:.1%} faster than {runner.name} on ({runner.mesh.spec_text}): {detail}"
