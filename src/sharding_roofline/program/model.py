@@ -39,7 +39,7 @@ from ..units import format_bytes
 from .autodiff import OptimizerSpec, Remat, training
 from .config import ModelConfig
 from .evaluate import Evaluation, MemoryBreakdown, ProgramPlan
-from .graph import LetterRoles, Op, OpInput, OpKind, Program, Tensor, TensorKind
+from .graph import LetterRoles, Op, OpInput, OpKind, Phase, Program, Tensor, TensorKind
 from .layers import LayerKind, LayerSpec, build_layer
 from .strategies import Strategy, place
 
@@ -288,11 +288,13 @@ def model_flops(config: ModelConfig, training_: Training) -> float:
 
 
 def _global_flops(program: Program) -> float:
+    """Every einsum's FLOPs once, recomputation excluded (MFU counts the model's FLOPs, not
+    what remat or a flash kernel's backward recompute adds)."""
     sizes = program.sizes
     return sum(
         2.0 * math.prod(sizes[c] for c in op.letters) * op.flops_scale
         for op in program.ops
-        if op.kind is OpKind.EINSUM
+        if op.kind is OpKind.EINSUM and op.phase is not Phase.RECOMPUTE
     )
 
 
