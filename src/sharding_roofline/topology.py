@@ -117,6 +117,12 @@ class Topology:
     def shape(self) -> tuple[int, ...]:
         return tuple(dim.size for dim in self.dims)
 
+    @property
+    def num_slices(self) -> int:
+        """TPU slices joined over DCN (the leading ``slice`` dimension), else 1."""
+        first = self.dims[0]
+        return first.size if first.name == "slice" else 1
+
     def describe(self) -> str:
         """``4x4 torus (ici: no wraparound)`` or ``16 nodes x 8 GPUs (nvlink, leaf)``."""
         parts = []

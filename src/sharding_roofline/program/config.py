@@ -180,6 +180,11 @@ def from_hf(
                     f"{filename}: {key} = {value!r} contradicts another field for the same "
                     f"quantity ({ours} = {values[ours]!r}); give one of them"
                 )
+            if ours != "tie_embeddings" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(
+                    f"{filename}: {key} = {value!r} must be a whole number (as config.json "
+                    "writes it, without quotes)"
+                )
             values[ours] = value
         elif key in _OURS:
             values[key] = value

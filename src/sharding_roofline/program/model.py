@@ -39,7 +39,7 @@ from ..units import format_bytes
 from .autodiff import OptimizerSpec, Remat, training
 from .config import ModelConfig
 from .evaluate import Evaluation, MemoryBreakdown, ProgramPlan
-from .graph import LetterRoles, Op, OpInput, OpKind, Program, Tensor, TensorKind
+from .graph import LetterRoles, Op, OpInput, OpKind, Phase, Program, Tensor, TensorKind
 from .layers import LayerKind, LayerSpec, build_layer
 from .strategies import Strategy, place
 
@@ -212,6 +212,10 @@ class ModelPlan:
     model_flops: float  # per step, all chips: 6·params·tokens + attention (no remat)
     grad_reduction_s: float  # data-parallel gradient reductions, once per step
     comm: tuple[CommTerm, ...] = ()
+    #: per part, one microbatch's forward and backward passes without the data-parallel
+    #: gradient reductions (those and the optimizer's update run once per step)
+    microbatch_costs: tuple[tuple[str, Cost], ...] = ()
+    optimizer_s: float = 0.0  # the optimizer's update, once per step (lower bound)
 
     @property
     def name(self) -> str:
@@ -284,11 +288,13 @@ def model_flops(config: ModelConfig, training_: Training) -> float:
 
 
 def _global_flops(program: Program) -> float:
+    """Every einsum's FLOPs once, recomputation excluded (MFU counts the model's FLOPs, not
+    what remat or a flash kernel's backward recompute adds)."""
     sizes = program.sizes
     return sum(
         2.0 * math.prod(sizes[c] for c in op.letters) * op.flops_scale
         for op in program.ops
-        if op.kind is OpKind.EINSUM
+        if op.kind is OpKind.EINSUM and op.phase is not Phase.RECOMPUTE
     )
 
 
@@ -428,6 +434,7 @@ def _compose(
     grads: list[CommTerm] = []
     optimizer = Cost.zero()
     repeated: list[tuple[str, ProgramPlan]] = []
+    microbatch_costs: list[tuple[str, Cost]] = []
     memory_parts: list[MemoryBreakdown] = []
     for name, plan, count in parts:
         stack = plan.repeat(count) if count > 1 else plan
@@ -441,6 +448,7 @@ def _compose(
             grads += scaled
         backward = backward + back
         optimizer = optimizer + stack.pass_cost("optimizer")
+        microbatch_costs.append((name, stack.pass_cost("forward").then(back)))
         memory_parts.append(stack.memory)
     pipeline: Pipeline | None = None
     permute_s = 0.0
@@ -494,6 +502,8 @@ def _compose(
         model_flops=model_flops(config, training_),
         grad_reduction_s=grad_reduction.comm_s,
         comm=forward.comm + backward.comm + tuple(grads) + optimizer.comm,
+        microbatch_costs=tuple(microbatch_costs),
+        optimizer_s=optimizer.lower_bound_s,
     )
 
 

@@ -87,15 +87,28 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
 
     config = load_model_config(args.config)
     if args.search:
+        from ..presets import load_preset  # noqa: PLC0415
+        from ..topology import Topology  # noqa: PLC0415
         from .model_search import search_model  # noqa: PLC0415
 
         if args.top < 1:
             raise SpecError(f"--top {args.top} must be at least 1")
+        if args.topology:
+            topology = Topology.build(
+                load_preset(args.hardware), args.topology, num_slices=args.num_slices
+            )
+        elif mesh is not None:
+            topology = mesh.topology
+        else:
+            raise SpecError("model --search needs --topology (e.g. 16x16x16, or 64x8 GPU nodes)")
         result = search_model(
             config,
-            args,
-            mesh=mesh,
+            topology,
+            batch_tokens=args.batch_tokens,
+            seq_len=args.seq_len,
             top=args.top,
+            master_weights=args.master_weights != "none",
+            idle_axes=not args.no_idle_axes,
         )
         return model_dict(config, result.plans, args, search=result), format_model_plans(
             config, result.plans, args, search=result

@@ -24,6 +24,7 @@ The strategy's ``name`` is canonical and parses back to the same strategy.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -346,8 +347,9 @@ def place(
                 else:
                     if hidden:
                         notes.append(
-                            f"tp axis {axis} splits no letter of stage {stage} (sizes "
-                            f"{', '.join(f'{c}={sizes[c]}' for c in hidden)}): replicated there"
+                            f"tp axis {axis} ({axis_size[axis]}) splits no letter of stage "
+                            f"{stage} (sizes {', '.join(f'{c}={sizes[c]}' for c in hidden)}): "
+                            f"replicated there{_factor_hint(axis, axis_size[axis], hidden, sizes)}"
                         )
         maps[stage] = sigma
     known = {s for s, _ in program.stages}
@@ -445,6 +447,22 @@ def build_placement(
         idle_axes=idle_axes,
         notes=tuple(dict.fromkeys(remarks)),
     )
+
+
+def _factor_hint(axis: str, size: int, letters: list[str], sizes: dict[str, int]) -> str:
+    """How to split ``letters`` ``size`` ways anyway: one mesh axis shards one letter, so
+    factor the axis into one factor per letter (``z=16`` over ``k=8, g=8``: ``z1=8,z2=2``)."""
+    remaining, factors = size, []
+    for c in letters:
+        factor = math.gcd(remaining, sizes[c])
+        if factor > 1:
+            factors.append(factor)
+            remaining //= factor
+    if remaining != 1 or len(factors) < 2:
+        return ""
+    names = [f"{axis}{i + 1}" for i in range(len(factors))]
+    mesh = ",".join(f"{n}={f}" for n, f in zip(names, factors, strict=True))
+    return f"; to split it {size} ways, factor the axis: --mesh ...,{mesh} and tp={'+'.join(names)}"
 
 
 def _pieces(axes: Iterable[str], axis_size: dict[str, int]) -> int:
