@@ -21,7 +21,9 @@ from sharding_roofline.program.config import ModelConfig, load_model_config
 from sharding_roofline.program.layers import LayerKind, LayerSpec, build_layer
 from sharding_roofline.program.serve_plan import (
     ServePlan,
+    batch_step,
     critical_batch,
+    max_batch,
     model_parallel_limit,
     plan_program,
     plan_serving,
@@ -293,3 +295,23 @@ def test_moe_decode_critical_batch_is_e_over_k_times_dense() -> None:
     expected = C_BF16 / W_HBM / 2 * deepseek.experts / deepseek.top_k
     assert expected == pytest.approx(3840, rel=0.002)
     assert crit.weights_only == pytest.approx(expected, rel=1e-9)
+
+
+def test_llama3_70b_int8_batch_that_fits_on_v5e_4x2() -> None:
+    """applied-inference.md, smallest topologies at 8k context: in int8 on a 4x2, 128 GB of
+    HBM less 70 GB of weights leaves 58 GB, 43 caches of 162 kB/token x 8192. The preset's
+    HBM is 16 GiB per chip (the book writes 16 GB), so the same arithmetic gives 49."""
+    chips, context = 8, 8192
+    params = LLAMA3_70B.params()["total"]
+    kv_sequence = 163_840 * context
+    book = math.floor((chips * 16e9 - 70e9) / (162e3 * context))
+    assert book == 43
+    capacity = V5E.chip.hbm_capacity_bytes
+    expected = math.floor((chips * capacity - params) / kv_sequence)
+    mesh = DeviceMesh.create(V5E, "x=4,y=2", "4x2")
+    serving = Serving(batch=32, context=context, weights="int8", kv="int8")
+    plan = _best(LLAMA3_70B, mesh, serving)
+    fit = max_batch(plan)
+    step = batch_step(plan)
+    # the activations take a little, and the batch splits `step` ways
+    assert expected - step < fit <= expected
