@@ -469,3 +469,17 @@ def test_plot_carries_the_curve() -> None:
     compute = list(parts["serve:part:compute"].get_ydata())
     batches = [p.batch for p in curve.points]
     assert compute[-1] / compute[0] == pytest.approx(batches[-1] / batches[0], rel=1e-6)
+
+
+def test_max_batch_steps_down_to_a_batch_the_layout_divides() -> None:
+    """Mixtral's capacity slots (B·k/E per expert) split over the expert axis: a batch whose
+    slots do not divide is refused, and the largest batch that fits is one that divides."""
+    serving = Serving(batch=128, context=4096, weights="int8", kv="int8")
+    plan = _plan(MIXTRAL, MESH_4X8, "dp=x,tp=y,ep=x", serving)
+    fit = max_batch(plan)
+    assert fit > serving.batch
+    at = plan_serving(MIXTRAL, MESH_4X8, "dp=x,tp=y,ep=x", serving.with_batch(fit))
+    assert not isinstance(at, Rejected)
+    assert at.fits
+    kv_per_sequence_per_chip = 4096 * 2 * 32 * 8 * 128 / 32  # int8, over 4 replicas x 8 heads
+    assert fit <= (V5E.chip.hbm_capacity_bytes - plan.memory.weights) / kv_per_sequence_per_chip

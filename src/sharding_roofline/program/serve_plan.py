@@ -462,39 +462,52 @@ def max_batch(
     """The largest batch (sequences) of this step that fits in HBM under the plan's
     strategy: the weights stay, the KV cache and activations grow with the batch; from the
     plan's own memory, checked by planning at that batch (0: even one step's weights do not
-    fit)."""
+    fit). A batch the layout cannot split (a mixture of experts' capacity slots over the
+    expert axes) steps down to one it can."""
     if plan.config is None:
         raise PlanError("max_batch replans the model at other batches: plan it by its config")
     config = plan.config
     capacity = plan.capacity_bytes
     step = batch_step(plan)
+
+    def near(guess: int) -> ServePlan | None:
+        """A plan at ``guess`` or the nearest batch below it that the layout divides."""
+        tries = [guess - i * step for i in range(8)]
+        tries += [guess // (step << k) * (step << k) for k in range(1, 16)]
+        for batch in dict.fromkeys(tries):
+            if batch < step:
+                continue
+            trial = plan_serving(
+                config,
+                plan.mesh,
+                plan.strategy,
+                plan.serving.with_batch(batch),
+                overlap=plan.overlap,
+                cache=cache,
+            )
+            if not isinstance(trial, Rejected):
+                return trial
+        return None
+
     current = plan
+    best = plan.serving.batch if plan.fits else 0
     for _ in range(8):
         fixed = current.memory.weights
         per_sequence = (current.memory.kv_cache + current.memory.activations) / (
             current.serving.batch
         )
         if fixed >= capacity or per_sequence <= 0:
-            return 0
+            return best
         guess = min(limit, int((capacity - fixed) / per_sequence)) // step * step
-        if guess < step:
-            return 0
-        if guess == current.serving.batch and current.fits:
-            return guess
-        trial = plan_serving(
-            config,
-            plan.mesh,
-            plan.strategy,
-            plan.serving.with_batch(guess),
-            overlap=plan.overlap,
-            cache=cache,
-        )
-        if isinstance(trial, Rejected):
-            return 0
+        if guess < step or guess == current.serving.batch:
+            return max(best, guess if current.fits else 0)
+        trial = near(guess)
+        if trial is None:
+            return best
         if trial.fits:
-            return guess
+            return max(best, trial.serving.batch)
         current = trial
-    return 0
+    return best
 
 
 # -- curves and results -------------------------------------------------------------------------
