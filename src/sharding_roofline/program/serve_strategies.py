@@ -266,7 +266,6 @@ def _cache_homes(part: ServePart, maps: dict[str, dict[str, list[str]]]) -> dict
     program = part.program
     homes: dict[str, Dims] = {}
     for name in part.cache:
-        tensor = program.tensor(name)
         producer = program.producer(name)
         if producer is not None:
             sigma = maps.get(producer.stage, {})
@@ -275,7 +274,6 @@ def _cache_homes(part: ServePart, maps: dict[str, dict[str, list[str]]]) -> dict
             reader, item = next(iter(program.consumers(name)))
             sigma = maps.get(reader.stage, {})
             letters = item.letters
-        del tensor
         homes[name] = tuple(tuple(sigma.get(c, ())) for c in letters)
     if part.cache:
         reader, item = next(iter(program.consumers(part.cache[0])))
