@@ -39,7 +39,7 @@ from ..units import format_bytes
 from .autodiff import OptimizerSpec, Remat, training
 from .config import ModelConfig
 from .evaluate import Evaluation, MemoryBreakdown, ProgramPlan
-from .graph import LetterRoles, Op, OpInput, OpKind, Program, Tensor, TensorKind
+from .graph import LetterRoles, Op, OpInput, OpKind, Phase, Program, Tensor, TensorKind
 from .layers import LayerKind, LayerSpec, build_layer
 from .strategies import Strategy, place
 
@@ -268,7 +268,10 @@ class ModelPlan:
 
 def model_flops(config: ModelConfig, training_: Training) -> float:
     """The step's model FLOPs, all chips: every matmul of forward and backward once (no
-    remat), from the programs themselves (6·params·tokens plus attention)."""
+    remat), from the programs themselves (6·params·tokens plus attention, ``12·T·N·H`` per
+    token and layer with ``causal_flops="full"``). A fused (flash) attention kernel's
+    recomputation of the scores in the backward pass is remat too, so it is not counted:
+    the model's FLOPs do not depend on the kernel."""
     tokens = training_.batch_tokens
     block = training(build_layer(block_spec(config, tokens, training_.seq_len)))
     ends = training(ends_program(config, tokens, training_.seq_len))
@@ -284,11 +287,13 @@ def model_flops(config: ModelConfig, training_: Training) -> float:
 
 
 def _global_flops(program: Program) -> float:
+    """Matmul FLOPs of the program's forward and backward ops, all chips; recomputed ops
+    (``Phase.RECOMPUTE``: remat, a flash kernel's scores) are not the model's FLOPs."""
     sizes = program.sizes
     return sum(
         2.0 * math.prod(sizes[c] for c in op.letters) * op.flops_scale
         for op in program.ops
-        if op.kind is OpKind.EINSUM
+        if op.kind is OpKind.EINSUM and op.phase is not Phase.RECOMPUTE
     )
 
 
