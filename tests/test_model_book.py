@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 
 import pytest
 
 from sharding_roofline import DeviceMesh, load_preset
+from sharding_roofline.cli import main
 from sharding_roofline.hardware import HardwareSpec
 from sharding_roofline.plans import Rejected
 from sharding_roofline.program.analysis import critical_batch
@@ -549,6 +551,31 @@ def test_llama3_70b_on_a_pod_fsdp_is_communication_bound_fsdp_plus_tp_is_not(
     assert ALPHA**2 / (2 * llama3.f) < mixed_critical < per_chip
     assert mixed.bottleneck == "compute"
     assert mixed.step_lower_s < alone.step_lower_s
+
+
+def test_the_model_command_days_are_the_books_formula(
+    capsys: pytest.CaptureFixture[str], llama3: ModelConfig
+) -> None:
+    """``model --train-tokens`` reports days at the plan's step time: the book's
+    T = FLOPs / (N · C · MFU) with the plan's own MFU. On the 16x16x4 FSDP+TP plan above
+    (``--master-weights none``), scaled to the pod's 8960 chips at 40% MFU: the book's 44
+    days, within the 10% of the FLOPs per token (attention)."""
+    argv = [
+        "model", "--config", "llama3-70b", "--hardware", "tpu-v5p", "--topology", "16x16x4",
+        "--mesh", "x=16,y=16,z=4", "--batch-tokens", str(1024 * 468), "--seq-len", "468",
+        "--strategy", "fsdp=x+y,tp=z", "--master-weights", "none", "--train-tokens", "15e12",
+        "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    per_token = 6 * (llama3.layers * block_matmul_params(llama3) + llama3.vocab * llama3.d)
+    per_token += 12 * 468 * llama3.n * llama3.h * llama3.layers
+    assert data["model"]["flops_per_token"] == pytest.approx(per_token, rel=1e-12)
+    (best,) = data["strategies"]
+    days = 15e12 * per_token / (1024 * V5P_C * best["mfu"]) / 86400
+    assert data["training_days"] == pytest.approx(days, rel=1e-9)
+    on_the_pod = data["training_days"] * 1024 * best["mfu"] / (8960 * 0.4)
+    assert on_the_pod == pytest.approx(44, rel=0.1)
 
 
 # -- LLaMA-3-70B on H100s (gpus.md, worked problem Q2) ----------------------------------------
