@@ -276,7 +276,7 @@ def random_requests(count: int, seed: int) -> list[Plan]:
 def random_sample(count: int, seed: int) -> int:
     plans = random_requests(count, seed)
     start = time.perf_counter()
-    validations = validate_many(plans, prove=True, progress=True)
+    validations = validate_many(plans, prove=True, progress=True, unguided=True)
     elapsed = time.perf_counter() - start
     counts = agreement(validations)
     print(f"{count} random requests (seed {seed}), validated in {elapsed:.0f}s:")
@@ -297,6 +297,23 @@ def random_sample(count: int, seed: int) -> int:
         f"  of the xla-differs: {dict(cheaper)}"
         + (f", {unknown} with sub-axis groups we do not cost" if unknown else "")
     )
+    # against XLA's unguided program (stored and output layouts only, nothing pinned at the op)
+    unguided = Counter(v.unguided.verdict for v in validations if v.unguided is not None)
+    print("  against XLA unguided (stored and output layouts only):")
+    for verdict in ("match", "plan-cheaper", "same", "xla-cheaper", "uncosted"):
+        n = unguided.get(verdict, 0)
+        print(f"    {verdict:12} {n:5d}  {100 * n / count:5.1f}%")
+    xla_cheaper = [
+        v for v in validations if v.unguided is not None and v.unguided.verdict == "xla-cheaper"
+    ]
+    for v in xla_cheaper[:10]:
+        u = v.unguided
+        if u is None or u.xla_time_s is None:
+            continue
+        print(
+            f"    xla-cheaper: {plan_key(v.plan)}: plan {u.plan_time_s * 1e6:.2f} us, XLA "
+            f"{u.xla_time_s * 1e6:.2f} us ({', '.join(r.label() for r in u.observed)})"
+        )
     ratios = []
     for v in validations:
         planned = sum(r.bytes_sent_per_chip for r in v.predicted)
@@ -326,6 +343,11 @@ def random_sample(count: int, seed: int) -> int:
                 "seconds": elapsed,
                 "verdicts": counts,
                 "xla_differs_cost": dict(cheaper),
+                "unguided": {
+                    verdict: unguided.get(verdict, 0) / count
+                    for verdict in ("match", "plan-cheaper", "same", "xla-cheaper", "uncosted")
+                },
+                "verdict_shares": {verdict: n / count for verdict, n in counts.items()},
                 "bytes_ratio": {
                     "min": min(ratios),
                     "median": statistics.median(ratios),

@@ -81,9 +81,13 @@ def test_allreduce_is_reduce_scatter_then_allgather(
     # NCCL (GPU links) pays its ring base latency once per collective, not once per half
     gpu = mesh.hardware.nvlink is not None and ar.group_size > 1
     base_s = mesh.hardware.nvlink.ring_base_latency_s if gpu and mesh.hardware.nvlink else 0.0
-    assert ar.time_s == pytest.approx(rs.time_s + ag.time_s - base_s, rel=1e-12)
-    assert ar.bandwidth_s == pytest.approx(rs.bandwidth_s + ag.bandwidth_s, rel=1e-12)
+    ring_s = rs.time_s + ag.time_s - base_s
     assert ar.bytes_sent_per_chip == pytest.approx(rs.bytes_sent_per_chip + ag.bytes_sent_per_chip)
+    if ar.algorithm == "tree":  # NCCL's tree across nodes, chosen only when it is faster
+        assert ar.time_s < ring_s
+        return
+    assert ar.time_s == pytest.approx(ring_s, rel=1e-12)
+    assert ar.bandwidth_s == pytest.approx(rs.bandwidth_s + ag.bandwidth_s, rel=1e-12)
 
 
 def _scaled(spec: HardwareSpec, factor: float) -> HardwareSpec:

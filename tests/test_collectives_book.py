@@ -292,23 +292,55 @@ def test_book_answer(case: BookCase) -> None:
 
 
 def test_gpu_allreduce_latency_is_nccls_formula_by_hand() -> None:
-    """AllReduce over 4 nodes x 8 GPUs of h100 on a small buffer: NCCL's latency
+    """AllReduce over 4 nodes x 8 GPUs of h100 on a small buffer. NCCL's ring: latency
     8.4 + (62 - 6) x 3.4 + 6 x 14 = 282.8 us (2(N-1) = 62 ring steps over all 32 ranks, 6 of
-    them across nodes), plus bytes/bandwidth; the old per-level max() would say 2 x 14 us."""
+    them across nodes), plus bytes/bandwidth. NCCL's tree (tuning.cc, Tree/Simple): latency
+    8.4 + 2 x ((8 - 1) x 4.0 + log2(4) x 14) = 120.4 us, bandwidth the ring's x N/(0.92(N-1)).
+    NCCL runs the faster: the tree, for this small buffer."""
     mesh = DeviceMesh.create(load_preset("h100"), "node=4,gpu=8", "4x8")
     elements = 4096
     cost = collective_cost(
         mesh, Collective.ALL_REDUCE, ("node", "gpu"), elements_in_per_chip=elements, dtype="bf16"
     )
-    latency = 8.4 * US + (62 - 6) * 3.4 * US + 6 * 14 * US
-    assert latency == pytest.approx(282.8 * US)
-    assert cost.latency_s == pytest.approx(latency, rel=1e-12)
+    ring_latency = 8.4 * US + (62 - 6) * 3.4 * US + 6 * 14 * US
+    assert ring_latency == pytest.approx(282.8 * US)
     v = elements * BF16
     node_level = 2 * v * 7 / (8 * W_GPU)  # AllReduce = 2 x AllGather's V(D-1)/(D W)
     leaf_level = 2 * v * 3 / (4 * W_NODE)
-    assert cost.bandwidth_s == pytest.approx(max(node_level, leaf_level), rel=1e-12)
-    assert cost.time_s == pytest.approx(latency + max(node_level, leaf_level), rel=1e-12)
+    ring_bandwidth = max(node_level, leaf_level)
+    tree_latency = 8.4 * US + 2 * (7 * 4.0 * US + 2 * 14 * US)
+    assert tree_latency == pytest.approx(120.4 * US)
+    tree_bandwidth = ring_bandwidth * 32 / (0.92 * 31)
+    assert cost.algorithm == "tree"
+    assert cost.latency_s == pytest.approx(tree_latency, rel=1e-12)
+    assert cost.bandwidth_s == pytest.approx(tree_bandwidth, rel=1e-12)
+    assert cost.time_s == pytest.approx(tree_latency + tree_bandwidth, rel=1e-12)
+    assert cost.time_s < ring_latency + ring_bandwidth
     assert cost.bound is Bound.LATENCY
+
+
+def test_nccl_picks_the_ring_for_large_all_reduces_and_inside_a_node() -> None:
+    """The tree's bandwidth term is N/(0.92(N-1)) of the ring's: above the message size where
+    the tree's latency saving (282.8 - 120.4 us) is used up, NCCL runs the ring; inside one
+    node there is no tree (NCCL's ring wins there)."""
+    mesh = DeviceMesh.create(load_preset("h100"), "node=4,gpu=8", "4x8")
+    # bandwidth per byte of V: the leaf level's 2·(3/4)/W_node (> the node level's 2·(7/8)/W_gpu)
+    ring_s_per_byte = 2 * 3 / (4 * W_NODE)
+    extra_s_per_byte = ring_s_per_byte * (32 / (0.92 * 31) - 1)
+    crossover_bytes = (282.8 - 120.4) * US / extra_s_per_byte
+    for factor, algorithm in ((0.9, "tree"), (1.1, "ring")):
+        elements = int(crossover_bytes * factor / BF16)
+        cost = collective_cost(
+            mesh, Collective.ALL_REDUCE, ("node", "gpu"), elements_in_per_chip=elements,
+            dtype="bf16",
+        )  # fmt: skip
+        assert cost.algorithm == algorithm
+    node = DeviceMesh.create(load_preset("h100"), "gpu=8", "1x8")
+    small = collective_cost(
+        node, Collective.ALL_REDUCE, ("gpu",), elements_in_per_chip=16, dtype="bf16"
+    )
+    assert small.algorithm == "ring"
+    assert small.latency_s == pytest.approx(8.4 * US + 14 * 3.4 * US, rel=1e-12)
 
 
 def test_tpu_ici_keeps_the_books_max() -> None:

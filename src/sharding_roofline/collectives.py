@@ -105,6 +105,17 @@ class Combine(enum.Enum):
 #: The link kinds whose collectives NCCL runs (their terms add, ``Combine.SUM``).
 NCCL_LINKS = frozenset({LinkKind.NVLINK, LinkKind.INFINIBAND})
 
+#: NCCL's Tree algorithm (all-reduce across nodes), Simple protocol, from NCCL's own cost
+#: model (src/graph/tuning.cc on master 5067397, ``ncclTunerConstantsDefaults`` and
+#: ``ncclTopoTuneModel``): base latency ``baseLatencies[TREE][SIMPLE]`` = 8.4 us; per NVLink
+#: step ``hwLatencies[NVLINK][TREE][SIMPLE]`` = 4.0 us (the network step is the tier's own,
+#: 14 us as for the ring); latency ``base + 2·((ranks per node - 1)·intra + log2(nodes)·inter)``;
+#: bus bandwidth ``0.92·busBw`` turned into algorithm bandwidth by ``x 0.5`` (the ring's
+#: factor is ``nRanks/nsteps = N/(2(N-1))``).
+NCCL_TREE_BASE_LATENCY_S = 8.4e-6
+NCCL_TREE_NVLINK_STEP_S = 4.0e-6
+NCCL_TREE_BUS_EFFICIENCY = 0.92
+
 
 @dataclass(frozen=True, slots=True)
 class LinkTime:
@@ -327,13 +338,25 @@ class CollectiveRate:
     link: str
     group_size: int
     combine: Combine = Combine.MAX
+    #: NCCL's Tree all-reduce across nodes as (s_per_byte, latency_s): NCCL runs whichever
+    #: of ring and tree is faster at the message's size (``terms``)
+    tree: tuple[float, float] | None = None
+
+    def terms(self, group_bytes: float) -> tuple[float, float, str]:
+        """(bandwidth_s, latency_s, algorithm) of the algorithm that runs at this size:
+        ``ring``, or ``tree`` where NCCL's tree is faster."""
+        ring = (self.s_per_byte * group_bytes, self.latency_s)
+        if self.tree is not None:
+            tree = (self.tree[0] * group_bytes, self.tree[1])
+            if tree[0] + tree[1] < ring[0] + ring[1]:
+                return (*tree, "tree")
+        return (*ring, "ring")
 
     def time_s(self, group_bytes: float) -> float:
         if group_bytes == 0 or self.group_size == 1:
             return 0.0
-        return combine_terms_s(
-            self.kind, self.s_per_byte * group_bytes, self.latency_s, self.combine
-        )
+        bandwidth_s, latency_s, _ = self.terms(group_bytes)
+        return combine_terms_s(self.kind, bandwidth_s, latency_s, self.combine)
 
 
 def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size: int) -> LinkTime:
@@ -402,14 +425,39 @@ def group_rate(
         latency = nccl_ring_latency_s(kind, group.spans, base_latency_s)
     else:
         latency = factor * sum(t.latency_s for t, _ in times)
+    s_per_byte = factor * slowest[0].bandwidth_s
+    tree = None
+    if nccl and kind is Collective.ALL_REDUCE and base_latency_s > 0:
+        tree = nccl_tree_all_reduce(group, s_per_byte)
     return CollectiveRate(
         kind=kind,
-        s_per_byte=factor * slowest[0].bandwidth_s,
+        s_per_byte=s_per_byte,
         latency_s=latency,
         link=slowest[1],
         group_size=group.size,
         combine=Combine.SUM if nccl else Combine.MAX,
+        tree=tree,
     )
+
+
+def nccl_tree_all_reduce(group: AxisGroup, ring_s_per_byte: float) -> tuple[float, float] | None:
+    """NCCL's Tree all-reduce over a group that spans nodes, as (s_per_byte, latency_s); None
+    inside one node (NCCL's ring wins there). Per ``NCCL_TREE_*``: the latency is
+    ``8.4 us + 2·((ranks per node - 1)·4 us + floor(log2(nodes))·network step)``; the
+    bandwidth term is the ring's times ``(1/(0.5·0.92)) / (2(N-1)/N) = N/(0.92·(N-1))``."""
+    spans = group.spans
+    inner = spans[0] if spans and spans[0].tier.link is LinkKind.NVLINK else None
+    per_node = inner.num_children if inner is not None else 1
+    nodes = group.size // per_node
+    network = [span for span in spans if span.tier.link is not LinkKind.NVLINK]
+    if nodes < 2 or not network:
+        return None
+    net_step_s = max(span.tier.latency_s for span in network)
+    latency = NCCL_TREE_BASE_LATENCY_S + 2 * (
+        (per_node - 1) * NCCL_TREE_NVLINK_STEP_S + math.floor(math.log2(nodes)) * net_step_s
+    )
+    n = group.size
+    return ring_s_per_byte * n / (NCCL_TREE_BUS_EFFICIENCY * (n - 1)), latency
 
 
 def ring_base_latency_s(mesh: DeviceMesh) -> float:
@@ -452,6 +500,7 @@ class CollectiveCost:
     bound: Bound
     link: str
     combine: Combine = Combine.MAX  # how bandwidth_s and latency_s made time_s
+    algorithm: str = ""  # NCCL's algorithm on GPU links: "ring" or "tree" (all-reduce)
 
     @property
     def group_bytes(self) -> float:
@@ -535,8 +584,11 @@ def collective_cost(
         )
     itemsize = dtype_bytes(dtype)
     volume = group_bytes(kind, elements_in_per_chip, size, itemsize)
-    bandwidth = r.s_per_byte * volume if size > 1 else 0.0
-    latency = r.latency_s if size > 1 and volume > 0 else 0.0
+    bandwidth, latency, algorithm = r.terms(volume)
+    if size <= 1:
+        bandwidth = 0.0
+    if size <= 1 or volume == 0:
+        latency = 0.0
     total = r.time_s(volume)
     return CollectiveCost(
         kind=kind,
@@ -552,4 +604,5 @@ def collective_cost(
         bound=Bound.LATENCY if latency > bandwidth else Bound.BANDWIDTH,
         link=r.link if size > 1 else "",
         combine=r.combine,
+        algorithm=algorithm if r.combine is Combine.SUM else "",
     )

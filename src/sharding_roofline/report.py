@@ -37,6 +37,7 @@ def collective_dict(
         "bound": cost.bound.value,
         "link": cost.link,
         "combine": cost.combine.value,
+        "algorithm": cost.algorithm,
     }
     if operand is not None:
         out = {"operand": operand, **out}

@@ -90,7 +90,8 @@ def test_validate_many_keeps_order_and_counts() -> None:
     stream = io.StringIO()
     validations = validate_many(plans, progress=True, stream=stream)
     assert [v.plan for v in validations] == plans
-    assert stream.getvalue() == ""  # quicker than 2 s: no bar
+    # the bar appears only once a sweep passes 2 s (on a loaded machine these four may)
+    assert stream.getvalue() == "" or "4/4" in stream.getvalue()
     table = format_validations(validations)
     assert table.splitlines()[0].split()[:3] == ["#", "verdict", "strategy"]
     assert table.endswith(f"{len(plans)} validated: " + table.rsplit(": ", 1)[1])

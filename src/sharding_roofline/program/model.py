@@ -272,7 +272,10 @@ class ModelPlan:
 
 def model_flops(config: ModelConfig, training_: Training) -> float:
     """The step's model FLOPs, all chips: every matmul of forward and backward once (no
-    remat), from the programs themselves (6·params·tokens plus attention)."""
+    remat), from the programs themselves (6·params·tokens plus attention, ``12·T·N·H`` per
+    token and layer with ``causal_flops="full"``). A fused (flash) attention kernel's
+    recomputation of the scores in the backward pass is remat too, so it is not counted:
+    the model's FLOPs do not depend on the kernel."""
     tokens = training_.batch_tokens
     block = training(build_layer(block_spec(config, tokens, training_.seq_len)))
     ends = training(ends_program(config, tokens, training_.seq_len))
@@ -288,8 +291,8 @@ def model_flops(config: ModelConfig, training_: Training) -> float:
 
 
 def _global_flops(program: Program) -> float:
-    """Every einsum's FLOPs once, recomputation excluded (MFU counts the model's FLOPs, not
-    what remat or a flash kernel's backward recompute adds)."""
+    """Matmul FLOPs of the program's forward and backward ops, all chips; recomputed ops
+    (``Phase.RECOMPUTE``: remat, a flash kernel's scores) are not the model's FLOPs."""
     sizes = program.sizes
     return sum(
         2.0 * math.prod(sizes[c] for c in op.letters) * op.flops_scale

@@ -141,7 +141,8 @@ def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     _start_devices(args, [plan])
     from .compare import validate_plan  # noqa: PLC0415 (imports JAX)
 
-    return validate_plan(plan, execute=bool(getattr(args, "execute", False))).as_dict()
+    execute = bool(getattr(args, "execute", False))
+    return validate_plan(plan, execute=execute, unguided=True).as_dict()
 
 
 def run_validate_many(
@@ -222,8 +223,10 @@ def validate_many(
     *,
     prove: bool = True,
     stream: TextIO | None = None,
+    unguided: bool = False,
 ) -> list[Validation]:
     """Validate plans, results in order (compiled programs are cached, so repeats are free).
+    ``unguided`` also judges each against XLA's unguided program (one compile per request).
 
     With ``progress``, a bar appears on stderr (or ``stream``) once the sweep passes 2 s.
     (Compiling in two processes was only 1.2x faster on 2 cores, so there is no pool.)
@@ -242,7 +245,7 @@ def validate_many(
 
     try:
         for plan in items:
-            advance(validate_plan(plan, execute=execute, prove=prove))
+            advance(validate_plan(plan, execute=execute, prove=prove, unguided=unguided))
     finally:
         if bar is not None:
             bar.close()
@@ -289,6 +292,11 @@ _MEANING = {
 }
 
 
+def _record_text(record: dict[str, Any]) -> str:
+    axes = "+".join(record["axes"]) if record.get("axes") else "?"
+    return f"{record['kind']}[{axes}]"
+
+
 def format_validation(v: Validation | dict[str, Any]) -> str:
     """A validation (or its ``as_dict()``/``run_validate`` object) for people."""
     d = _as_dict(v)
@@ -315,6 +323,17 @@ def format_validation(v: Validation | dict[str, Any]) -> str:
         f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
         f"XLA {_time(d['xla_time_s'])}"
     )
+    u = d.get("unguided")
+    if u is not None:
+        lines.append(
+            f"XLA unguided (stored and output layouts only): {u['verdict']}, its collectives "
+            f"{_time(u['xla_time_s'])}"
+            + (
+                ""
+                if u["verdict"] == "match"
+                else " (" + (", ".join(_record_text(r) for r in u["observed"]) or "none") + ")"
+            )
+        )
     f = d["flops"]
     sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
     lines.append(

@@ -43,7 +43,7 @@ from .hlo import (
     pairs_to_axes,
     read_collectives,
 )
-from .run import CompiledPlan, Execution, compile_plan, execute_plan
+from .run import CompiledPlan, Execution, compile_plan, compile_unguided, execute_plan
 
 __all__ = [
     "CollectiveRecord",
@@ -316,6 +316,65 @@ class FlopsCheck:
         }
 
 
+#: Two collective times within this relative difference are "the same".
+SAME_REL = 1e-3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unguided:
+    """XLA's program with only the stored input layouts and the output layout given (nothing
+    pinned at the op): what XLA chooses by itself, costed with the same model as the plan.
+
+    ``verdict``: ``match`` (the same collectives as the plan), else by time on the target
+    hardware ``plan-cheaper``, ``same`` (within 0.1%) or ``xla-cheaper`` (a planner defect
+    to fix or explain), or ``uncosted`` when one of XLA's collectives has no cost (replica
+    groups that are not whole mesh axes)."""
+
+    observed: tuple[CollectiveRecord, ...]
+    plan_time_s: float
+    xla_time_s: float | None
+    verdict: str
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def judge(
+        cls,
+        predicted: tuple[CollectiveRecord, ...],
+        observed: tuple[CollectiveRecord, ...],
+        warnings: tuple[str, ...] = (),
+    ) -> Unguided:
+        plan_s = sum(r.time_s or 0.0 for r in predicted)
+        xla_s = _total_time(observed)
+        if _multiset(observed) == _multiset(predicted):
+            verdict = "match"
+        elif xla_s is None:
+            verdict = "uncosted"
+        elif math.isclose(plan_s, xla_s, rel_tol=SAME_REL, abs_tol=1e-12):
+            verdict = "same"
+        else:
+            verdict = "plan-cheaper" if plan_s < xla_s else "xla-cheaper"
+        return cls(
+            observed=observed, plan_time_s=plan_s, xla_time_s=xla_s, verdict=verdict,
+            warnings=warnings,
+        )  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "observed": [r.as_dict() for r in self.observed],
+            "xla_time_s": self.xla_time_s,
+            "plan_time_s": self.plan_time_s,
+            "verdict": self.verdict,
+        }
+
+
+def unguided(plan: Plan, predicted: tuple[CollectiveRecord, ...] | None = None) -> Unguided:
+    """Compile XLA's unguided program for ``plan``'s stored and output layouts and judge the
+    plan against it (one compile per request, cached: every strategy of a ranking shares it)."""
+    predicted = predicted if predicted is not None else predicted_collectives(plan)
+    text, warnings = compile_unguided(plan)
+    return Unguided.judge(predicted, observed_collectives(plan, text, predicted), warnings)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Validation:
     """A plan checked against XLA: the verdict, both collective lists, FLOPs, numerics."""
@@ -330,6 +389,8 @@ class Validation:
     warnings: tuple[str, ...]
     reasons: tuple[str, ...]
     compile_s: float
+    #: XLA's own choice from the stored layouts (``validate_plan(..., unguided=True)``)
+    unguided: Unguided | None = None
 
     @property
     def ok(self) -> bool:
@@ -384,6 +445,8 @@ class Validation:
             "reasons": list(self.reasons),
             "compile_s": self.compile_s,
         }
+        if self.unguided is not None:
+            out["unguided"] = self.unguided.as_dict()
         if self.numerics is not None:
             n = self.numerics
             out["numerics"] = {
@@ -400,7 +463,9 @@ class Validation:
         return out
 
 
-def validate_plan(plan: Plan, *, execute: bool = False, prove: bool = True) -> Validation:
+def validate_plan(
+    plan: Plan, *, execute: bool = False, prove: bool = True, unguided: bool = False
+) -> Validation:
     """Compile ``plan``'s programs on simulated CPU devices and judge the plan.
 
     ``execute`` also runs both programs on random data (small shapes: execution costs seconds
@@ -408,7 +473,8 @@ def validate_plan(plan: Plan, *, execute: bool = False, prove: bool = True) -> V
     program when XLA's ``jit`` program already matches the prediction (a sweep's shortcut:
     about 40% of the compile time); it is always compiled when the verdict depends on it.
     Wrong numbers from XLA's own ``jit`` program are reported in ``reasons`` and
-    ``numerics`` but do not make the plan a mismatch.
+    ``numerics`` but do not make the plan a mismatch. ``unguided`` also compiles XLA's
+    program with nothing pinned at the op and judges the plan against it (``Unguided``).
     """
     predicted = predicted_collectives(plan)
     compiled: CompiledPlan = compile_plan(plan, with_shard_map=prove or execute)
@@ -477,7 +543,11 @@ def validate_plan(plan: Plan, *, execute: bool = False, prove: bool = True) -> V
         warnings=compiled.warnings,
         reasons=tuple(reasons + notes),
         compile_s=compiled.compile_s,
+        unguided=_unguided(plan, predicted) if unguided else None,
     )
+
+
+_unguided = unguided  # validate_plan's keyword shadows the function
 
 
 def agreement(validations: Iterable[Validation]) -> dict[str, int]:

@@ -136,6 +136,14 @@ def jit_program(plan: Plan, mesh: Mesh | None = None) -> Program:
     return fn, _inputs(plan, mesh)
 
 
+def unguided_program(plan: Plan, mesh: Mesh | None = None) -> Program:
+    """XLA's own choice: the operands in their stored layouts and the output's layout given,
+    nothing pinned at the op (the baseline the plan is judged against)."""
+    mesh = mesh if mesh is not None else jax_mesh(plan.mesh)
+    fn = jax.jit(_einsum(plan), out_shardings=named_sharding(mesh, plan.out))
+    return fn, _inputs(plan, mesh)
+
+
 def _changed_dims(step: Step) -> tuple[list[int], list[int]]:
     """(dimensions that lost axes, dimensions that gained axes) in this step."""
     lost, gained = [], []
@@ -236,6 +244,7 @@ class _Entry:
 
 _JIT_CACHE: dict[tuple[Any, ...], _Entry] = {}
 _SHARD_MAP_CACHE: dict[tuple[Any, ...], _Entry] = {}
+_UNGUIDED_CACHE: dict[tuple[Any, ...], _Entry] = {}
 _CACHE_SIZE = 4096  # programs per cache; the oldest go first (a sweep's text is ~10-50 kB each)
 
 
@@ -249,6 +258,7 @@ def clear_cache() -> None:
     """Forget every compiled program (the caches live for the process)."""
     _JIT_CACHE.clear()
     _SHARD_MAP_CACHE.clear()
+    _UNGUIDED_CACHE.clear()
 
 
 def _jit_key(plan: Plan) -> tuple[Any, ...]:
@@ -267,6 +277,28 @@ def _jit_key(plan: Plan) -> tuple[Any, ...]:
         plan.mesh.axis_names,
         plan.mesh.shape,
     )
+
+
+def _unguided_key(plan: Plan) -> tuple[Any, ...]:
+    """The jit key without the layouts at the op: one compile serves every strategy of a
+    request (its stored and output layouts)."""
+    return _jit_key(plan)[:7] + _jit_key(plan)[9:]
+
+
+def compile_unguided(plan: Plan) -> tuple[str, tuple[str, ...]]:
+    """The compiled text (and XLA's warnings) of ``unguided_program``, cached per request."""
+    key = _unguided_key(plan)
+    entry = _UNGUIDED_CACHE.get(key)
+    if entry is None:
+        try:
+            entry = _compile(unguided_program(plan))
+        except ValidationError as exc:
+            raise ValidationError(
+                f"XLA could not compile the unguided program of {plan.einsum.spec.equation} "
+                f"on {plan.mesh}: {exc}"
+            ) from exc
+        _remember(_UNGUIDED_CACHE, key, entry)
+    return entry.text, entry.warnings
 
 
 def _shard_map_key(plan: Plan) -> tuple[Any, ...]:
