@@ -31,8 +31,9 @@ class Step:
     cost: CollectiveCost | None = None
 
     def notation(self, letters: str) -> str:
-        """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation)."""
-        name = NAMES[self.operand]
+        """``AllGather_y B[D_y, F] -> B[D, F]`` (the book's notation; a program's tensor is
+        written under its own name: ``AllGather_x w_in[D_x, F_y] -> w_in[D, F_y]``)."""
+        name = NAMES.get(self.operand, self.operand)
         label = self.kind.book_name if self.kind else "DynamicSlice"
         before = self.before.notation(name, letters) + unreduced_suffix(self.unreduced_before)
         after = self.after.notation(name, letters) + unreduced_suffix(self.unreduced_after)

@@ -1,0 +1,865 @@
+"""Programs (graphs of named tensors and ops) as JAX functions, and a plan's two programs.
+
+A :class:`~sharding_roofline.program.graph.Program` becomes JAX code op by op
+(:func:`apply_op`): an einsum is ``jnp.einsum(op.equation, ...)`` in the output tensor's
+dtype; the memory-bound functions (add, mul, SiLU, GELU, softmax with a causal mask over
+the sequence letters, RMSNorm over ``d``, their gradients, AdamW) are written with
+``jnp``, and a gradient function is the ``jax.vjp`` of its forward function on the same
+(local) block. For one :class:`~sharding_roofline.program.evaluate.ProgramPlan` the
+validator then builds:
+
+``reference``
+    :func:`reference_function`: the forward function, unsharded, and for a training
+    program its ``jax.vjp`` (the incoming gradient of each forward output ``y`` is the input
+    ``d_<y>``), then the optimizer update. The numerics' reference, and what XLA compiles.
+
+``jit``
+    :func:`jit_program`: the reference under ``jit``, with the plan's layouts pinned and
+    XLA's SPMD partitioner choosing every collective. Parameters come in at their storage,
+    inputs and incoming gradients at their homes; each forward op's inputs are pinned at
+    their layouts at the op and its result at its own (local, then home) layout
+    (``with_sharding_constraint``, whose transpose pins the backward's cotangents the same
+    way); every result leaves at the plan's layout (``out_shardings``). The forward is
+    wrapped in ``jax.checkpoint`` with a policy that saves exactly the activations the plan
+    saves (named with ``checkpoint_name`` at the op whose layout the plan saves them in), so
+    the backward re-reads parameters from storage (FSDP gathers them again, as the plan
+    does) and recomputes what the remat policy recomputes.
+
+``shard_map``
+    :func:`shard_map_program`: the plan itself. A per-device program that replays every op
+    of the plan in order on local blocks: the steps moving each input from its source (its
+    home, or the layout the plan saved it in) to its layout at the op, with ``jax.lax``
+    collectives (``run.apply_step``), the local op, and the steps moving the result to its
+    home. A tensor moved to a layout once is reused there, as the plan reuses it. Its
+    compiled HLO must hold exactly the plan's collectives, and its numbers must equal the
+    reference's (which also checks the mechanical backward pass of ``autodiff.py``).
+
+Both compile from ``ShapeDtypeStruct``s (no data); compiled text is cached per plan.
+:func:`execute_program_plan` runs the reference and both programs on random data, in
+float32 unless told otherwise (the layouts and collectives do not depend on the dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import ad_checkpoint
+from jax.sharding import Mesh, NamedSharding
+
+from sharding_roofline.errors import ValidationError
+from sharding_roofline.program.evaluate import OpPlan, ProgramPlan
+from sharding_roofline.program.graph import Op, OpKind, Phase, Program, TensorKind
+from sharding_roofline.reshard import Dims
+from sharding_roofline.sharding import ShardingSpec
+
+from .devices import jax_mesh, named_sharding, partition_spec
+from .hlo import dot_flops
+from .run import apply_step, block_index, capture_stderr, interesting_lines
+
+__all__ = [
+    "CompiledProgram",
+    "ProgramExecution",
+    "apply_op",
+    "clear_program_cache",
+    "compile_program_plan",
+    "execute_program_plan",
+    "forward_function",
+    "forward_outputs",
+    "jit_program",
+    "reference_function",
+    "saved_activations",
+    "shard_map_program",
+]
+
+_lax: Any = jax.lax
+_ShapeDtypeStruct: Any = jax.ShapeDtypeStruct
+_checkpoint_name: Any = ad_checkpoint.checkpoint_name
+_policies: Any = jax.checkpoint_policies
+
+Arrays = dict[str, jax.Array]
+#: (jitted fn, its argument ``ShapeDtypeStruct``s: params, inputs, seeds)
+JaxProgram = tuple[Any, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
+
+_RMS_EPS = 1e-6
+_ADAMW_LR = 1e-3
+_ADAMW_EPS = 1e-8
+_ADAMW_DECAY = 0.01
+
+
+# -- one op -------------------------------------------------------------------------------
+
+
+def _align(x: jax.Array, letters: str, target: str) -> jax.Array:
+    """``x[letters]`` transposed and broadcast-shaped to ``target``'s letter order."""
+    if letters == target:
+        return x
+    order = [letters.index(c) for c in target if c in letters]
+    y = jnp.transpose(x, order)
+    shape = [x.shape[letters.index(c)] if c in letters else 1 for c in target]
+    return jnp.reshape(y, shape)
+
+
+def _causal_mask(
+    letters: str, shape: tuple[int, ...], query: str, key: str, offsets: Mapping[str, Any]
+) -> jax.Array:
+    """True where key position <= query position (global positions of this block)."""
+    qi, ki = letters.index(query), letters.index(key)
+    q = jnp.arange(shape[qi]) + offsets.get(query, 0)
+    k = jnp.arange(shape[ki]) + offsets.get(key, 0)
+    q_shape = [1] * len(shape)
+    q_shape[qi] = shape[qi]
+    k_shape = [1] * len(shape)
+    k_shape[ki] = shape[ki]
+    return cast(jax.Array, jnp.reshape(k, k_shape) <= jnp.reshape(q, q_shape))
+
+
+def _softmax(x: jax.Array, axis: int) -> jax.Array:
+    return cast(jax.Array, jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype))
+
+
+def _rmsnorm_hat(x: jax.Array, axis: int) -> jax.Array:
+    """``x / rms(x)`` over ``axis`` (in float32, returned in x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    rms = _lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + _RMS_EPS)
+    return cast(jax.Array, (x32 * rms).astype(x.dtype))
+
+
+def _adamw(param: jax.Array, grad: jax.Array) -> jax.Array:
+    """One AdamW step from zero moments (``m̂ = g``, ``v̂ = g²``), learning rate 1e-3."""
+    update = grad / (jnp.abs(grad) + _ADAMW_EPS) + _ADAMW_DECAY * param
+    return cast(jax.Array, (param - _ADAMW_LR * update).astype(param.dtype))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _OpContext:
+    """What :func:`apply_op` needs besides the op's input values."""
+
+    program: Program
+    dtype: str | None = None  # overrides every tensor's dtype (numerics in float32)
+    #: ``letter -> global position of this block's first element`` (the causal mask)
+    offsets: Mapping[str, Any] | None = None
+
+    def out_dtype(self, op: Op) -> Any:
+        return jnp.dtype(self.dtype or self.program.tensor(op.output).dtype)
+
+
+def apply_op(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
+    """One op on its inputs (global arrays or this device's blocks: every letter an op
+    reduces over is whole at the op, so the same code serves both)."""
+    out_dtype = ctx.out_dtype(op)
+    letters = [item.letters for item in op.inputs]
+    out = op.out_letters
+    offsets = ctx.offsets or {}
+    roles = ctx.program.roles
+    if op.kind is OpKind.EINSUM:
+        a, b = values
+        return cast(jax.Array, jnp.einsum(op.equation, a, b, preferred_element_type=out_dtype))
+    if op.kind is OpKind.REDUCE:
+        return _reduce(op, values, ctx)
+    aligned = [_align(v, lt, out) for v, lt in zip(values, letters, strict=True)]
+    fn = op.fn
+    if fn == "add":
+        return cast(jax.Array, (aligned[0] + aligned[1]).astype(out_dtype))
+    if fn == "mul":
+        return cast(jax.Array, (aligned[0] * aligned[1]).astype(out_dtype))
+    if fn == "adamw":
+        return _adamw(aligned[0], aligned[1]).astype(out_dtype)
+    unary: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "silu": jax.nn.silu,
+        "gelu": jax.nn.gelu,
+    }
+    if fn in unary:
+        return unary[fn](aligned[0]).astype(out_dtype)
+    if fn.endswith("_grad") and fn[: -len("_grad")] in unary:
+        forward = unary[fn[: -len("_grad")]]
+        x, dz = aligned
+        _, vjp = jax.vjp(forward, x)
+        return cast(jax.Array, vjp(dz.astype(x.dtype))[0].astype(out_dtype))
+    if fn in ("softmax", "causal_softmax"):
+        (axis_letter,) = op.reduce_letters
+        x = aligned[0]
+        if fn == "causal_softmax":
+            mask = _causal_mask(
+                out, x.shape, roles.sequence, roles.kv_sequence or axis_letter, offsets
+            )
+            x = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype))
+        return _softmax(x, out.index(axis_letter)).astype(out_dtype)
+    if fn in ("softmax_grad", "causal_softmax_grad"):
+        (axis_letter,) = op.reduce_letters
+        y, dz = (v.astype(jnp.float32) for v in aligned)
+        axis = out.index(axis_letter)
+        dx = y * (dz - jnp.sum(dz * y, axis=axis, keepdims=True))  # masked: y = 0 there
+        return cast(jax.Array, dx.astype(out_dtype))
+    if fn == "rmsnorm":
+        (axis_letter,) = op.reduce_letters
+        x, scale = aligned
+        return (_rmsnorm_hat(x, out.index(axis_letter)) * scale).astype(out_dtype)
+    if fn == "rmsnorm_grad":
+        (axis_letter,) = op.reduce_letters
+        x, scale, dz = aligned
+        axis = out.index(axis_letter)
+        _, vjp = jax.vjp(lambda v: _rmsnorm_hat(v, axis) * scale, x)
+        return cast(jax.Array, vjp(dz.astype(x.dtype))[0].astype(out_dtype))
+    raise ValidationError(
+        f"op {op.name!r}: the validator has no JAX code for function {fn!r} "
+        f"({op.kind.value}); supported: add, mul, silu, gelu, softmax, causal_softmax, "
+        "rmsnorm (and their _grad), adamw, reduce"
+    )
+
+
+def _reduce(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
+    """A vector contraction (``REDUCE``): multiply, then sum the letters the output drops
+    (on the vector units: no ``dot``, as the plan counts it). An RMSNorm's scale gradient
+    reads the norm's input and contracts the incoming gradient with the *normalised* input,
+    which needs the normalised letter whole at the op."""
+    out_dtype = ctx.out_dtype(op)
+    (la, a), (lb, b) = zip((item.letters for item in op.inputs), values, strict=True)
+    norm = ctx.program.op(op.of) if op.of else None
+    if norm is not None and norm.kind is OpKind.NORM and norm.fn == "rmsnorm":
+        (axis_letter,) = norm.reduce_letters
+        b = _rmsnorm_hat(b, lb.index(axis_letter))
+    every = "".join(dict.fromkeys(la + lb))
+    product = _align(a.astype(jnp.float32), la, every) * _align(b.astype(jnp.float32), lb, every)
+    summed = tuple(i for i, c in enumerate(every) if c not in op.out_letters)
+    total = jnp.sum(product, axis=summed)
+    kept = "".join(c for c in every if c in op.out_letters)
+    order = [kept.index(c) for c in op.out_letters]
+    return cast(jax.Array, jnp.transpose(total, order).astype(out_dtype))
+
+
+# -- the forward function and the reference -------------------------------------------------
+
+
+def forward_outputs(program: Program) -> tuple[str, ...]:
+    """The forward pass's results: a training program's seeded outputs (each has an
+    incoming gradient ``d_<y>``), or a forward program's outputs."""
+    if not program.has_backward:
+        return program.outputs
+    seeds = {g for _, g in program.gradients if program.tensor(g).kind is TensorKind.INPUT}
+    return tuple(y for y, g in program.gradients if g in seeds)
+
+
+def _seeds(program: Program) -> dict[str, str]:
+    """``forward output -> its incoming gradient`` (empty for a forward program)."""
+    if not program.has_backward:
+        return {}
+    return {
+        y: g for y, g in program.gradients if program.tensor(g).kind is TensorKind.INPUT
+    }
+
+
+class Pins:
+    """Hooks the forward function calls at every op (the jit program's layouts)."""
+
+    def input(self, op: Op, index: int, value: jax.Array) -> jax.Array:
+        return value
+
+    def output(self, op: Op, value: jax.Array) -> jax.Array:
+        return value
+
+
+def forward_function(
+    program: Program, *, dtype: str | None = None, pins: Pins | None = None
+) -> Callable[[Arrays, Arrays], Arrays]:
+    """The program's forward ops as ``f(params, inputs) -> {output: array}``. Each op runs
+    under ``jax.named_scope(op.name)``, so the compiled HLO's ``op_name`` metadata names it
+    (in the backward pass too: ``transpose(jvp(...))/.../gate/...``)."""
+    ops = [op for op in program.ops if op.phase is Phase.FORWARD]
+    outputs = forward_outputs(program)
+    ctx = _OpContext(program=program, dtype=dtype)
+    hooks = pins or Pins()
+
+    def forward(params: Arrays, inputs: Arrays) -> Arrays:
+        env: dict[str, jax.Array] = {**params, **inputs}
+        for op in ops:
+            with jax.named_scope(op.name):
+                values = [
+                    hooks.input(op, k, env[item.tensor]) for k, item in enumerate(op.inputs)
+                ]
+                env[op.output] = hooks.output(op, apply_op(op, values, ctx))
+        return {y: env[y] for y in outputs}
+
+    return forward
+
+
+def saved_activations(program: Program) -> tuple[tuple[str, str], ...]:
+    """What a training program's backward (and recompute) ops read from the forward pass:
+    ``(forward op, tensor)`` for a tensor saved as laid out at that op (a gathered input
+    stays gathered), ``("", tensor)`` for one read from its home. Parameters are not saved
+    (the backward re-reads them from storage)."""
+    forward = {op.name for op in program.ops if op.phase is Phase.FORWARD}
+    produced = {op.output for op in program.ops if op.phase is Phase.FORWARD}
+    produced |= {t.name for t in program.inputs}
+    out: dict[tuple[str, str], None] = {}
+    for op in program.ops:
+        if op.phase in (Phase.FORWARD, Phase.OPTIMIZER):
+            continue
+        for item in op.inputs:
+            if item.tensor not in produced:
+                continue
+            at = item.saved_at if item.saved_at in forward else ""
+            out.setdefault((at, item.tensor))
+    return tuple(out)
+
+
+def _checkpoint_label(at: str, tensor: str) -> str:
+    return f"saved:{at or 'home'}:{tensor}"
+
+
+def _training(
+    program: Program,
+    forward: Callable[[Arrays, Arrays], Arrays],
+    *,
+    policy: Any,
+    optimizer: Callable[[Op, jax.Array, jax.Array], jax.Array] | None = None,
+) -> Callable[[Arrays, Arrays, Arrays], Arrays]:
+    """``train(params, inputs, seeds) -> {tensor: array}``: the forward outputs, then every
+    output of the training program (gradients; AdamW-updated parameters)."""
+    seeds = _seeds(program)
+    grad_of = {fwd: grad for fwd, grad in program.gradients if fwd not in seeds}
+    param_names = {t.name for t in program.params}
+    adamw = [op for op in program.ops if op.phase is Phase.OPTIMIZER]
+    fn = jax.checkpoint(forward, policy=policy) if policy is not None else forward
+
+    def train(params: Arrays, inputs: Arrays, incoming: Arrays) -> Arrays:
+        outs, vjp = jax.vjp(fn, params, inputs)
+        d_params, d_inputs = vjp({y: incoming[seeds[y]] for y in outs})
+        result: dict[str, jax.Array] = dict(outs)
+        for fwd, grad in grad_of.items():
+            result[grad] = d_params[fwd] if fwd in param_names else d_inputs[fwd]
+        for op in adamw:
+            param, grad = (item.tensor for item in op.inputs)
+            value = _adamw(params[param], result[grad])
+            result[op.output] = optimizer(op, params[param], result[grad]) if optimizer else value
+        return {name: result[name] for name in (*outs, *program.outputs)}
+
+    return train
+
+
+def reference_function(
+    program: Program, *, dtype: str | None = None
+) -> Callable[[Arrays, Arrays, Arrays], Arrays]:
+    """The program unsharded: ``f(params, inputs, seeds) -> {tensor: array}`` (the forward
+    outputs, and for a training program its gradients and updates by ``jax.vjp``)."""
+    forward = forward_function(program, dtype=dtype)
+    if not program.has_backward:
+        return lambda params, inputs, seeds: forward(params, inputs)
+    return _training(program, forward, policy=None)
+
+
+# -- the plan's layouts -----------------------------------------------------------------------
+
+
+def _result_names(program: Program) -> tuple[str, ...]:
+    names = forward_outputs(program)
+    return (*names, *(n for n in program.outputs if n not in names))
+
+
+def _arg_names(program: Program) -> tuple[list[str], list[str], list[str]]:
+    params = [t.name for t in program.params]
+    seeds = set(_seeds(program).values())
+    inputs = [t.name for t in program.inputs if t.name not in seeds]
+    return params, inputs, [g for g in _seeds(program).values()]
+
+
+def _args(
+    plan: ProgramPlan, mesh: Mesh, dtype: str | None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    program = plan.program
+    groups = _arg_names(program)
+    out = tuple(
+        {
+            name: _ShapeDtypeStruct(
+                program.shape(name),
+                jnp.dtype(dtype or program.tensor(name).dtype),
+                sharding=named_sharding(mesh, ShardingSpec(plan.home(name))),
+            )
+            for name in names
+        }
+        for names in groups
+    )
+    return out[0], out[1], out[2]
+
+
+def _sharding(mesh: Mesh, dims: Dims) -> NamedSharding:
+    return named_sharding(mesh, ShardingSpec(dims))
+
+
+class _PlanPins(Pins):
+    """The jit program's pins: inputs at their layout at the op, results at their local
+    layout (when it is reduced) and then at their home; saved activations named."""
+
+    def __init__(self, plan: ProgramPlan, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.ops = {op_plan.op.name: op_plan for op_plan in plan.ops}
+        self.saved = set(saved_activations(plan.program))
+
+    def input(self, op: Op, index: int, value: jax.Array) -> jax.Array:
+        op_plan = self.ops[op.name]
+        tensor, dims = op_plan.at_op[index]
+        value = _lax.with_sharding_constraint(value, _sharding(self.mesh, dims))
+        if (op.name, tensor) in self.saved:
+            value = _checkpoint_name(value, _checkpoint_label(op.name, tensor))
+        return value
+
+    def output(self, op: Op, value: jax.Array) -> jax.Array:
+        op_plan = self.ops[op.name]
+        if not op_plan.unreduced and op_plan.out_local != op_plan.out_home:
+            value = _lax.with_sharding_constraint(value, _sharding(self.mesh, op_plan.out_local))
+            if (op.name, op.output) in self.saved:
+                value = _checkpoint_name(value, _checkpoint_label(op.name, op.output))
+        value = _lax.with_sharding_constraint(value, _sharding(self.mesh, op_plan.out_home))
+        if (op.name, op.output) in self.saved and op_plan.out_local == op_plan.out_home:
+            value = _checkpoint_name(value, _checkpoint_label(op.name, op.output))
+        if ("", op.output) in self.saved:
+            value = _checkpoint_name(value, _checkpoint_label("", op.output))
+        return value
+
+
+def _policy(program: Program) -> Any:
+    names = [_checkpoint_label(at, tensor) for at, tensor in saved_activations(program)]
+    if not names:
+        return _policies.nothing_saveable
+    return _policies.save_only_these_names(*names)
+
+
+def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
+    """The ``jit`` program and its argument ``ShapeDtypeStruct``s (XLA chooses the
+    collectives; the plan's layouts are pinned as the module docstring says)."""
+    mesh = jax_mesh(plan.mesh)
+    program = plan.program
+    pins = _PlanPins(plan, mesh)
+    forward = forward_function(program, dtype=dtype, pins=pins)
+    if program.has_backward:
+        opt = {op_plan.op.name: op_plan for op_plan in plan.ops if op_plan.op.phase is Phase.OPTIMIZER}
+
+        def optimizer(op: Op, param: jax.Array, grad: jax.Array) -> jax.Array:
+            op_plan = opt[op.name]
+            param = _lax.with_sharding_constraint(param, _sharding(mesh, op_plan.at_op[0][1]))
+            grad = _lax.with_sharding_constraint(grad, _sharding(mesh, op_plan.at_op[1][1]))
+            return _adamw(param, grad)
+
+        body = _training(program, forward, policy=_policy(program), optimizer=optimizer)
+    else:
+
+        def body(params: Arrays, inputs: Arrays, seeds: Arrays) -> Arrays:
+            return forward(params, inputs)
+
+    out = {name: _sharding(mesh, plan.home(name)) for name in _result_names(program)}
+    return jax.jit(body, out_shardings=out), _args(plan, mesh, dtype)
+
+
+# -- the shard_map program --------------------------------------------------------------------
+
+
+class _Replay:
+    """The plan's ops on this device's blocks (inside ``shard_map``)."""
+
+    def __init__(self, plan: ProgramPlan, dtype: str | None) -> None:
+        self.plan = plan
+        self.program = plan.program
+        self.dtype = dtype
+        self.axis_size = dict(zip(plan.mesh.axis_names, plan.mesh.shape, strict=True))
+        self.sizes = self.program.sizes
+
+    def local_shape(self, letters: str, dims: Dims) -> tuple[int, ...]:
+        return tuple(
+            self.sizes[c] // math.prod(self.axis_size[a] for a in axes)
+            for c, axes in zip(letters, dims, strict=True)
+        )
+
+    def source(self, op_plan: OpPlan, index: int) -> Dims:
+        item = op_plan.op.inputs[index]
+        if item.saved_at:
+            sigma = dict(self.plan.op(item.saved_at).sigma)
+            return tuple(sigma.get(c, ()) for c in item.letters)
+        return self.plan.home(item.tensor)
+
+    def run(self, homes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        copies: dict[tuple[str, Dims], jax.Array] = {}
+        for name, value in homes.items():
+            copies[(name, self.plan.home(name))] = value
+        for op_plan in self.plan.ops:
+            self.run_op(op_plan, copies)
+        return {
+            name: copies[(name, self.plan.home(name))] for name in _result_names(self.program)
+        }
+
+    def fetch(
+        self, tensor: str, dims: Dims, copies: dict[tuple[str, Dims], jax.Array], why: str
+    ) -> jax.Array:
+        value = copies.get((tensor, dims))
+        if value is not None:
+            return value
+        letters = self.program.tensor(tensor).letters
+        for (name, have), candidate in copies.items():  # the same blocks (size-1 axes)
+            if name == tensor and self._same_blocks(have, dims, letters):
+                return candidate
+        raise ValidationError(
+            f"the plan reads {tensor} as {ShardingSpec(dims).text()} ({why}), but no op left "
+            "it there (a planner bug: a move the plan does not count)"
+        )
+
+    def _same_blocks(self, a: Dims, b: Dims, letters: str) -> bool:
+        def squeeze(dims: Dims) -> Dims:
+            return tuple(tuple(x for x in d if self.axis_size[x] > 1) for d in dims)
+
+        return len(a) == len(letters) and squeeze(a) == squeeze(b)
+
+    def run_op(self, op_plan: OpPlan, copies: dict[tuple[str, Dims], jax.Array]) -> None:
+        op = op_plan.op
+        pending = list(op_plan.steps_in)
+        values: list[jax.Array] = []
+        with jax.named_scope(op.name):
+            for index, (item, (tensor, dst)) in enumerate(
+                zip(op.inputs, op_plan.at_op, strict=True)
+            ):
+                src = self.source(op_plan, index)
+                mine = []
+                layout = src
+                while pending and pending[0].operand == tensor and layout != dst:
+                    if pending[0].before.dims != layout:
+                        break
+                    mine.append(pending.pop(0))
+                    layout = mine[-1].after.dims
+                where = f"input {index} of op {op.name}"
+                if mine:
+                    value = self.fetch(tensor, src, copies, f"the source of {where}")
+                    for step in mine:
+                        value = apply_step(value, step, self.axis_size)
+                else:
+                    value = self.fetch(tensor, dst, copies, where)
+                if layout != dst and mine:
+                    raise ValidationError(
+                        f"the plan's steps for {where} end at {ShardingSpec(layout).text()}, "
+                        f"not at its layout at the op {ShardingSpec(dst).text()}"
+                    )
+                copies[(tensor, dst)] = value
+                values.append(value)
+            if pending:
+                raise ValidationError(
+                    f"op {op.name}: plan steps left over after its inputs: "
+                    + ", ".join(f"{s.operand} {s.kind}" for s in pending)
+                )
+            offsets = self._offsets(op_plan)
+            ctx = _OpContext(program=self.program, dtype=self.dtype, offsets=offsets)
+            out = apply_op(op, values, ctx)
+            expected = self.local_shape(op.out_letters, op_plan.out_local)
+            if tuple(out.shape) != expected:  # pragma: no cover - a validator bug guard
+                raise ValidationError(
+                    f"op {op.name}: local result {tuple(out.shape)}, the plan says {expected}"
+                )
+            if not op_plan.unreduced:
+                copies[(op.output, op_plan.out_local)] = out
+            for step in op_plan.steps_out:
+                out = apply_step(out, step, self.axis_size)
+            copies[(op.output, op_plan.out_home)] = out
+
+    def _offsets(self, op_plan: OpPlan) -> dict[str, Any]:
+        op = op_plan.op
+        if op.fn not in ("causal_softmax", "causal_softmax_grad"):
+            return {}
+        sigma = dict(op_plan.sigma)
+        offsets: dict[str, Any] = {}
+        for letter in op.out_letters:
+            axes = sigma.get(letter, ())
+            if axes:
+                local = self.sizes[letter] // math.prod(self.axis_size[a] for a in axes)
+                offsets[letter] = block_index(axes, self.axis_size) * local
+        return offsets
+
+
+def shard_map_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
+    """The plan as a per-device program (see the module docstring)."""
+    mesh = jax_mesh(plan.mesh)
+    program = plan.program
+    replay = _Replay(plan, dtype)
+    params, inputs, seeds = _arg_names(program)
+    results = _result_names(program)
+
+    def body(p: Arrays, i: Arrays, s: Arrays) -> Arrays:
+        return replay.run({**p, **i, **s})
+
+    def specs(names: Sequence[str]) -> dict[str, Any]:
+        return {name: partition_spec(ShardingSpec(plan.home(name))) for name in names}
+
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(specs(params), specs(inputs), specs(seeds)),
+        out_specs=specs(results),
+        check_vma=False,  # gathered blocks are "varying" to the checker; the layouts are exact
+    )
+    return jax.jit(mapped), _args(plan, mesh, dtype)
+
+
+# -- compiling (cached) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompiledProgram:
+    """Both programs' compiled per-device HLO text and what XLA printed while compiling.
+    ``shard_map_text`` is ``None`` when that program was not asked for; ``replay_error``
+    says why the plan could not be replayed (a planner bug), when it could not."""
+
+    jit_text: str
+    shard_map_text: str | None
+    shard_map_written_flops: int | None
+    replay_error: str | None
+    warnings: tuple[str, ...]
+    compile_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    text: str
+    warnings: tuple[str, ...]
+    written_flops: int
+
+
+_CACHE: dict[tuple[Any, ...], _Entry | str] = {}
+_CACHE_SIZE = 1024
+
+
+def clear_program_cache() -> None:
+    _CACHE.clear()
+
+
+def _plan_key(plan: ProgramPlan) -> tuple[Any, ...]:
+    """Everything a plan's programs depend on: the program, the mesh and every op's
+    layouts and steps."""
+    ops = tuple(
+        (
+            p.op,
+            p.sigma,
+            p.at_op,
+            p.out_local,
+            p.unreduced,
+            p.out_home,
+            tuple((s.operand, s.kind, s.axes, s.before.dims, s.after.dims) for s in p.steps),
+        )
+        for p in plan.ops
+    )
+    homes = tuple(
+        (name, plan.home(name)) for names in _arg_names(plan.program) for name in names
+    )
+    return (plan.program, plan.mesh.axis_names, plan.mesh.shape, ops, homes)
+
+
+#: The shard_map program is compiled without XLA's common-subexpression elimination: the
+#: plan gathers a weight again in the backward pass (ZeRO-3), and CSE would merge the two
+#: identical gathers into one (an ``optimization_barrier`` does not stop it: the CPU
+#: pipeline expands barriers before its last CSE pass). The program must hold what the
+#: plan issues, no more and no less.
+#:
+#: Both programs are compiled with the CPU backend's cheapest code generation: the
+#: collectives and dots are fixed by the HLO passes (SPMD partitioning, the combiners),
+#: which these options do not touch, while LLVM code generation is 90% of the compile time
+#: of a layer (a block's forward+backward: 7 s by default, 0.9 s so).
+#: ``tests/xla/test_xla_programs.py`` checks that the collectives and dot FLOPs are the same.
+FAST_COMPILE_OPTIONS: dict[str, Any] = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+}
+_SHARD_MAP_OPTIONS: dict[str, Any] = {**FAST_COMPILE_OPTIONS, "xla_disable_hlo_passes": "cse"}
+
+
+def _compile(program: JaxProgram, options: dict[str, Any] | None = None) -> _Entry:
+    fn, args = program
+    with capture_stderr() as lines:
+        try:
+            lowered = fn.lower(*args)
+            written = dot_flops(str(lowered.as_text(dialect="hlo")))
+            text = str(lowered.compile(compiler_options=options).as_text())
+        except ValidationError:
+            raise
+        except Exception as exc:  # JAX and XLA raise many types; wrap them with the context
+            raise ValidationError(f"{type(exc).__name__}: {exc}") from exc
+    return _Entry(text=text, warnings=interesting_lines(lines), written_flops=written)
+
+
+def _cached(key: tuple[Any, ...], build: Callable[[], JaxProgram]) -> _Entry | str:
+    """The compiled program, or (a string) why the plan cannot be replayed."""
+    found = _CACHE.get(key)
+    if found is None:
+        try:
+            options = _SHARD_MAP_OPTIONS if key[0] == "shard_map" else FAST_COMPILE_OPTIONS
+            found = _compile(build(), options)
+        except ValidationError as exc:
+            if key[0] != "shard_map":
+                raise
+            found = str(exc)
+        while len(_CACHE) >= _CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
+        _CACHE[key] = found
+    return found
+
+
+def compile_program_plan(plan: ProgramPlan, *, with_shard_map: bool = True) -> CompiledProgram:
+    """Compile ``plan``'s jit program (and its shard_map program) from ShapeDtypeStructs."""
+    start = time.perf_counter()
+    key = _plan_key(plan)
+    fresh = ("jit", key) not in _CACHE or (with_shard_map and ("shard_map", key) not in _CACHE)
+    try:
+        jit = _cached(("jit", key), lambda: jit_program(plan))
+    except ValidationError as exc:
+        raise ValidationError(
+            f"XLA could not compile the jit program of {plan.name} for {plan.program.name} on "
+            f"{plan.mesh}: {exc}"
+        ) from exc
+    assert isinstance(jit, _Entry)
+    warnings = jit.warnings
+    text: str | None = None
+    written: int | None = None
+    error: str | None = None
+    if with_shard_map:
+        entry = _cached(("shard_map", key), lambda: shard_map_program(plan))
+        if isinstance(entry, str):
+            error = entry
+        else:
+            text, written = entry.text, entry.written_flops
+            warnings += tuple(f"shard_map: {w}" for w in entry.warnings)
+    return CompiledProgram(
+        jit_text=jit.text,
+        shard_map_text=text,
+        shard_map_written_flops=written,
+        replay_error=error,
+        warnings=warnings,
+        compile_s=time.perf_counter() - start if fresh else 0.0,
+    )
+
+
+# -- executing ----------------------------------------------------------------------------------
+
+#: Relative error allowed per result, as ``max |got - want| / max |want|``, by the dtype
+#: the programs run in (the reference runs in the same dtype, unsharded).
+_RTOL = {"float64": 1e-10, "float32": 2e-4, "bfloat16": 6e-2, "float16": 1e-2}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProgramExecution:
+    """The reference and both programs run on the same random data."""
+
+    dtype: str
+    tolerance: float
+    #: ``result -> max |got - want| / max |want|`` per program
+    jit_rel_error: tuple[tuple[str, float], ...]
+    shard_map_rel_error: tuple[tuple[str, float], ...]
+    jit_layout_ok: bool
+    shard_map_layout_ok: bool
+    run_s: float
+
+    @property
+    def jit_max_rel_error(self) -> float:
+        return max((e for _, e in self.jit_rel_error), default=0.0)
+
+    @property
+    def shard_map_max_rel_error(self) -> float:
+        return max((e for _, e in self.shard_map_rel_error), default=0.0)
+
+    @property
+    def shard_map_ok(self) -> bool:
+        return self.shard_map_max_rel_error <= self.tolerance and self.shard_map_layout_ok
+
+    @property
+    def jit_ok(self) -> bool:
+        return self.jit_max_rel_error <= self.tolerance and self.jit_layout_ok
+
+    @property
+    def ok(self) -> bool:
+        return self.shard_map_ok and self.jit_ok
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "tolerance": self.tolerance,
+            "jit_max_rel_error": self.jit_max_rel_error,
+            "shard_map_max_rel_error": self.shard_map_max_rel_error,
+            "jit_rel_error": dict(self.jit_rel_error),
+            "shard_map_rel_error": dict(self.shard_map_rel_error),
+            "jit_layout_ok": self.jit_layout_ok,
+            "shard_map_layout_ok": self.shard_map_layout_ok,
+            "jit_ok": self.jit_ok,
+            "shard_map_ok": self.shard_map_ok,
+            "ok": self.ok,
+        }
+
+
+def _random_args(
+    program: Program, dtype: str, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    groups = _arg_names(program)
+    out = []
+    for names in groups:
+        arrays = {}
+        for name in names:
+            shape = program.shape(name)
+            if program.tensor(name).kind is TensorKind.PARAM and len(shape) > 1:
+                scale = 1.0 / math.sqrt(shape[0])  # weights that keep activations O(1)
+            elif program.tensor(name).kind is TensorKind.PARAM:
+                scale = 1.0
+            else:
+                scale = 1.0
+            value = rng.standard_normal(shape) * scale
+            if len(shape) == 1 and program.tensor(name).kind is TensorKind.PARAM:
+                value = 1.0 + 0.1 * value  # a norm scale
+            arrays[name] = np.asarray(value, dtype=jnp.dtype(dtype))
+        out.append(arrays)
+    return out[0], out[1], out[2]
+
+
+def execute_program_plan(
+    plan: ProgramPlan, *, dtype: str = "float32", seed: int = 0
+) -> ProgramExecution:
+    """Run the reference (unsharded, one device), the jit and the shard_map programs on the
+    same random data in ``dtype``; compare every result and check its layout."""
+    mesh = jax_mesh(plan.mesh)
+    program = plan.program
+    params, inputs, seeds = _random_args(program, dtype, seed)
+    start = time.perf_counter()
+    want = jax.jit(reference_function(program, dtype=dtype))(params, inputs, seeds)
+    want_np = {k: np.asarray(v, dtype=np.float64) for k, v in want.items()}
+    placed = tuple(
+        {k: jax.device_put(v, _sharding(mesh, plan.home(k))) for k, v in group.items()}
+        for group in (params, inputs, seeds)
+    )
+    errors: dict[str, tuple[tuple[tuple[str, float], ...], bool]] = {}
+    with capture_stderr():
+        for name, build in (("jit", jit_program), ("shard_map", shard_map_program)):
+            fn, args = build(plan, dtype=dtype)
+            options = _SHARD_MAP_OPTIONS if name == "shard_map" else FAST_COMPILE_OPTIONS
+            try:
+                got = fn.lower(*args).compile(compiler_options=options)(*placed)
+            except Exception as exc:
+                raise ValidationError(
+                    f"running the {name} program of {plan.name} for {program.name} on "
+                    f"{plan.mesh} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            rel = []
+            layout_ok = True
+            for key, expected in want_np.items():
+                value = got[key]
+                diff = np.max(np.abs(np.asarray(value, dtype=np.float64) - expected))
+                rel.append((key, float(diff / max(np.max(np.abs(expected)), 1e-30))))
+                sharding = value.sharding
+                layout_ok &= isinstance(sharding, NamedSharding) and sharding.is_equivalent_to(
+                    _sharding(mesh, plan.home(key)), len(expected.shape)
+                )
+            errors[name] = (tuple(rel), bool(layout_ok))
+    return ProgramExecution(
+        dtype=dtype,
+        tolerance=_RTOL.get(dtype, 6e-2),
+        jit_rel_error=errors["jit"][0],
+        shard_map_rel_error=errors["shard_map"][0],
+        jit_layout_ok=errors["jit"][1],
+        shard_map_layout_ok=errors["shard_map"][1],
+        run_s=time.perf_counter() - start,
+    )
