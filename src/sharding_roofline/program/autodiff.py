@@ -9,7 +9,8 @@ Reverse-mode, op by op, last op first (transformers.md; no per-layer hand-writte
 * ``add`` passes its gradient to both inputs; ``mul`` multiplies it by the other input;
   ``silu``/``gelu`` by the derivative (reading the saved input); a softmax's gradient reads
   its saved output; an RMSNorm's reads its input and scale, and its scale's gradient is a
-  vector contraction over the tokens (``REDUCE``);
+  vector contraction over the tokens (``REDUCE``) of the incoming gradient with the
+  normalised input (``x / rms(x)``: the norm's letter stays whole there, as at the norm);
 * a tensor read by several ops gets one gradient contribution from each, summed by ``add``
   ops; gradients of renamed reads (``xn`` read as ``[b, s, d]``) are summed by position.
 
@@ -398,6 +399,9 @@ class _Backward:
                     output=dscale,
                     out_letters=scale.letters,
                     fn="reduce",
+                    # sum(dz * x / rms(x)) over the tokens: rms(x) reduces over the norm's
+                    # letter, which must therefore be whole at this op too
+                    reduce_letters=op.reduce_letters,
                     **common,  # type: ignore[arg-type]
                 )
             )
