@@ -237,9 +237,7 @@ class _Backward:
         while True:
             read = {item.tensor for op in self.ops for item in op.inputs}
             dead = {
-                op.name
-                for op in self.ops
-                if op.phase is Phase.RECOMPUTE and op.output not in read
+                op.name for op in self.ops if op.phase is Phase.RECOMPUTE and op.output not in read
             }
             if not dead:
                 break

@@ -94,10 +94,9 @@ def predicted_program_collectives(
         origin = _origin_of_op(plan, op_plan.op.name)
         for step in op_plan.collectives:
             cost = step.cost
-            assert cost is not None and step.kind is not None  # collectives carry a cost
-            detail = collective_dict(
-                cost, operand=step.operand, notation=_notation(plan, step)
-            )
+            assert cost is not None  # collectives carry a cost
+            assert step.kind is not None
+            detail = collective_dict(cost, operand=step.operand, notation=_notation(plan, step))
             detail["op"] = op_plan.op.name
             records.append(
                 CollectiveRecord(
@@ -159,16 +158,17 @@ def _origin_of_path(path: str, known: dict[str, str]) -> Origin:
     ``("gate", "backward")``; ``known`` maps op names to the pass they run in."""
     backward = "transpose(" in path
     for _, segment in _segments_with_offsets(path):
-        while True:
-            inner = _WRAPPER_RE.match(segment)
-            if segment in known or inner is None:
+        name = segment
+        while name not in known:
+            inner = _WRAPPER_RE.match(name)
+            if inner is None:
                 break
-            segment = inner.group(1)
-        if segment in known:
-            pass_name = known[segment]
+            name = inner.group(1)
+        if name in known:
+            pass_name = known[name]
             if pass_name == "forward" and backward:
                 pass_name = "backward"
-            return (segment, pass_name)
+            return (name, pass_name)
     return ("", "")
 
 
@@ -177,9 +177,7 @@ def _attributed(
 ) -> tuple[tuple[HloCollective, ...], tuple[Origin, ...]]:
     """The compiled collectives leaf by leaf, each with the op it came from."""
     known = {op.name: _PASS[op.phase] for op in plan.program.ops if op.phase is Phase.FORWARD}
-    known.update(
-        {op.name: "optimizer" for op in plan.program.ops if op.phase is Phase.OPTIMIZER}
-    )
+    known.update({op.name: "optimizer" for op in plan.program.ops if op.phase is Phase.OPTIMIZER})
     colls: list[HloCollective] = []
     origins: list[Origin] = []
     for coll in read_collectives(text):
@@ -290,9 +288,7 @@ def _per_op(
         want = tuple(r for r, o in zip(predicted, predicted_origins, strict=True) if o == origin)
         got = tuple(r for r, o in zip(observed, observed_origins, strict=True) if o == origin)
         if want or got:
-            out.append(
-                OpAgreement(op=origin[0], pass_name=origin[1], predicted=want, observed=got)
-            )
+            out.append(OpAgreement(op=origin[0], pass_name=origin[1], predicted=want, observed=got))
     return tuple(out)
 
 

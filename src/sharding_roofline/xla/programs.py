@@ -117,11 +117,11 @@ def _causal_mask(
     q_shape[qi] = shape[qi]
     k_shape = [1] * len(shape)
     k_shape[ki] = shape[ki]
-    return cast(jax.Array, jnp.reshape(k, k_shape) <= jnp.reshape(q, q_shape))
+    return jnp.reshape(k, k_shape) <= jnp.reshape(q, q_shape)
 
 
 def _softmax(x: jax.Array, axis: int) -> jax.Array:
-    return cast(jax.Array, jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype))
+    return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
 
 
 def _rmsnorm_hat(x: jax.Array, axis: int) -> jax.Array:
@@ -134,7 +134,7 @@ def _rmsnorm_hat(x: jax.Array, axis: int) -> jax.Array:
 def _adamw(param: jax.Array, grad: jax.Array) -> jax.Array:
     """One AdamW step from zero moments (``m̂ = g``, ``v̂ = g²``), learning rate 1e-3."""
     update = grad / (jnp.abs(grad) + _ADAMW_EPS) + _ADAMW_DECAY * param
-    return cast(jax.Array, (param - _ADAMW_LR * update).astype(param.dtype))
+    return (param - _ADAMW_LR * update).astype(param.dtype)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,6 +150,15 @@ class _OpContext:
         return jnp.dtype(self.dtype or self.program.tensor(op.output).dtype)
 
 
+def _reduced_letter(op: Op) -> str:
+    if len(op.reduce_letters) != 1:
+        raise ValidationError(
+            f"op {op.name!r} ({op.fn}) reduces over {op.reduce_letters!r}; the validator's "
+            "softmax and norm reduce over exactly one letter"
+        )
+    return op.reduce_letters
+
+
 def apply_op(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
     """One op on its inputs (global arrays or this device's blocks: every letter an op
     reduces over is whole at the op, so the same code serves both)."""
@@ -160,15 +169,15 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
     roles = ctx.program.roles
     if op.kind is OpKind.EINSUM:
         a, b = values
-        return cast(jax.Array, jnp.einsum(op.equation, a, b, preferred_element_type=out_dtype))
+        return jnp.einsum(op.equation, a, b, preferred_element_type=out_dtype)
     if op.kind is OpKind.REDUCE:
         return _reduce(op, values, ctx)
     aligned = [_align(v, lt, out) for v, lt in zip(values, letters, strict=True)]
     fn = op.fn
     if fn == "add":
-        return cast(jax.Array, (aligned[0] + aligned[1]).astype(out_dtype))
+        return (aligned[0] + aligned[1]).astype(out_dtype)
     if fn == "mul":
-        return cast(jax.Array, (aligned[0] * aligned[1]).astype(out_dtype))
+        return (aligned[0] * aligned[1]).astype(out_dtype)
     if fn == "adamw":
         return _adamw(aligned[0], aligned[1]).astype(out_dtype)
     unary: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -183,7 +192,7 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
         _, vjp = jax.vjp(forward, x)
         return cast(jax.Array, vjp(dz.astype(x.dtype))[0].astype(out_dtype))
     if fn in ("softmax", "causal_softmax"):
-        (axis_letter,) = op.reduce_letters
+        axis_letter = _reduced_letter(op)
         x = aligned[0]
         if fn == "causal_softmax":
             mask = _causal_mask(
@@ -192,17 +201,17 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
             x = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype))
         return _softmax(x, out.index(axis_letter)).astype(out_dtype)
     if fn in ("softmax_grad", "causal_softmax_grad"):
-        (axis_letter,) = op.reduce_letters
+        axis_letter = _reduced_letter(op)
         y, dz = (v.astype(jnp.float32) for v in aligned)
         axis = out.index(axis_letter)
         dx = y * (dz - jnp.sum(dz * y, axis=axis, keepdims=True))  # masked: y = 0 there
-        return cast(jax.Array, dx.astype(out_dtype))
+        return dx.astype(out_dtype)
     if fn == "rmsnorm":
-        (axis_letter,) = op.reduce_letters
+        axis_letter = _reduced_letter(op)
         x, scale = aligned
         return (_rmsnorm_hat(x, out.index(axis_letter)) * scale).astype(out_dtype)
     if fn == "rmsnorm_grad":
-        (axis_letter,) = op.reduce_letters
+        axis_letter = _reduced_letter(op)
         x, scale, dz = aligned
         axis = out.index(axis_letter)
         _, vjp = jax.vjp(lambda v: _rmsnorm_hat(v, axis) * scale, x)
@@ -223,7 +232,7 @@ def _reduce(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
     (la, a), (lb, b) = zip((item.letters for item in op.inputs), values, strict=True)
     norm = ctx.program.op(op.of) if op.of else None
     if norm is not None and norm.kind is OpKind.NORM and norm.fn == "rmsnorm":
-        (axis_letter,) = norm.reduce_letters
+        axis_letter = _reduced_letter(norm)
         b = _rmsnorm_hat(b, lb.index(axis_letter))
     every = "".join(dict.fromkeys(la + lb))
     product = _align(a.astype(jnp.float32), la, every) * _align(b.astype(jnp.float32), lb, every)
@@ -231,7 +240,7 @@ def _reduce(op: Op, values: Sequence[jax.Array], ctx: _OpContext) -> jax.Array:
     total = jnp.sum(product, axis=summed)
     kept = "".join(c for c in every if c in op.out_letters)
     order = [kept.index(c) for c in op.out_letters]
-    return cast(jax.Array, jnp.transpose(total, order).astype(out_dtype))
+    return jnp.transpose(total, order).astype(out_dtype)
 
 
 # -- the forward function and the reference -------------------------------------------------
@@ -250,9 +259,7 @@ def _seeds(program: Program) -> dict[str, str]:
     """``forward output -> its incoming gradient`` (empty for a forward program)."""
     if not program.has_backward:
         return {}
-    return {
-        y: g for y, g in program.gradients if program.tensor(g).kind is TensorKind.INPUT
-    }
+    return {y: g for y, g in program.gradients if program.tensor(g).kind is TensorKind.INPUT}
 
 
 class Pins:
@@ -280,9 +287,7 @@ def forward_function(
         env: dict[str, jax.Array] = {**params, **inputs}
         for op in ops:
             with jax.named_scope(op.name):
-                values = [
-                    hooks.input(op, k, env[item.tensor]) for k, item in enumerate(op.inputs)
-                ]
+                values = [hooks.input(op, k, env[item.tensor]) for k, item in enumerate(op.inputs)]
                 env[op.output] = hooks.output(op, apply_op(op, values, ctx))
         return {y: env[y] for y in outputs}
 
@@ -366,7 +371,7 @@ def _arg_names(program: Program) -> tuple[list[str], list[str], list[str]]:
     params = [t.name for t in program.params]
     seeds = set(_seeds(program).values())
     inputs = [t.name for t in program.inputs if t.name not in seeds]
-    return params, inputs, [g for g in _seeds(program).values()]
+    return params, inputs, list(_seeds(program).values())
 
 
 def _args(
@@ -438,7 +443,9 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
     pins = _PlanPins(plan, mesh)
     forward = forward_function(program, dtype=dtype, pins=pins)
     if program.has_backward:
-        opt = {op_plan.op.name: op_plan for op_plan in plan.ops if op_plan.op.phase is Phase.OPTIMIZER}
+        opt = {
+            op_plan.op.name: op_plan for op_plan in plan.ops if op_plan.op.phase is Phase.OPTIMIZER
+        }
 
         def optimizer(op: Op, param: jax.Array, grad: jax.Array) -> jax.Array:
             op_plan = opt[op.name]
@@ -488,9 +495,7 @@ class _Replay:
             copies[(name, self.plan.home(name))] = value
         for op_plan in self.plan.ops:
             self.run_op(op_plan, copies)
-        return {
-            name: copies[(name, self.plan.home(name))] for name in _result_names(self.program)
-        }
+        return {name: copies[(name, self.plan.home(name))] for name in _result_names(self.program)}
 
     def fetch(
         self, tensor: str, dims: Dims, copies: dict[tuple[str, Dims], jax.Array], why: str
@@ -518,9 +523,7 @@ class _Replay:
         pending = list(op_plan.steps_in)
         values: list[jax.Array] = []
         with jax.named_scope(op.name):
-            for index, (item, (tensor, dst)) in enumerate(
-                zip(op.inputs, op_plan.at_op, strict=True)
-            ):
+            for index, (tensor, dst) in enumerate(op_plan.at_op):
                 src = self.source(op_plan, index)
                 mine = []
                 layout = src
@@ -647,9 +650,7 @@ def _plan_key(plan: ProgramPlan) -> tuple[Any, ...]:
         )
         for p in plan.ops
     )
-    homes = tuple(
-        (name, plan.home(name)) for names in _arg_names(plan.program) for name in names
-    )
+    homes = tuple((name, plan.home(name)) for names in _arg_names(plan.program) for name in names)
     return (plan.program, plan.mesh.axis_names, plan.mesh.shape, ops, homes)
 
 
