@@ -288,7 +288,7 @@ def _random_strategy(rng: random.Random, program: Program, mesh: DeviceMesh) -> 
     if rng.random() < 0.35:
         axes = [a.name for a in mesh.axes if a.size > 1]
         for _ in range(rng.choice([1, 2])):
-            stage = rng.choice([s for s, _ in program.stages])
+            stage = rng.choice([s for s, kind in program.stages if kind != "optimizer"])
             letters = sorted(
                 {
                     c
@@ -387,9 +387,7 @@ def random_sample(count: int, seed: int, execute_every: int) -> int:
         f"  of the xla-differs: {dict(cheaper)}"
         + (f", {unknown} with sub-axis groups we do not cost" if unknown else "")
     )
-    ratios = [
-        v.xla_time_s / v.plan_time_s for v in differs if v.xla_time_s and v.plan_time_s > 0
-    ]
+    ratios = [v.xla_time_s / v.plan_time_s for v in differs if v.xla_time_s and v.plan_time_s > 0]
     if ratios:
         print(
             f"  XLA's collective time / the plan's when they differ: min {min(ratios):.2f}, "

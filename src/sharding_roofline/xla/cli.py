@@ -16,19 +16,23 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sharding_roofline.errors import ValidationError
 from sharding_roofline.plans import Plan
+from sharding_roofline.program.evaluate import ProgramPlan
 from sharding_roofline.report import table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
     from .compare import Validation
+    from .program_compare import ProgramValidation
 
 __all__ = [
     "Progress",
     "add_validate_arguments",
+    "format_program_validation",
     "format_validation",
     "format_validations",
     "run_validate",
     "run_validate_many",
+    "run_validate_program",
     "validate_many",
 ]
 
@@ -51,7 +55,7 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
+def _start_devices(args: argparse.Namespace, plans: Sequence[Plan | ProgramPlan]) -> None:
     from .devices import ensure_devices  # noqa: PLC0415 (imports JAX)
 
     needed = max(plan.mesh.num_devices for plan in plans)
@@ -70,6 +74,16 @@ def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     from .compare import validate_plan  # noqa: PLC0415 (imports JAX)
 
     return validate_plan(plan, execute=bool(getattr(args, "execute", False))).as_dict()
+
+
+def run_validate_program(args: argparse.Namespace, plan: ProgramPlan) -> dict[str, Any]:
+    """Validate one program plan (``layer --validate``: ``--devices``, ``--execute``); its
+    JSON object (:meth:`ProgramValidation.as_dict`). Call it before anything in the process
+    runs a JAX operation (it sets the simulated device count)."""
+    _start_devices(args, [plan])
+    from .program_compare import validate_program  # noqa: PLC0415 (imports JAX)
+
+    return validate_program(plan, execute=bool(getattr(args, "execute", False))).as_dict()
 
 
 def run_validate_many(
@@ -281,6 +295,60 @@ def format_validations(validations: Sequence[Validation | dict[str, Any]]) -> st
         counts[d["verdict"]] = counts.get(d["verdict"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     return table(rows, header) + f"\n{len(dicts)} validated: {summary}"
+
+
+def format_program_validation(v: ProgramValidation | dict[str, Any]) -> str:
+    """A program validation (or its ``as_dict()``) for people: the verdict and why, the
+    collectives op by op (plan and XLA side by side), communication time, matmul FLOPs per
+    chip and, when executed, the numbers."""
+    d = v if isinstance(v, dict) else v.as_dict()
+    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items())
+    lines = [
+        f"{d['strategy']}   ({d['program']} on {d['hardware']} {mesh}, {d['num_ops']} ops)",
+        f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
+    ]
+    lines += [f"  - {reason}" for reason in d["reasons"]]
+    rows = []
+    for op in d["per_op"]:
+        same = op["agrees"]
+        rows.append(
+            [
+                op["op"] or "?",
+                op["pass"] or "?",
+                ", ".join(op["predicted"]) or "-",
+                "same" if same else ", ".join(op["observed"]) or "-",
+            ]
+        )
+    lines.append("")
+    if rows:
+        lines.append("collectives per op (elements in->out per chip):")
+        lines.append(_indent(table(rows, ["op", "pass", "plan", "XLA's jit program"])))
+    else:
+        lines.append("collectives: none (neither the plan nor XLA communicates)")
+    lines.append("")
+    lines.append(
+        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
+        f"XLA {_time(d['xla_time_s'])}"
+    )
+    f = d["flops"]
+    sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
+    lines.append(
+        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, plan's program {sm_flops}, "
+        f"XLA {format_count(f['jit'])}"
+        + ("" if f["ok"] else "  <- the plan's program differs")
+        + ("" if f["jit_agrees"] else "  (XLA's differ)")
+    )
+    n = d.get("numerics")
+    if n is not None:
+        lines.append(
+            f"numerics ({n['dtype']}, against jax.vjp unsharded): "
+            f"{'ok' if n['ok'] else 'WRONG'}: max relative error plan's program "
+            f"{n['shard_map_max_rel_error']:.3g}, XLA's {n['jit_max_rel_error']:.3g} "
+            f"(tolerance {n['tolerance']:g})"
+        )
+    for warning in d["warnings"]:
+        lines.append(f"XLA warning: {warning[:300]}")
+    return "\n".join(lines)
 
 
 def _indent(text: str, prefix: str = "  ") -> str:

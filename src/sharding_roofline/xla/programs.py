@@ -301,7 +301,8 @@ def saved_activations(program: Program) -> tuple[tuple[str, str], ...]:
     (the backward re-reads them from storage)."""
     forward = {op.name for op in program.ops if op.phase is Phase.FORWARD}
     produced = {op.output for op in program.ops if op.phase is Phase.FORWARD}
-    produced |= {t.name for t in program.inputs}
+    seeds = set(_seeds(program).values())
+    produced |= {t.name for t in program.inputs if t.name not in seeds}
     out: dict[tuple[str, str], None] = {}
     for op in program.ops:
         if op.phase in (Phase.FORWARD, Phase.OPTIMIZER):
@@ -563,6 +564,18 @@ class _Replay:
                 copies[(op.output, op_plan.out_local)] = out
             for step in op_plan.steps_out:
                 out = apply_step(out, step, self.axis_size)
+            home = self.local_shape(op.out_letters, op_plan.out_home)
+            if (op_plan.unreduced and not op_plan.steps_out) or tuple(out.shape) != home:
+                raise ValidationError(
+                    f"op {op.name}: its steps leave {op.output} as a {tuple(out.shape)} block"
+                    + (
+                        f" unreduced over {'+'.join(op_plan.unreduced)}"
+                        if not op_plan.steps_out and op_plan.unreduced
+                        else ""
+                    )
+                    + f", not at its home {ShardingSpec(op_plan.out_home).text()} "
+                    f"({home} per chip)"
+                )
             copies[(op.output, op_plan.out_home)] = out
 
     def _offsets(self, op_plan: OpPlan) -> dict[str, Any]:
