@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/planner_speed.py
 	$(BIN)/python benchmarks/validation_speed.py
 	$(BIN)/python benchmarks/xla_agreement.py --random 500
+	$(BIN)/python benchmarks/layer_agreement.py --random 300
 
 notebooks: $(STAMP)
 	$(BIN)/python -m sharding_roofline._notebooks notebooks/*.ipynb

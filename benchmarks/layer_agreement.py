@@ -93,9 +93,10 @@ REASONS: dict[str, str] = {
         "Between a tensor's home and its layout at an op (random stage.letter pins make "
         "these moves long: a letter moved between mesh axes, or onto a different letter), XLA "
         "takes another route than the plan's greedy resharding path: collective-permutes and "
-        "all-to-alls over other axes instead of the plan's all-gathers and all-to-alls, or a "
-        "partial sum reduced by another collective. Both reach the same layouts; each side's "
-        "cost on the target hardware is in the validation."
+        "all-to-alls over other axes instead of the plan's all-gathers and all-to-alls, the same "
+        "kinds of collective on arrays of other sizes (gathering before a free slice rather "
+        "than after it), or a partial sum reduced by another collective. Both reach the same "
+        "layouts; each side's cost on the target hardware is in the validation."
     ),
 }
 
@@ -120,7 +121,9 @@ def classify(v: ProgramValidation) -> str:
     added = {k for k, _ in adds}
     if not lacks and not adds:  # the same collectives by kind and axes: other sizes
         differing = {k for k, _ in _tokens(v.difference)[0] + _tokens(v.difference)[1]}
-        return "reduction-order" if differing <= _REDUCTIONS else "unexplained"
+        if differing <= _REDUCTIONS:
+            return "reduction-order"
+        return "other-reshard" if differing <= _MOVES | _REDUCTIONS else "unexplained"
     if (
         lacked == {"all-reduce"}
         and added == {"all-reduce"}
