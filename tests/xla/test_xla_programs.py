@@ -259,3 +259,31 @@ def test_format_program_validation() -> None:
     assert "matmul FLOPs per chip" in text
     assert format_program_validation(v.as_dict()) == text
     json.dumps(v.as_dict())  # JSON-able
+
+
+# -- the single einsum as a one-op program ------------------------------------------------------
+
+
+def test_a_single_einsum_validates_the_same_as_a_one_op_program() -> None:
+    # every other strategy of an einsum sweep case, through both validators: the program
+    # evaluator predicts the planner's collectives, XLA compiles the same for both, verdicts
+    # and FLOPs agree (docs/validation.md: the same on the einsum sweep's first cases)
+    from sharding_roofline.einsum import Einsum  # noqa: PLC0415
+    from sharding_roofline.planner import Planner  # noqa: PLC0415
+    from sharding_roofline.xla.compare import multiset, validate_plan  # noqa: PLC0415
+    from sharding_roofline.xla.program_compare import one_op_program  # noqa: PLC0415
+
+    mesh = mesh_of("2x4")
+    einsum = Einsum.create("bd,df->bf", "b=64,d=32,f=128", dtype="bfloat16")
+    plans = Planner(einsum, mesh, check_memory=False).search(top=None).strategies[::2]
+    assert len(plans) > 15
+    verdicts = set()
+    for plan in plans:
+        single = validate_plan(plan, prove=False)
+        program = validate_program(one_op_program(plan), prove=False)
+        assert multiset(program.predicted) == multiset(single.predicted), plan.strategy
+        assert multiset(program.observed) == multiset(single.observed), plan.strategy
+        assert program.verdict is single.verdict, plan.strategy
+        assert program.flops.plan == single.flops.plan
+        verdicts.add(single.verdict)
+    assert Verdict.XLA_DIFFERS in verdicts  # both paths see XLA's other choices too
