@@ -58,6 +58,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "layer_agreement.json"
 
 #: Why XLA's program may differ from a valid plan (keys are what the report records).
 REASONS: dict[str, str] = {
+    "contributions-reduced-one-by-one": (
+        "A tensor read by several matmuls (x by the gate and up projections, or by Q, K and "
+        "V) gets one gradient contribution from each, each a partial sum over the axes that "
+        "split the contracted letters. The plan adds the partial sums first and reduces once "
+        "(evaluate.py's gradient accumulation, as frameworks do); XLA's CPU pipeline reduces "
+        "every contribution on its own (one all-reduce each, combined into one tuple op), "
+        "because it has no all-reduce reassociation pass (GPU and TPU pipelines rewrite "
+        "all-reduce(a) + all-reduce(b) into all-reduce(a + b)). Plan cheaper."
+    ),
     "all-reduce-instead-of-reduce-scatter": (
         "Where the plan reduce-scatters partial sums into a sequence-parallel layout, XLA "
         "all-reduces them and slices later: after the sum of a tensor's gradient "
@@ -134,6 +143,12 @@ def classify(v: ProgramValidation) -> str:
     ):
         return "one-all-reduce-per-contracted-letter"
     lacks_all, adds_all = _tokens(v.difference)
+    if (
+        {k for k, _ in lacks_all} <= _REDUCTIONS
+        and {k for k, _ in adds_all} <= {"all-reduce"}
+        and len(adds) > len(lacks)
+    ):
+        return "contributions-reduced-one-by-one"
     if {k for k, _ in lacks_all} <= {"reduce-scatter", "all-reduce"} and (
         {k for k, _ in adds_all} <= {"all-reduce"}
     ):

@@ -12,8 +12,10 @@
 
 Targets (issue 5): >= 50,000 estimates/s on one core; >= 100x faster per candidate than (b)
 and >= 2,000x faster than (a); every strategy of a 3-letter einsum on a 3-axis mesh ranked in
-under 100 ms. The script prints each ratio, writes benchmarks/results/planner_speed.json and
-exits 1 if a target is missed.
+under 100 ms; every ranking case >= 10,000 estimates/s from empty caches. A speed target is
+judged on the worst of our figures, warm, cold (empty caches) and with each candidate built
+into a full Plan, never on the best one alone. The script prints each ratio, writes
+benchmarks/results/planner_speed.json and exits 1 if a target is missed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ TARGET_ESTIMATES_PER_S = 50_000
 TARGET_VS_ROOFLINE = 100
 TARGET_VS_XLA = 2_000
 TARGET_RANK_3X3_S = 0.100
+TARGET_COLD_ESTIMATES_PER_S = 10_000
 
 
 def pin_to_one_core() -> str:
@@ -183,7 +186,10 @@ def per_candidate(limit: int) -> dict[str, Any]:
         "xla_compile_s_per_candidate": xla_per,
         "roofline_s_per_candidate": roofline_per,
         "speedup_vs_xla": xla_per / ours_per,
+        "speedup_vs_xla_cold": xla_per / (cold_s / count),
+        "speedup_vs_xla_with_full_plan": xla_per / full_per,
         "speedup_vs_roofline": roofline_per / ours_per,
+        "speedup_vs_roofline_cold": roofline_per / (cold_s / count),
         "speedup_vs_roofline_with_full_plan": roofline_per / full_per,
     }
     print(
@@ -198,7 +204,8 @@ def per_candidate(limit: int) -> dict[str, Any]:
     )
     print(
         f"  => {xla_per / ours_per:,.0f}x faster than (a), {roofline_per / ours_per:,.0f}x faster than (b) "
-        f"({roofline_per / full_per:,.0f}x with full Plan objects)"
+        f"(cold: {xla_per * count / cold_s:,.0f}x and {roofline_per * count / cold_s:,.0f}x; "
+        f"with full Plan objects: {xla_per / full_per:,.0f}x and {roofline_per / full_per:,.0f}x)"
     )
     return result
 
@@ -272,17 +279,27 @@ def main() -> int:
     memory = sweep_memory(num_sizes=4 if args.quick else 24)
 
     rank_3x3 = next(r for r in rows if r["case"] == "3 letters, 3 axes")["cold_s"]
+    # A speed target is met only by the worst of our three figures: warm (caches filled, as
+    # in a sweep), cold (empty caches, as a first `plan` call) and with every candidate built
+    # into a full Plan (as `plan` does for what it shows), not by the best one alone.
+    figures = ("", "_cold", "_with_full_plan")
+    worst_vs_roofline = min(versus[f"speedup_vs_roofline{f}"] for f in figures)
+    worst_vs_xla = min(versus[f"speedup_vs_xla{f}"] for f in figures)
+    cold_per_s = min(r["cold_estimates_per_s"] for r in rows)
     checks = {
-        f"sweep estimates/s >= {TARGET_ESTIMATES_PER_S:,}": sweep["estimates_per_s"]
-        >= TARGET_ESTIMATES_PER_S,
-        f">= {TARGET_VS_ROOFLINE}x faster per candidate than jax.experimental.roofline": versus[
-            "speedup_vs_roofline"
+        f"sweep estimates/s >= {TARGET_ESTIMATES_PER_S:,} (from empty caches)": sweep[
+            "estimates_per_s"
         ]
+        >= TARGET_ESTIMATES_PER_S,
+        f">= {TARGET_VS_ROOFLINE}x faster per candidate than jax.experimental.roofline, warm, "
+        f"cold and with full Plans (worst {worst_vs_roofline:,.0f}x)": worst_vs_roofline
         >= TARGET_VS_ROOFLINE,
-        f">= {TARGET_VS_XLA:,}x faster per candidate than an XLA compile": versus["speedup_vs_xla"]
-        >= TARGET_VS_XLA,
+        f">= {TARGET_VS_XLA:,}x faster per candidate than an XLA compile, warm, cold and with "
+        f"full Plans (worst {worst_vs_xla:,.0f}x)": worst_vs_xla >= TARGET_VS_XLA,
         f"3 letters x 3 axes ranked in < {TARGET_RANK_3X3_S * 1e3:.0f} ms from empty caches": rank_3x3
         < TARGET_RANK_3X3_S,
+        f"every ranking case >= {TARGET_COLD_ESTIMATES_PER_S:,} estimates/s from empty caches "
+        f"(worst {cold_per_s:,.0f}/s)": cold_per_s >= TARGET_COLD_ESTIMATES_PER_S,
         "streamed sweep memory within 2x of one search": memory["sweep_over_one_search"] < 2.0,
     }
     print("targets:")

@@ -203,10 +203,74 @@ def test_domain_errors_exit_1_with_one_line(
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["estimate", "--hardware", "tpu-v5e"])
-    assert exc.value.code == 2
+    assert main(["estimate", "--hardware", "tpu-v5e"]) == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_json_errors_are_json_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    """Domain errors exit 1, usage errors 2; under --json both print one object
+    {error, fix} on stdout, nothing on stderr."""
+    argv = ["estimate", *V5E, *MATMUL, "--lhs", "None,x", "--rhs", "x,y", "--out", "x,y"]
+    assert main([*argv[:-6], "--lhs", "q,None", "--rhs", "x,y", "--out", "x,y", "--json"]) == 1
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert "mesh axis 'q'" in error["error"]
+    assert set(error) == {"error", "fix"}
+    assert captured.err == ""
+    bad_size = [
+        "estimate", *V5E, "--einsum", "bd,df->bf", "--dims", "b=6,d=8,f=8",
+        "--lhs", "x,None", "--rhs", "None,y", "--out", "x,y", "--json",
+    ]  # fmt: skip
+    assert main(bad_size) == 1
+    error = json.loads(capsys.readouterr().out)
+    assert error["fix"].startswith("Pad B to a multiple of 4")
+    assert main(["plan", *V5E, *MATMUL, "--top", "x", "--json"]) == 2
+    usage = json.loads(capsys.readouterr().out)
+    assert "invalid int value" in usage["error"]
+
+
+def test_pinning_the_layout_at_the_op(capsys: pytest.CaptureFixture[str]) -> None:
+    """The book's case 2 on one v5p axis: gathering the weight W[D_x, F] costs 2DF/W; with
+    the layout at the op pinned (--at-op) and no idle axes, that is what estimate costs,
+    whatever cheaper algorithm exists."""
+    v5p = ["--hardware", "tpu-v5p", "--topology", "16x16x16", "--mesh", "x=16,y=16,z=16"]
+    d, f = 8192, 32768
+    mm = ["--einsum", "bd,df->bf", "--dims", f"b=4096,d={d},f={f}"]
+    specs = ["--lhs", "None,None", "--rhs", "x,None", "--out", "None,None"]
+    pinned = run_json(
+        capsys, "estimate", *v5p, *mm, *specs, "--at-op", "b=None,d=None,f=None", "--no-idle-axes"
+    )
+    assert [(c["kind"], c["axes"]) for c in pinned["collectives"]] == [("all-gather", ["x"])]
+    assert pinned["time_s"]["comm"] == pytest.approx(2 * d * f / 1.8e11)
+    assert pinned["crossover"]["size"] == pytest.approx(4.59e14 / 1.8e11)  # B > 2550
+    wide = run_json(capsys, "estimate", *v5p, *mm, *specs, "--at-op", "b=None,d=None,f=None")
+    assert wide["time_s"]["comm"] < pinned["time_s"]["comm"] / 2  # gathered over idle y, z
+    only_x = run_json(capsys, "plan", *v5p, *mm, "--rhs", "x,None", "--axes", "x", "--top", "50")
+    for strategy in only_x["strategies"]:
+        assert all(c["axes"] == ["x"] for c in strategy["collectives"])
+    named = run_json(capsys, "estimate", *v5p, *mm, *specs, "--names", "x,w,y")
+    assert named["strategy"].startswith("x[B, D] · w[D_x, F] -> y[")
+
+
+def test_crossover_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """One v5e chip turns compute-bound at B = C/W_hbm · DF/(DF - α(D+F)) with the output
+    counted (roofline.md's 240 for B << D, F)."""
+    d, f = 8192, 32768
+    data = run_json(
+        capsys, "crossover", "--hardware", "tpu-v5e", "--topology", "1x1", "--mesh", "x=1",
+        "--einsum", "bd,df->bf", "--dims", f"b=8192,d={d},f={f}",
+    )  # fmt: skip
+    alpha = 1.97e14 / 8.2e11
+    assert data["hbm"]["size"] == pytest.approx(alpha * d * f / (d * f - alpha * (d + f)))
+    assert data["hbm"]["size"] == pytest.approx(240, rel=0.04)
+    assert data["comm"]["note"] == "this strategy needs no communication"
+    tp = run_json(
+        capsys, "crossover", *V5E, *MATMUL, "--lhs", "None,None", "--rhs", "None,y",
+        "--out", "None,y", "--at-op", "b=x,d=None,f=y",
+    )  # fmt: skip
+    assert tp["axis_limits"]["y"] is None  # no collective over y
+    assert main(["crossover", *V5E, *MATMUL, "--dim", "q"]) == 1
+    assert "no letter 'q'" in capsys.readouterr().err
 
 
 def test_module_entry_point_and_no_jax_on_import() -> None:

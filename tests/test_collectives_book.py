@@ -30,6 +30,8 @@ class BookCase:
     book_answer_s: float  # what the book states
     book_rtol: float  # the book's rounding
     bound: Bound = Bound.BANDWIDTH
+    # GPU links: NCCL's latency, added to the book's bandwidth term (None: TPU, max of terms)
+    nccl_latency_s: float | None = None
 
 
 # -- TPU (sharding.md) ---------------------------------------------------------------------
@@ -141,6 +143,23 @@ q3 = BookCase(
 N_NODE = 8
 W_GPU = 450e9
 W_NODE = 400e9
+# NCCL v2.30 src/graph/tuning.cc, Ring/Simple: baseLatencies 8.4 us; hwLatencies NVLINK 3.4 us
+# and NET 14 us per step. ncclTopoTuneModel: nsteps = N-1 (AllGather, ReduceScatter) or 2(N-1)
+# (AllReduce) over all N ranks, nInterSteps = nNodes-1 (twice for AllReduce), and
+# latency = base + (nsteps - nInterSteps)·intraLat + nInterSteps·interLat.
+NCCL_BASE_S = 8.4 * US
+NCCL_NVLINK_S = 3.4 * US
+NCCL_NET_S = 14 * US
+
+
+def nccl_ring_latency(num_ranks: int, num_nodes: int, *, all_reduce: bool = False) -> float:
+    """NCCL's formula, written out."""
+    factor = 2 if all_reduce else 1
+    nsteps = factor * (num_ranks - 1)
+    inter_steps = factor * (num_nodes - 1)
+    return NCCL_BASE_S + (nsteps - inter_steps) * NCCL_NVLINK_S + inter_steps * NCCL_NET_S
+
+
 # Pop quiz 1: AllGather(bf16[B_X, F]) in an 8xH100 node, B=1024, F=16384:
 # bytes·(N-1)/(N·W) -> "more precisely, 65us"
 Bg, Fg = 1024, 16384
@@ -154,6 +173,7 @@ gpu_quiz1 = BookCase(
     formula_s=2 * Bg * Fg * (N_NODE - 1) / (N_NODE * W_GPU),
     book_answer_s=65 * US,
     book_rtol=0.01,
+    nccl_latency_s=nccl_ring_latency(8, 1),  # 8.4 + 7 x 3.4 = 32.2 us
 )
 # Q3: AllGather of bf16[D_X, F], D=4096, F=65536 in one node: 536e6·7/(8·450e9) -> "1.04ms"
 Dq, Fq = 4096, 65536
@@ -167,6 +187,7 @@ gpu_q3 = BookCase(
     formula_s=2 * Dq * Fq * (N_NODE - 1) / (N_NODE * W_GPU),
     book_answer_s=1.04e-3,
     book_rtol=0.01,
+    nccl_latency_s=nccl_ring_latency(8, 1),
 )
 # Cross-node AllGather over a whole DGX H100 SuperPod (4 units x 32 nodes x 8 GPUs):
 # bytes·max_i (D_i-1)/(D_i·W_i) with node 8 @ 450 GB/s, leaf 32 @ 400 GB/s, spine 4 @ 12.8 TB/s
@@ -187,6 +208,7 @@ superpod = BookCase(
     formula_s=V_pod * max(per_level),
     book_answer_s=V_pod / 413e9,
     book_rtol=0.002,
+    nccl_latency_s=nccl_ring_latency(1024, 128),  # 8.4 + 896 x 3.4 + 127 x 14 us
 )
 # Q5: AllGather over exactly 2 nodes: node level B·7/(8·450e9) = B/514e9 beats the
 # cross-node B·1/(2·400e9) = B/800e9, so the node level bounds it.
@@ -201,6 +223,7 @@ two_nodes = BookCase(
     formula_s=max(V_2n * 7 / (8 * W_GPU), V_2n * 1 / (2 * W_NODE)),
     book_answer_s=V_2n / 514e9,
     book_rtol=0.002,
+    nccl_latency_s=nccl_ring_latency(16, 2),  # 8.4 + 14 x 3.4 + 1 x 14 us
 )
 # In-node AllToAll: B·(N-1)/(W·N²) (pop quiz 2, dense case)
 V_a2a = 2 * 65536 * 8 * 512  # bf16[B_X, N] with B=65536 rows of 8x512: bandwidth-bound
@@ -214,6 +237,7 @@ gpu_a2a = BookCase(
     formula_s=V_a2a * (N_NODE - 1) / (W_GPU * N_NODE**2),
     book_answer_s=V_a2a / (W_GPU * N_NODE),  # "or roughly V / (W·N)"
     book_rtol=0.13,  # the book drops the (N-1)/N = 0.875 factor here
+    nccl_latency_s=NCCL_NVLINK_S,  # send/receive: one step, no ring base latency
 )
 # Cross-node AllToAll over M=16 full nodes: B·(M-1)/(M²·W_node) ~ B/(M·W_node)
 M = 16
@@ -228,6 +252,7 @@ cross_a2a = BookCase(
     formula_s=V_xa2a * (M - 1) / (M**2 * W_NODE),
     book_answer_s=V_xa2a / (M * W_NODE),
     book_rtol=0.07,  # (M-1)/M = 0.9375
+    nccl_latency_s=NCCL_NVLINK_S + NCCL_NET_S,  # one step through each tier
 )
 
 
@@ -257,8 +282,42 @@ def test_book_answer(case: BookCase) -> None:
     cost = collective_cost(
         mesh, case.kind, case.axes, elements_in_per_chip=case.elements_in_per_chip, dtype="bf16"
     )
-    assert cost.time_s == pytest.approx(case.formula_s, rel=1e-9)
+    if case.nccl_latency_s is None:  # TPU: the larger of the two terms
+        assert cost.time_s == pytest.approx(case.formula_s, rel=1e-9)
+    else:  # GPU: NCCL adds its latency to the book's bandwidth term
+        assert cost.bandwidth_s == pytest.approx(case.formula_s, rel=1e-9)
+        assert cost.latency_s == pytest.approx(case.nccl_latency_s, rel=1e-9)
+        assert cost.time_s == pytest.approx(case.formula_s + case.nccl_latency_s, rel=1e-9)
     assert cost.bound is case.bound
+
+
+def test_gpu_allreduce_latency_is_nccls_formula_by_hand() -> None:
+    """AllReduce over 4 nodes x 8 GPUs of h100 on a small buffer: NCCL's latency
+    8.4 + (62 - 6) x 3.4 + 6 x 14 = 282.8 us (2(N-1) = 62 ring steps over all 32 ranks, 6 of
+    them across nodes), plus bytes/bandwidth; the old per-level max() would say 2 x 14 us."""
+    mesh = DeviceMesh.create(load_preset("h100"), "node=4,gpu=8", "4x8")
+    elements = 4096
+    cost = collective_cost(
+        mesh, Collective.ALL_REDUCE, ("node", "gpu"), elements_in_per_chip=elements, dtype="bf16"
+    )
+    latency = 8.4 * US + (62 - 6) * 3.4 * US + 6 * 14 * US
+    assert latency == pytest.approx(282.8 * US)
+    assert cost.latency_s == pytest.approx(latency, rel=1e-12)
+    v = elements * BF16
+    node_level = 2 * v * 7 / (8 * W_GPU)  # AllReduce = 2 x AllGather's V(D-1)/(D W)
+    leaf_level = 2 * v * 3 / (4 * W_NODE)
+    assert cost.bandwidth_s == pytest.approx(max(node_level, leaf_level), rel=1e-12)
+    assert cost.time_s == pytest.approx(latency + max(node_level, leaf_level), rel=1e-12)
+    assert cost.bound is Bound.LATENCY
+
+
+def test_tpu_ici_keeps_the_books_max() -> None:
+    """On ICI the terms do not add: the larger one is the time (sharding.md)."""
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=4,y=4", "4x4")
+    cost = collective_cost(
+        mesh, Collective.ALL_GATHER, ("y",), elements_in_per_chip=1, dtype="bf16"
+    )
+    assert cost.time_s == max(cost.bandwidth_s, cost.latency_s) == cost.latency_s == 3 * US
 
 
 def test_quiz3_sharded_inner_axis_within_one_scalable_unit() -> None:
@@ -273,7 +332,7 @@ def test_quiz3_sharded_inner_axis_within_one_scalable_unit() -> None:
         cost = collective_cost(
             mesh, Collective.ALL_GATHER, ("x",), elements_in_per_chip=d // x * f // y, dtype="bf16"
         )
-        assert cost.time_s == pytest.approx(full_bytes * 31 / (32 * 400e9), rel=1e-9)
+        assert cost.bandwidth_s == pytest.approx(full_bytes * 31 / (32 * 400e9), rel=1e-9)
     for y in (16, 32, 64):
         x = 256 // y
         nodes_spanned = 256 // 8 // (y // 8)  # the x-group has one GPU in each of these nodes
@@ -282,8 +341,10 @@ def test_quiz3_sharded_inner_axis_within_one_scalable_unit() -> None:
             mesh, Collective.ALL_GATHER, ("x",), elements_in_per_chip=d // x * f // y, dtype="bf16"
         )
         precise = (full_bytes / y) * (nodes_spanned - 1) / (nodes_spanned * 50e9)
-        assert cost.time_s == pytest.approx(precise, rel=1e-9)
-        assert cost.time_s == pytest.approx(full_bytes / (y * 50e9), rel=1 / nodes_spanned + 1e-9)
+        assert cost.bandwidth_s == pytest.approx(precise, rel=1e-9)
+        assert cost.bandwidth_s == pytest.approx(
+            full_bytes / (y * 50e9), rel=1 / nodes_spanned + 1e-9
+        )
 
 
 def test_alltoall_is_a_quarter_of_allgather_on_a_tpu_ring() -> None:
@@ -322,7 +383,7 @@ def test_gpu_in_node_alltoall_is_twice_as_fast_as_tpu_ring_relative_to_bandwidth
         gpu, Collective.ALL_TO_ALL, ("x",), elements_in_per_chip=elements, dtype="bf16"
     )
     v = elements * BF16 * 8
-    assert cost.time_s * W_GPU / v == pytest.approx((8 - 1) / 8**2)
+    assert cost.bandwidth_s * W_GPU / v == pytest.approx((8 - 1) / 8**2)
     assert math.isclose((8 - 1) / 8**2, 1 / 8, rel_tol=0.13)
 
 

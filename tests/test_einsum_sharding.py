@@ -7,13 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharding_roofline import (
+    Collective,
+    DeviceMesh,
     Einsum,
     EinsumSpec,
     ShardedOperation,
     ShardingSpec,
     SpecError,
+    collective_cost,
     load_preset,
 )
+from sharding_roofline.dtypes import array_bytes, dtype_bytes
 
 
 def test_dot_product_intensity_is_about_a_half() -> None:
@@ -196,3 +200,58 @@ def test_book_notation_round_trips(op: ShardedOperation) -> None:
 def test_partition_spec_text_round_trips(dims: list[list[str]]) -> None:
     spec = ShardingSpec(tuple(tuple(d) for d in dims))
     assert ShardingSpec.parse(spec.text()) == spec
+
+
+def test_fp4_counts_half_a_byte_everywhere() -> None:
+    """float4_e2m1fn packs two elements per byte: bytes per element is 0.5, element counts
+    stay integers, and every byte figure (operands, collectives) is the exact half."""
+    assert dtype_bytes("fp4") == 0.5
+    assert array_bytes(3, "float4_e2m1fn") == 1.5
+    mm = Einsum.create("bd,df->bf", "b=4,d=6,f=2", dtype="float4_e2m1fn", accum_dtype="bf16")
+    assert mm.operand_bytes("lhs") == 4 * 6 * 0.5
+    assert mm.operand_bytes("rhs") == 6 * 2 * 0.5
+    assert mm.operand_bytes("out") == 4 * 2 * 2
+    mesh = DeviceMesh.create(load_preset("b200"), "x=8", "1x8")
+    cost = collective_cost(mesh, Collective.ALL_GATHER, ("x",), elements_in_per_chip=3, dtype="fp4")
+    assert cost.elements_in_per_chip == 3
+    assert cost.elements_out_per_chip == 24
+    assert cost.bytes_sent_per_chip == 7 / 8 * 3 * 8 * 0.5  # (g-1)/g of the gathered 12 bytes
+    assert cost.group_bytes == 12.0
+
+
+def test_summed_free_letter_is_reduced_before_the_dot_as_xla_does() -> None:
+    """``bd,df->f``: ``b`` is in one operand only and the output drops it. XLA reduces it
+    first (B·D input elements to D: B·D - D adds) and then runs the dot ``d,df->f`` (2DF),
+    not the 2BDF a product over every letter would count (64x more at B=64)."""
+    b, d, f = 64, 512, 256
+    einsum = Einsum.create("bd,df->f", {"b": b, "d": d, "f": f})
+    assert einsum.spec.reduced_first == ("b",)
+    assert einsum.spec.dot_letters == ("d", "f")
+    assert einsum.dot_flops == 2 * d * f
+    assert einsum.reduce_flops == b * d - d
+    assert einsum.flops == 2 * d * f + b * d - d
+    assert 2 * b * d * f / einsum.flops > 40  # what the old count overstated
+    # a plain matmul is unchanged: every letter sits in two of the three arrays
+    mm = Einsum.create("bd,df->bf", {"b": b, "d": d, "f": f})
+    assert mm.spec.reduced_first == ()
+    assert mm.flops == mm.dot_flops == 2 * b * d * f
+    # both operands may hold one: 'ab,cd->' reduces each to a scalar, then multiplies
+    outer = Einsum.create("ab,cd->", {"a": 2, "b": 3, "c": 4, "d": 5})
+    assert outer.reduce_flops == (2 * 3 - 1) + (4 * 5 - 1)
+    assert outer.dot_flops == 2
+
+
+def test_planner_counts_the_pre_reduction_per_chip() -> None:
+    """Per chip, ``bd,df->f`` with B over x and F over y computes the dot on its D×(F/y)
+    shard (2·D·F/y) and first reduces its (B/x)×D block of the lhs to D (B/x·D - D adds)."""
+    from sharding_roofline import DeviceMesh, Planner, load_preset  # noqa: PLC0415
+
+    b, d, f = 64, 32, 128
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=2,y=4")
+    einsum = Einsum.create("bd,df->f", {"b": b, "d": d, "f": f})
+    plan = (
+        Planner(einsum, mesh, lhs="x,None", rhs="None,y", out="y", check_memory=False)
+        .search(top=None)
+        .find(b="x", d="", f="y")
+    )
+    assert plan.cost.flops == 2 * d * (f // 4) + ((b // 2) * d - d)

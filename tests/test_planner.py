@@ -94,7 +94,7 @@ def test_case3_reduces_with_allreduce_or_reduce_scatter(ring4: DeviceMesh) -> No
     scattered = estimate(mm, ring4, lhs="None,x", rhs="x,None", out="None,x")
     assert kinds(scattered) == [("out", "reduce-scatter", ("x",))]
     assert scattered.cost.comm_s == pytest.approx(c_bytes / V5P_W)
-    assert str(scattered.operation) == "A[I, J_x] · B[J_x, K] -> C[I, K] {U_x}"
+    assert str(scattered.operation) == "lhs[I, J_x] · rhs[J_x, K] -> out[I, K] {U_x}"
 
 
 def test_case4_gathers_one_input(ring4: DeviceMesh) -> None:
@@ -369,3 +369,32 @@ def test_slices_shrink_the_array_before_an_all_to_all_moves_it() -> None:
         (None, ("y",)),
         (Collective.ALL_TO_ALL, ("x",)),
     ]
+
+
+def test_peak_memory_counts_inputs_copies_and_the_output() -> None:
+    """Peak memory per chip: both stored operands, the resharded copy of each operand that
+    moves, the local result, and the result's moved copy (all in their dtypes)."""
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=2,y=4", "2x4")
+    b, d, f = 64, 32, 128
+    mm = Einsum.create("bd,df->bf", f"b={b},d={d},f={f}", accum_dtype="float32")
+    # no movement: lhs B/2 x D, rhs D x F/4, result B/2 x F/4 in f32
+    still = estimate(mm, mesh, lhs="x,None", rhs="None,y", out="x,y")
+    assert still.peak_memory_bytes == 2 * (b // 2) * d + 2 * d * (f // 4) + 4 * (b // 2) * (f // 4)
+    # rhs moves F_y -> D_y (an all-to-all: its copy joins); the result is reduce-scattered
+    # from B_x, F {U_y} to B_x, F_y (its moved copy joins)
+    moved = estimate(mm, mesh, lhs="x,y", rhs="None,y", out="x,y", at_op="b=x,d=y,f=None")
+    lhs = 2 * (b // 2) * (d // 4)
+    rhs_stored, rhs_at_op = 2 * d * (f // 4), 2 * (d // 4) * f
+    local_out, final_out = 4 * (b // 2) * f, 4 * (b // 2) * (f // 4)
+    assert [s.kind.value for s in moved.collectives] == ["all-to-all", "reduce-scatter"]
+    assert moved.peak_memory_bytes == lhs + rhs_stored + rhs_at_op + local_out + final_out
+
+
+def test_an_axis_of_size_one_moves_nothing_and_copies_nothing() -> None:
+    """A layout over an axis of size 1 is the replicated layout: no step, no second copy."""
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=1,y=4", "1x4")
+    mm = Einsum.create("bd,df->bf", "b=64,d=32,f=128")
+    over_one = estimate(mm, mesh, lhs="x,None", rhs="None,y", out="None,y")
+    replicated = estimate(mm, mesh, lhs="None,None", rhs="None,y", out="None,y")
+    assert over_one.steps == ()
+    assert over_one.peak_memory_bytes == replicated.peak_memory_bytes

@@ -18,7 +18,10 @@ import pytest
 
 matplotlib.use("Agg")
 
+import itertools
+
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
@@ -318,14 +321,17 @@ def test_a_crossover_set_by_latency_says_so_on_the_plot() -> None:
 
 
 def test_crossover_marker_on_an_h100_node_uses_the_ring_over_nvlink() -> None:
-    # gpus.md: in-node AllGather T = V·(N-1)/(N·W_egress); T_math = 2BDF/(N·C)
+    # gpus.md: in-node AllGather T = V·(N-1)/(N·W_egress); T_math = 2BDF/(N·C); NCCL adds
+    # its latency, 8.4 us + (N-1) ring steps of 3.4 us (src/graph/tuning.cc)
     gpus, d, f = 8, 8192, 32768
     item = fsdp("h100", "1x8", "x=8")
     ax = sr_plot.crossover_sweep(item)
     [x_star], [y_star] = xy(ax, "crossover:0")
-    comm_s = BF16 * d * f * (gpus - 1) / (gpus * H100_NVLINK)
+    bandwidth_s = BF16 * d * f * (gpus - 1) / (gpus * H100_NVLINK)
+    comm_s = bandwidth_s + 8.4e-6 + (gpus - 1) * 3.4e-6
     tokens_per_gpu = comm_s * H100_PEAK / (2 * d * f)
-    assert tokens_per_gpu == pytest.approx(2200 * 7 / 8, rel=0.01)  # the book's C/W·(N-1)/N
+    book = bandwidth_s * H100_PEAK / (2 * d * f)
+    assert book == pytest.approx(2200 * 7 / 8, rel=0.01)  # the book's C/W·(N-1)/N
     assert x_star == pytest.approx(gpus * tokens_per_gpu, rel=1e-6)
     assert y_star == pytest.approx(comm_s, rel=1e-6)
 
@@ -384,7 +390,9 @@ def test_mesh_sweep_marker_sits_where_the_lines_meet() -> None:
 # -- collectives against message size ----------------------------------------------------------
 
 
-def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
+def test_collective_sweep_combines_terms_per_link_family() -> None:
+    """TPU ICI: the larger of the latency and bandwidth terms (the book); GPU NVLink: their
+    sum, with NCCL's base latency (tuning.cc)."""
     v5p = load_preset("tpu-v5p")
     ring = DeviceMesh.create(v5p, "x=4,y=4,z=4", "4x4x4")  # whole cube: wraps
     line_mesh = DeviceMesh.create(v5p, "x=4,y=4,z=2", "4x4x2")  # not whole cubes: no wrap
@@ -399,8 +407,9 @@ def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
     expected = [
         (1 / V5P_W_BIDI, 2 * 1 * US),
         (3 / (4 * V5P_W_UNI), 3 * 1 * US),
-        (7 / (8 * H100_NVLINK), 7 * 3.4 * US),
+        (7 / (8 * H100_NVLINK), 8.4 * US + 7 * 3.4 * US),
     ]
+    adds = [False, False, True]
     ax = sr_plot.collective_sweep(cases, array_bytes=[1e3, 1e5, 1e7, 1e9])
     for index, (s_per_byte, latency_s) in enumerate(expected):
         volumes, total = xy(ax, f"collective:{index}:total")
@@ -409,7 +418,7 @@ def test_collective_sweep_is_the_max_of_latency_and_bandwidth_terms() -> None:
         for v, t, lat, bw in zip(volumes, total, latency, bandwidth, strict=True):
             assert bw == pytest.approx(v * s_per_byte, rel=1e-9)
             assert lat == pytest.approx(latency_s, rel=1e-9)
-            assert t == pytest.approx(max(lat, bw), rel=1e-12)
+            assert t == pytest.approx(lat + bw if adds[index] else max(lat, bw), rel=1e-12)
         [knee_v], [knee_t] = xy(ax, f"collective:{index}:knee")
         assert knee_v == pytest.approx(latency_s / s_per_byte, rel=1e-6)
         assert knee_t == pytest.approx(latency_s, rel=1e-9)
@@ -519,3 +528,86 @@ def test_plotting_never_imports_pyplot() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
     assert result.returncode == 0, result.stderr.decode()
+
+
+# -- hundreds of strategies ------------------------------------------------------------------
+
+
+def _many() -> tuple[list[Plan], DeviceMesh]:
+    """Every strategy of a matmul on a v5e 4x4 (x and y are both lines of 4: symmetric)."""
+    einsum = Einsum.create("bd,df->bf", "b=8192,d=8192,f=32768")
+    mesh = DeviceMesh.create(load_preset("tpu-v5e"), "x=4,y=4", "4x4")
+    return list(plan(einsum, mesh, top=None).strategies), mesh
+
+
+def test_symmetric_strategies_merge_into_one_row_with_a_count() -> None:
+    strategies, _ = _many()
+    rows = sr_plot.merge_symmetric(strategies)
+    assert len(rows) < len(strategies)
+    assert sum(count for _, count in rows) == len(strategies)
+    for item, count in rows:
+        twins = [p for p in strategies if sr_plot.symmetry_key(p) == sr_plot.symmetry_key(item)]
+        assert len(twins) == count
+        for twin in twins:  # the same cost, really: merging hides nothing
+            assert twin.cost.compute_s == pytest.approx(item.cost.compute_s, rel=1e-12)
+            assert twin.cost.comm_s == pytest.approx(item.cost.comm_s, rel=1e-12)
+            assert twin.cost.hbm_s == pytest.approx(item.cost.hbm_s, rel=1e-12)
+    assert any(count > 1 for _, count in rows)
+
+
+def test_breakdown_of_hundreds_of_strategies_shows_the_top_distinct_ones() -> None:
+    strategies, _ = _many()
+    ax = sr_plot.breakdown(strategies, top=8)
+    rows = sr_plot.merge_symmetric(strategies)[:8]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 8
+    for row, (label, (item, count)) in enumerate(zip(labels, rows, strict=True)):
+        assert label.startswith(f"#{row + 1}  ")
+        assert label.endswith(f"(x{count} by symmetry)") == (count > 1)
+        [tick], _ = xy(ax, f"estimate:{row}")
+        assert tick * 1e-3 == pytest.approx(item.cost.time_s(Overlap.FULL), rel=1e-9)
+    title = ax.get_title()
+    assert "bd,df->bf (b=8192,d=8192,f=32768) bfloat16 on tpu-v5e x=4,y=4" in title
+    assert f"8 of {len(sr_plot.merge_symmetric(strategies))} distinct strategies" in title
+    assert f"{len(strategies)} before merging" in title
+
+
+def test_roofline_labels_only_the_top_strategies() -> None:
+    strategies, _ = _many()
+    ax = sr_plot.roofline(plans=strategies, top=3)
+    drawn = [a.get_gid() for a in ax.get_lines() if str(a.get_gid()).startswith("strategy:")]
+    drawn = [gid for gid in drawn if str(gid).endswith(":hbm")]
+    assert drawn == ["strategy:0:hbm", "strategy:1:hbm", "strategy:2:hbm"]
+    assert "bd,df->bf" in ax.get_title()
+    assert f"best 3 of {len(strategies)}" in ax.get_title()
+
+
+def test_crossover_labels_never_overlap() -> None:
+    """Strategies whose crossovers lie close together get one label row each."""
+    einsum = Einsum.create("bd,df->bf", "b=65536,d=8192,f=32768")
+    talking = []
+    for preset, topology in (("tpu-v5e", "2x4"), ("tpu-v5p", "2x2x2"), ("h100", "1x8")):
+        mesh = DeviceMesh.create(load_preset(preset), "x=8", topology)
+        fsdp = plan(einsum, mesh, lhs="x,None", rhs="x,None", out="x,None", top=None)
+        talking.append(fsdp.find(b="x", d="", f=""))
+    assert all(crossover(p).size is not None for p in talking)
+    ax = sr_plot.crossover_sweep(talking)
+    labels = [t for t in ax.texts if str(t.get_gid()).endswith(":label")]
+    assert len(labels) >= 2
+    rows = sorted(t.xyann[1] for t in labels)
+    gaps = [b - a for a, b in itertools.pairwise(rows)]
+    assert min(gaps) == pytest.approx(sr_plot.sweeps.LABEL_STEP)
+    assert "bd,df->bf" in ax.get_title()
+
+
+def test_saved_legends_are_not_clipped(tmp_path: Path) -> None:
+    """The legend sits outside the Axes; the saved figure's tight box must contain it."""
+    strategies, _ = _many()
+    ax = sr_plot.breakdown(strategies[:3])
+    figure = sr_plot.figure_of(ax)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    tight = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)
+    assert tight.x1 >= legend.x1 - 1
+    sr_plot.save_breakdown(strategies[:3], tmp_path / "b.pdf")
+    assert (tmp_path / "b.pdf").read_bytes().startswith(b"%PDF")

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sharding_roofline.errors import ConfigError, UnknownNameError
-from sharding_roofline.hardware import HardwareKind, HardwareSpec
+from sharding_roofline.errors import ConfigError, TopologyError, UnknownNameError
+from sharding_roofline.hardware import ChipSpec, HardwareKind, HardwareSpec
+from sharding_roofline.mesh import DeviceMesh
 from sharding_roofline.presets import list_presets, load_preset
+from sharding_roofline.topology import Topology
 
 REQUIRED_PRESETS = (
     "tpu-v4p",
@@ -377,3 +379,82 @@ def test_missing_path_says_it_does_not_exist(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.toml"
     with pytest.raises(UnknownNameError, match=r"nowhere\.toml' does not exist"):
         load_preset(path)
+
+
+# --------------------------------------------------------------------------------------
+# What a new user hits first: real slices, capacities in the vendor's units, TF32
+
+
+@pytest.mark.parametrize("shape", ["4x8x8", "8x8x8", "4x4x4", "4x4x576", "12x12x64", "2x2x1"])
+def test_tpu7x_accepts_real_slices_of_whole_cubes(shape: str) -> None:
+    """TPU7x slices are whole 4x4x4 cubes (every axis a multiple of 4) up to 144 cubes."""
+    topology = Topology.build(load_preset("tpu-7x"), shape)
+    assert topology.shape_text == shape
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        pytest.param(
+            "4x4x6", r"every axis must be a multiple of 4 \(got 6\); use e\.g\. 4x4x8", id="4x4x6"
+        ),
+        pytest.param("4x4x580", r"145 cubes .* more than the 144 \(9216 chips\)", id="145-cubes"),
+        pytest.param("4x4x5x4", r"3D torus", id="four-axes"),
+    ],
+)
+def test_tpu7x_rejects_what_is_not_a_slice(shape: str, message: str) -> None:
+    with pytest.raises(TopologyError, match=message):
+        Topology.build(load_preset("tpu-7x"), shape)
+
+
+def test_tpu7x_mesh_on_an_8x8x8_slice() -> None:
+    mesh = DeviceMesh.create(load_preset("tpu-7x"), "x=8,y=8,z=8")
+    assert mesh.num_devices == 512
+    assert all(dim.wraps for dim in mesh.topology.dims)  # whole cubes wrap
+
+
+@pytest.mark.parametrize(
+    ("name", "capacity_bytes", "unit"),
+    [
+        pytest.param("tpu-v4p", 32 * 2**30, "32 GiB", id="v4p-32GiB"),
+        pytest.param("tpu-v5e", 16 * 2**30, "16 GiB", id="v5e-16GiB"),
+        pytest.param("tpu-v5p", 95 * 2**30, "95 GiB", id="v5p-95GiB"),
+        pytest.param("tpu-v6e", 32 * 2**30, "32 x 2^30", id="v6e-32GiB"),
+        pytest.param("tpu-7x", 192 * 2**30, "192 GiB", id="7x-192GiB"),
+        pytest.param("h100", 81559 * 2**20, "81,559 MiB", id="h100-usable"),
+        pytest.param("h200", 143771 * 2**20, "143,771 MiB", id="h200-usable"),
+        pytest.param("b200", 183359 * 2**20, "183,359 MiB", id="b200-usable"),
+        pytest.param("gb200-nvl72", 189471 * 2**20, "189,471 MiB", id="gb200-usable"),
+    ],
+)
+def test_hbm_capacity_is_stored_in_bytes_exactly(name: str, capacity_bytes: int, unit: str) -> None:
+    """Vendors write GB where they mean GiB (TPU) or the usable NVML figure (GPU): the preset
+    stores the exact bytes and its source names the unit it read."""
+    chip = load_preset(name).chip
+    assert chip.hbm_capacity_bytes == capacity_bytes
+    assert unit in chip.source
+
+
+@pytest.mark.parametrize("name", ["h100", "h200", "b200", "gb200-nvl72"])
+def test_gpu_float32_is_the_tf32_tensor_rate(name: str) -> None:
+    """JAX runs float32 matmuls in TF32 on these GPUs by default: ``float32`` is the TF32
+    tensor-core dense rate, and the CUDA-core FP32 rate is ``vector_flops_per_s.float32``."""
+    chip = load_preset(name).chip
+    tf32 = chip.peak_flops_per_s_for("float32")
+    vector = chip.vector_flops_per_s["float32"]
+    assert tf32 == pytest.approx(chip.peak_flops_per_s_for("bfloat16") / 2, rel=0.03)
+    assert 5 < tf32 / vector < 20
+    assert "TF32" in chip.source
+    assert "vector_flops_per_s.float32" in chip.source
+
+
+def test_vector_rates_are_validated_like_peaks() -> None:
+    with pytest.raises(ConfigError, match=r"vector_flops_per_s key 'fp32' is an alias"):
+        ChipSpec(
+            name="c",
+            peak_flops_per_s={"bfloat16": 1e14},
+            vector_flops_per_s={"fp32": 1e13},
+            hbm_bytes_per_s=1e12,
+            hbm_capacity_bytes=1e10,
+            source="test",
+        )

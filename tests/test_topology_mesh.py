@@ -105,9 +105,12 @@ def test_an_axis_inside_a_node_and_one_across_nodes_differ() -> None:
     assert outer.link == "leaf"
     # outer: each node's 8 NICs carry the 8 concurrent dp-groups: 50 GB/s per GPU
     v_outer = elements * 4 * 2
-    assert outer.time_s == pytest.approx(v_outer * 3 / (4 * 50e9))
+    assert outer.bandwidth_s == pytest.approx(v_outer * 3 / (4 * 50e9))
     v_inner = elements * 8 * 2
-    assert inner.time_s == pytest.approx(v_inner * 7 / (8 * 450e9))
+    assert inner.bandwidth_s == pytest.approx(v_inner * 7 / (8 * 450e9))
+    # NCCL adds its latency: base 8.4 us + 3 network steps (14 us) / 7 NVLink steps (3.4 us)
+    assert outer.time_s == pytest.approx(outer.bandwidth_s + 8.4e-6 + 3 * 14e-6)
+    assert inner.time_s == pytest.approx(inner.bandwidth_s + 8.4e-6 + 7 * 3.4e-6)
 
 
 def test_tpu_multislice_adds_a_dcn_tier() -> None:

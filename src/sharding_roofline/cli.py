@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__
 from .collectives import Collective, collective_cost, parse_collective
 from .einsum import Einsum
 from .errors import ShardingRooflineError, SpecError
 from .estimate import Overlap
+from .files import FIGURE_FORMATS, check_output_path
 from .mesh import DeviceMesh
 from .planner import Planner
+from .plans import Plan
 from .presets import list_presets, load_preset
+from .program.cli import add_layer_parser
+from .program.model_cli import add_model_parser
 from .report import (
     alternatives_dict,
     collective_dict,
@@ -32,13 +38,14 @@ from .report import (
     plan_dict,
     ranking_dict,
 )
-from .sharding import ShardingSpec, subscript, unreduced_suffix
+from .sharding import ShardingSpec, parse_array_shape, subscript, unreduced_suffix
 from .xla.cli import add_validate_arguments
+from .xla.estimate_cli import ESTIMATE_COMMANDS, add_estimate_parsers
 
 _LETTERS = "ijklmnopqrstuvwxyz"
 
 
-def _mesh_args(parser: argparse.ArgumentParser) -> None:
+def _mesh_args(parser: argparse.ArgumentParser, *, mesh_required: bool = True) -> None:
     parser.add_argument(
         "--hardware", required=True, help="a preset (see 'hardware list') or a .toml path"
     )
@@ -48,13 +55,20 @@ def _mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-slices", type=int, default=1, help="TPU slices joined over DCN (default 1)"
     )
-    parser.add_argument("--mesh", required=True, help="named axes, major to minor: x=4,y=4")
+    parser.add_argument(
+        "--mesh", required=mesh_required, help="named axes, major to minor: x=4,y=4"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> None:
     _mesh_args(parser)
-    parser.add_argument("--einsum", required=True, help="two-operand equation, e.g. bd,df->bf")
+    parser.add_argument(
+        "--einsum",
+        required=True,
+        help="two-operand equation, quoted: --einsum 'bd,df->bf' (unquoted, the shell reads "
+        "> as a redirect)",
+    )
     parser.add_argument(
         "--dims", required=True, help="global size of every letter: b=8192,d=8192,f=32768"
     )
@@ -78,12 +92,33 @@ def _einsum_args(parser: argparse.ArgumentParser, *, required_specs: bool) -> No
         "--crossover-dim", help="letter whose crossover size to report (default: the batch)"
     )
     parser.add_argument(
-        "--plot", metavar="FILE.png", help="also draw the strategy breakdown to this file"
+        "--at-op",
+        metavar="LETTER=AXES,...",
+        help="pin letters' layouts at the op (the strategy itself), e.g. b=x,d=None,f=y",
     )
+    parser.add_argument(
+        "--no-idle-axes",
+        action="store_true",
+        help="do not widen gathers over idle replicated axes (the book's one-axis comparisons)",
+    )
+    parser.add_argument(
+        "--axes", metavar="A,B", help="the only mesh axes collectives may run over, e.g. x"
+    )
+    parser.add_argument(
+        "--names",
+        metavar="LHS,RHS,OUT",
+        help="what to call the operands and the result in printed layouts (default lhs,rhs,out)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the strategy breakdown to this file (.png, .pdf or .svg)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --plot file")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sharding-roofline",
         description="Plan and cost sharded einsums on TPU and GPU meshes (after the scaling book).",
     )
@@ -136,20 +171,64 @@ def build_parser() -> argparse.ArgumentParser:
     _einsum_args(val, required_specs=True)
     add_validate_arguments(val)
 
+    cross = sub.add_parser(
+        "crossover",
+        help="when one strategy turns compute-bound: against HBM, communication, an axis size",
+        description="For the best strategy with the given layouts (any left free, as plan): "
+        "the size of a letter at which one chip's matmul turns compute-bound (HBM vs "
+        "compute), the size at which communication equals compute, and the largest size "
+        "of each mesh axis (a TP degree) before its collectives dominate.",
+    )
+    _einsum_args(cross, required_specs=False)
+    cross.add_argument("--dim", help="the letter to scale (default: the batch, or --crossover-dim)")
+    add_layer_parser(sub, _mesh_args)
+    add_model_parser(sub, _mesh_args)
+    add_estimate_parsers(sub, _mesh_args)
+
     run = sub.add_parser("run", help="run an experiment config (make run: configs/demo.toml)")
     run.add_argument("config", help="path of a .toml experiment config")
     run.add_argument("--out-dir", default="out", help="where to write the report and figures")
+    run.add_argument("--force", action="store_true", help="replace files already in --out-dir")
     return parser
 
 
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are raised, so that ``--json`` can print them as JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        if wants_json:
+            print(json.dumps({"error": str(exc), "fix": f"see {exc.parser.prog} --help"}))
+        else:
+            exc.parser.print_usage(sys.stderr)
+            print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return _dispatch(args)
     except ShardingRooflineError as exc:
-        print(f"sharding-roofline: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc), "fix": exc.fix}))
+        else:
+            print(f"sharding-roofline: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("sharding-roofline: interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # pragma: no cover - e.g. piped into head
         return 0
 
@@ -161,19 +240,76 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _collective(args)
     if args.command in ("estimate", "plan", "validate"):
         return _plan(args)
+    if args.command == "crossover":
+        return _crossover(args)
+    if args.command == "layer":
+        from .program.cli import run_layer  # noqa: PLC0415
+
+        data, text = run_layer(args, make_mesh(args))
+        _emit(args, data, text)
+        return 0
+    if args.command == "model":
+        from .program.model_cli import run_model  # noqa: PLC0415
+
+        mesh = make_mesh(args) if args.mesh else None
+        data, text = run_model(args, mesh)
+        _emit(args, data, text)
+        return 0
+    if args.command in ESTIMATE_COMMANDS:
+        from .xla.estimate_cli import run_estimate_command  # noqa: PLC0415
+
+        return run_estimate_command(args)
     if args.command == "run":
         from .experiments import run_config  # noqa: PLC0415 (only this command needs it)
 
-        run_config(args.config, args.out_dir)
+        run_config(args.config, args.out_dir, force=args.force)
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+def _emit(
+    args: argparse.Namespace,
+    data: dict[str, Any] | Callable[[], dict[str, Any]],
+    text: str | Callable[[], str],
+) -> None:
+    """Print the JSON object (``--json``) or the text; either may be given as a function,
+    so that only the one printed is built."""
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=False))
+        # one line: json's C encoder (an indent would take its pure-Python path, 5x slower
+        # on a ranking of hundreds of plans); pipe into `python -m json.tool` or jq to read
+        print(json_text(data() if callable(data) else data))
     else:
-        print(text)
+        print(text() if callable(text) else text)
+
+
+def json_text(data: dict[str, Any]) -> str:
+    """``data`` as JSON, refusing NaN and infinities (JSON has none: a parser would choke
+    on the ``Infinity`` Python writes by default)."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:
+        bad = _non_finite(data)
+        raise ShardingRooflineError(
+            f"the result holds a non-finite number ({bad}), which JSON cannot represent; "
+            "check the hardware numbers (a rate or bandwidth near 0 or overflowing)"
+        ) from None
+
+
+def _non_finite(value: Any, where: str = "") -> str:
+    """The path of the first NaN or infinity in ``value`` (``strategies[0].time_s.comm``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where or 'value'} = {value}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _non_finite(item, f"{where}[{index}]")
+            if found:
+                return found
+    return ""
 
 
 def _hardware(args: argparse.Namespace) -> int:
@@ -199,10 +335,7 @@ def _collective(args: argparse.Namespace) -> int:
     if not axes:
         raise SpecError("--axes names no mesh axis; give one or more, e.g. --axes y or --axes x,y")
     ordered = mesh.ordered(axes)
-    try:
-        shape = tuple(int(s) for s in args.shape.replace("x", ",").split(","))
-    except ValueError:
-        raise SpecError(f"--shape {args.shape!r} must be sizes like 2048,8192") from None
+    shape = parse_array_shape(args.shape)
     axis_size = {a.name: a.size for a in mesh.axes}
     spec = ShardingSpec.parse(args.spec or None, rank=len(shape))
     letters = _LETTERS[: len(shape)]
@@ -223,7 +356,8 @@ def _collective(args: argparse.Namespace) -> int:
         "spec": spec.text(),
         "spec_after": after.text(),
     }
-    _emit(args, data, f"{mesh}\n" + format_collective(cost, notation))
+    links = "; ".join(mesh.describe_axis(axis) for axis in ordered)
+    _emit(args, data, f"{mesh}\n" + format_collective(cost, notation, links))
     return 0
 
 
@@ -286,10 +420,81 @@ def _collective_after(
 
 
 def make_einsum(args: argparse.Namespace) -> Einsum:
-    return Einsum.create(args.einsum, args.dims, dtype=args.dtype, accum_dtype=args.accum_dtype)
+    return Einsum.create(
+        args.einsum,
+        args.dims,
+        dtype=args.dtype,
+        accum_dtype=args.accum_dtype,
+        names=getattr(args, "names", None),
+    )
+
+
+def _choices(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy pins and limits that ``estimate``, ``plan`` and ``validate`` share."""
+    return {
+        "at_op": args.at_op,
+        "idle_axes": not args.no_idle_axes,
+        "axes": args.axes,
+    }
+
+
+def _crossover(args: argparse.Namespace) -> int:
+    from .crossover import axis_limit, crossover, hbm_crossover  # noqa: PLC0415
+
+    mesh = make_mesh(args)
+    einsum = make_einsum(args)
+    letter = (args.dim or args.crossover_dim or "").lower() or None
+    if letter is not None:
+        einsum.size(letter)
+    planner = Planner(
+        einsum,
+        mesh,
+        lhs=args.lhs,
+        rhs=args.rhs,
+        out=args.out,
+        overlap=Overlap(args.overlap),
+        check_memory=False,
+        **_choices(args),
+    )
+    best = planner.search(top=1).best
+    hbm = hbm_crossover(best, letter)
+    comm = crossover(best, letter)
+    axes = {axis: axis_limit(best, axis) for axis in mesh.axis_names if mesh.axis_size(axis) > 1}
+    data = {
+        "einsum": einsum.spec.equation,
+        "dims": dict(einsum.dims),
+        **mesh_dict(mesh),
+        "strategy": best.strategy,
+        "at_op": str(best.operation),
+        "hbm": hbm.as_dict(),
+        "comm": comm.as_dict(),
+        "axis_limits": axes,
+    }
+    lines = [
+        f"{einsum} on {mesh}",
+        best.describe(),
+        "",
+        f"HBM vs compute: {hbm.note}",
+        f"communication vs compute: {comm.note}",
+    ]
+    for axis, limit in axes.items():
+        if limit is None:
+            lines.append(f"axis {axis}: no collective runs over it (or it splits no letter)")
+        else:
+            now = mesh.axis_size(axis)
+            state = "compute-bound" if now < limit else "communication-bound"
+            lines.append(
+                f"axis {axis} (size {now}): its collectives take as long as the matmul at a size "
+                f"of {limit:.4g}; at {now} they are {state}"
+            )
+    _emit(args, data, "\n".join(lines))
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
+    plot_path = None
+    if args.plot:  # checked before any work, so a bad path costs nothing
+        plot_path = check_output_path(args.plot, force=args.force, formats=FIGURE_FORMATS)
     mesh = make_mesh(args)
     einsum = make_einsum(args)
     overlap = Overlap(args.overlap)
@@ -305,6 +510,7 @@ def _plan(args: argparse.Namespace) -> int:
             out=args.out,
             overlap=overlap,
             check_memory=False,
+            **_choices(args),
         )
         ranking = planner.estimate(alternatives=4)
         best = ranking.best
@@ -318,6 +524,7 @@ def _plan(args: argparse.Namespace) -> int:
                 result,
                 format_plan(best, overlap=overlap) + "\n\n" + format_validation(result),
             )
+            _plot(args, plot_path, plans, overlap)
             return 1 if result["verdict"] == "mismatch" else 0
         data = plan_dict(best, overlap=overlap, crossover_dim=cross)
         data["alternatives"] = alternatives_dict(ranking)
@@ -333,27 +540,43 @@ def _plan(args: argparse.Namespace) -> int:
             out=args.out,
             overlap=overlap,
             check_memory=not args.no_memory_check,
+            **_choices(args),
         )
         ranking = planner.search(top=max(1, args.top), explain=args.explain)
         plans = list(ranking.strategies)
-        data = ranking_dict(ranking, crossover_dim=cross)
-        text = format_ranking(ranking, crossover_dim=cross)
         if args.validate:
             from .xla.cli import format_validations, run_validate_many  # noqa: PLC0415
 
             results = run_validate_many(args, plans)
-            data["validation"] = results
-            text += "\n\n" + format_validations(results)
-            _emit(args, data, text)
+            _emit(
+                args,
+                lambda: {**ranking_dict(ranking, crossover_dim=cross), "validation": results},
+                lambda: (
+                    format_ranking(ranking, crossover_dim=cross)
+                    + "\n\n"
+                    + format_validations(results)
+                ),
+            )
             if any(r["verdict"] == "mismatch" for r in results):
                 return 1
         else:
-            _emit(args, data, text)
-    if args.plot:
-        from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
-
-        save_breakdown(plans, args.plot, overlap=overlap)
+            _emit(
+                args,
+                lambda: ranking_dict(ranking, crossover_dim=cross),
+                lambda: format_ranking(ranking, crossover_dim=cross),
+            )
+    _plot(args, plot_path, plans, overlap)
     return 0
+
+
+def _plot(args: argparse.Namespace, path: Path | None, plans: list[Plan], overlap: Overlap) -> None:
+    """Draw ``--plot`` (its path was checked before any work) and say where it went."""
+    if path is None:
+        return
+    from .plot import save_breakdown  # noqa: PLC0415 (matplotlib only when plotting)
+
+    written = save_breakdown(plans, path, overlap=overlap, force=args.force)
+    print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":  # pragma: no cover

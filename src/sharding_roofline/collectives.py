@@ -4,30 +4,44 @@ Notation (the scaling book's): ``V`` is the bytes of the whole array *within one
 group* (the gathered result of an AllGather, the unreduced input of a ReduceScatter or
 AllReduce, the sum of every chip's buffer for an AllToAll); ``W_uni`` a link's bandwidth in
 one direction; ``W_bidi = 2 W_uni``. Every function returns a bandwidth term and a latency
-term separately; the collective takes the larger (the book's ``max(T_min·hops, V/W)``),
-except a point-to-point permute, where the book adds them.
+term separately; how they combine depends on the link family (``Combine``):
+
+* TPU (ICI torus, DCN between slices): the larger of the two, the book's
+  ``max(T_min·hops, V/W)``, except a point-to-point permute, where the book adds them.
+* GPU (NVLink, InfiniBand): the sum, as NCCL's own cost model has it (``src/graph/tuning.cc``,
+  ``ncclTopoTuneModel`` and ``ncclTopoGetAlgoTime``: ``time = latency + bytes / bandwidth``).
+  A ring collective's latency is NCCL's base latency (``baseLatencies[RING][SIMPLE]``, 8.4 µs)
+  plus one per-step latency for every ring step, and NCCL counts the steps over *all* ranks
+  of the group: ``2(N-1)`` for an AllReduce, ``N-1`` for an AllGather or ReduceScatter, of
+  which the ones that cross a node boundary (``N_nodes - 1``, twice for an AllReduce) cost the
+  network's per-step latency (``hwLatencies[NET][RING][SIMPLE]``, 14 µs) and the others
+  NVLink's (3.4 µs). A hierarchical group counts a step at the outermost tier it crosses.
 
 One pure function per collective and link kind:
 
 * torus (TPU ICI): ``torus_all_gather``, ``torus_all_to_all``, ``torus_permute``;
 * switched (NVLink domain, InfiniBand fat-tree level, DCN): ``switch_all_gather``,
-  ``switch_all_to_all``, ``switch_permute``.
+  ``switch_all_to_all``, ``switch_permute``;
+* ``nccl_ring_latency_s``: the latency of a ring collective over a hierarchical GPU group.
 
 ReduceScatter costs what AllGather costs (its transpose) and AllReduce twice that
-(ReduceScatter then AllGather), on every link. A group that spans several tiers (GPUs of
-several nodes; TPU slices over DCN) runs a hierarchical collective whose tiers overlap: the
-slowest tier's bandwidth term bounds it and the latencies add (gpus.md, "cross-node
-collectives").
+(ReduceScatter then AllGather), on every link (on GPUs the base latency is paid once). A
+group that spans several tiers (GPUs of several nodes; TPU slices over DCN) runs a
+hierarchical collective whose tiers overlap: the slowest tier's bandwidth term bounds it
+(gpus.md, "cross-node collectives"); the latencies add.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 
 from .dtypes import canonical_dtype, dtype_bytes
 from .errors import SpecError
+from .hardware import HardwareKind, LinkKind
+from .limits import MAX_ARRAY_ELEMENTS, check_count, shown
 from .mesh import AxisGroup, DeviceMesh, RingSegment, TierSpan
 
 
@@ -56,8 +70,15 @@ _BOOK_NAMES = {
 }
 
 
-def parse_collective(name: str) -> Collective:
+def parse_collective(name: Collective | str) -> Collective:
     """``"all-gather"``, ``"AllGather"`` or ``"all_gather"`` -> ``Collective.ALL_GATHER``."""
+    if isinstance(name, Collective):
+        return name
+    if not isinstance(name, str):
+        raise SpecError(
+            f"a collective is a Collective or a name like 'all-gather', got {name!r}; expected "
+            f"one of {', '.join(k.value for k in Collective)}"
+        )
     key = name.strip().lower().replace("_", "-")
     for kind in Collective:
         if key in (kind.value, kind.book_name.lower()):
@@ -72,6 +93,17 @@ class Bound(enum.Enum):
 
     BANDWIDTH = "bandwidth"
     LATENCY = "latency"
+
+
+class Combine(enum.Enum):
+    """How a collective's latency and bandwidth terms make its time (per link family)."""
+
+    MAX = "max"  # TPU ICI / DCN: the book's max(T_min·hops, V/W)
+    SUM = "sum"  # GPU NVLink / InfiniBand (NCCL: latency + bytes/bandwidth), and permutes
+
+
+#: The link kinds whose collectives NCCL runs (their terms add, ``Combine.SUM``).
+NCCL_LINKS = frozenset({LinkKind.NVLINK, LinkKind.INFINIBAND})
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,12 +281,38 @@ def switch_permute(
 # -- composing tiers: one collective over one axis group ---------------------------------------
 
 
-def combine_terms_s(kind: Collective, bandwidth_s: float, latency_s: float) -> float:
-    """A collective's time from its two terms: the larger of them (the book's
-    ``max(T_min·hops, V/W)``), except a point-to-point permute, where the book adds them."""
-    if kind is Collective.COLLECTIVE_PERMUTE:
+def combine_terms_s(
+    kind: Collective, bandwidth_s: float, latency_s: float, combine: Combine | None = None
+) -> float:
+    """A collective's time from its two terms: their sum on GPU links (``Combine.SUM``,
+    NCCL's model) and for a point-to-point permute anywhere; otherwise (TPU, and the default
+    when ``combine`` is not given) the larger of them, the book's ``max(T_min·hops, V/W)``.
+    The one place where terms combine: rates, estimates and crossovers all call it."""
+    if kind is Collective.COLLECTIVE_PERMUTE or combine is Combine.SUM:
         return bandwidth_s + latency_s
     return max(bandwidth_s, latency_s)
+
+
+def nccl_ring_latency_s(
+    kind: Collective, spans: tuple[TierSpan, ...], base_latency_s: float
+) -> float:
+    """NCCL's latency of a ring collective over a group laid over switched ``spans`` (inner
+    tier first): ``base + Σ_t steps_t · latency_t``, NCCL v2.30 ``ncclTopoTuneModel``.
+
+    The ring runs over all ``N`` ranks, ``N-1`` steps (AllGather, ReduceScatter) or
+    ``2(N-1)`` (AllReduce). A step is charged at the outermost tier it crosses: with
+    ``D_t`` units of the tier below joined at tier ``t``, and ``U_t`` units of tier ``t``
+    above it, ``U_t·(D_t - 1)`` steps cross tier ``t`` (for one node of 8 GPUs: 7 NVLink
+    steps; for 2 nodes of 8: 14 NVLink steps and 1 network step, which is NCCL's
+    ``(nsteps - nInterSteps)·intraLat + nInterSteps·interLat``)."""
+    steps = [(span.num_children - 1, span.tier.latency_s) for span in spans]
+    outer = 1
+    latency = 0.0
+    for (below, step_s), span in zip(reversed(steps), reversed(spans), strict=True):
+        latency += outer * below * step_s
+        outer *= span.num_children
+    factor = 2 if kind is Collective.ALL_REDUCE else 1
+    return base_latency_s + factor * latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,11 +326,14 @@ class CollectiveRate:
     latency_s: float
     link: str
     group_size: int
+    combine: Combine = Combine.MAX
 
     def time_s(self, group_bytes: float) -> float:
         if group_bytes == 0 or self.group_size == 1:
             return 0.0
-        return combine_terms_s(self.kind, self.s_per_byte * group_bytes, self.latency_s)
+        return combine_terms_s(
+            self.kind, self.s_per_byte * group_bytes, self.latency_s, self.combine
+        )
 
 
 def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size: int) -> LinkTime:
@@ -316,9 +377,16 @@ def _span_time(kind: Collective, span: TierSpan, group_bytes: float, group_size:
     )
 
 
-def group_rate(kind: Collective, group: AxisGroup) -> CollectiveRate:
-    """The rate of ``kind`` over ``group``: the slowest tier's bandwidth term, the sum of the
-    tiers' latencies; ReduceScatter as AllGather, AllReduce twice AllGather."""
+def group_rate(
+    kind: Collective, group: AxisGroup, *, base_latency_s: float = 0.0
+) -> CollectiveRate:
+    """The rate of ``kind`` over ``group``: the slowest tier's bandwidth term (ReduceScatter
+    as AllGather, AllReduce twice AllGather) and the latency of the link family.
+
+    On TPU links the tiers' latencies add and the terms combine by max. On GPU links (every
+    tier NVLink or InfiniBand) the terms add (NCCL), and a ring collective's latency is
+    ``nccl_ring_latency_s`` with ``base_latency_s`` (NCCL's base latency); an AllToAll or a
+    permute (NCCL send/receive) costs one step per tier it crosses and no base latency."""
     base: Collective
     if kind in (Collective.ALL_TO_ALL, Collective.COLLECTIVE_PERMUTE):
         base = kind
@@ -329,13 +397,27 @@ def group_rate(kind: Collective, group: AxisGroup) -> CollectiveRate:
     if not times:
         return CollectiveRate(kind, 0.0, 0.0, "", group.size)
     slowest = max(times, key=lambda item: item[0].bandwidth_s)
+    nccl = all(span.tier.link in NCCL_LINKS for span in group.spans)
+    if nccl and base is Collective.ALL_GATHER:
+        latency = nccl_ring_latency_s(kind, group.spans, base_latency_s)
+    else:
+        latency = factor * sum(t.latency_s for t, _ in times)
     return CollectiveRate(
         kind=kind,
         s_per_byte=factor * slowest[0].bandwidth_s,
-        latency_s=factor * sum(t.latency_s for t, _ in times),
+        latency_s=latency,
         link=slowest[1],
         group_size=group.size,
+        combine=Combine.SUM if nccl else Combine.MAX,
     )
+
+
+def ring_base_latency_s(mesh: DeviceMesh) -> float:
+    """NCCL's base latency of a ring collective on ``mesh``'s GPUs (0 on a TPU)."""
+    nvlink = mesh.hardware.nvlink
+    if mesh.hardware.kind is HardwareKind.GPU and nvlink is not None:
+        return nvlink.ring_base_latency_s
+    return 0.0
 
 
 def rate(
@@ -345,7 +427,7 @@ def rate(
     key = (kind, frozenset(axes))
     cached = mesh.memo.get(key)
     if cached is None:
-        cached = group_rate(kind, mesh.group(axes))
+        cached = group_rate(kind, mesh.group(axes), base_latency_s=ring_base_latency_s(mesh))
         mesh.memo[key] = cached
     return cached
 
@@ -369,6 +451,7 @@ class CollectiveCost:
     time_s: float
     bound: Bound
     link: str
+    combine: Combine = Combine.MAX  # how bandwidth_s and latency_s made time_s
 
     @property
     def group_bytes(self) -> float:
@@ -379,7 +462,7 @@ class CollectiveCost:
 
 
 def group_bytes(
-    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int
+    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: float
 ) -> float:
     """The book's ``V``: the gathered array (AllGather), the unreduced array (ReduceScatter,
     AllReduce), every chip's buffer together (AllToAll), one chip's buffer (permute)."""
@@ -390,7 +473,7 @@ def group_bytes(
 
 
 def bytes_sent_per_chip(
-    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: int
+    kind: Collective, elements_in_per_chip: int, group_size: int, itemsize: float
 ) -> float:
     """Bytes each chip sends in the ring algorithms the costs assume (the same figures
     XLA's partitioner implies: AllGather (g-1)/g of the result, ReduceScatter (g-1)/g of the
@@ -418,13 +501,28 @@ def elements_out_per_chip(kind: Collective, elements_in_per_chip: int, group_siz
 
 def collective_cost(
     mesh: DeviceMesh,
-    kind: Collective,
-    axes: tuple[str, ...] | list[str],
+    kind: Collective | str,
+    axes: tuple[str, ...] | list[str] | str,
     *,
     elements_in_per_chip: int,
     dtype: str,
 ) -> CollectiveCost:
-    """The cost of ``kind`` over mesh ``axes`` on a buffer of ``elements_in_per_chip``."""
+    """The cost of ``kind`` over mesh ``axes`` on a buffer of ``elements_in_per_chip``.
+
+    ``kind`` may be a ``Collective`` or its name (``"all-reduce"``); ``axes`` a sequence of
+    mesh axis names or one name (``"x"``, ``"x,y"``)."""
+    if not isinstance(mesh, DeviceMesh):
+        raise SpecError(f"collective_cost needs a DeviceMesh, got {shown(mesh)}")
+    kind = parse_collective(kind)
+    if isinstance(axes, str):
+        axes = [a.strip() for a in re.split(r"[,+]", axes) if a.strip()]
+    check_count(
+        elements_in_per_chip,
+        what="elements_in_per_chip",
+        most=MAX_ARRAY_ELEMENTS,
+        least=0,
+        error=SpecError,
+    )
     dtype = canonical_dtype(dtype)
     ordered = mesh.ordered(axes)
     r = rate(mesh, kind, ordered)
@@ -453,4 +551,5 @@ def collective_cost(
         time_s=total,
         bound=Bound.LATENCY if latency > bandwidth else Bound.BANDWIDTH,
         link=r.link if size > 1 else "",
+        combine=r.combine,
     )

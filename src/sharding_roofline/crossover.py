@@ -13,11 +13,13 @@ the weights on v5p); when communication grows at least as fast, there is none.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .collectives import Collective, combine_terms_s
+from .collectives import Collective, Combine, combine_terms_s
+from .dtypes import dtype_bytes
 from .plans import Plan
 
 
@@ -61,6 +63,10 @@ class ScaledTerm(NamedTuple):
     bandwidth_s: float
     latency_s: float
     scales: bool
+    #: the physical dimensions whose links it uses (``DeviceMesh.link_resources``)
+    resources: tuple[int, ...] = ()
+    #: how its two terms make one time (``combine_terms_s``: max on TPU links, NCCL's sum)
+    combine: Combine | None = None
 
 
 def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
@@ -71,16 +77,31 @@ def plan_terms(plan: Plan, dimension: str) -> list[ScaledTerm]:
         if cost is None or cost.group_size == 1:
             continue
         letters = plan.einsum.spec.operand(step.operand)
-        out.append(ScaledTerm(cost.kind, cost.bandwidth_s, cost.latency_s, dimension in letters))
+        out.append(
+            ScaledTerm(
+                cost.kind,
+                cost.bandwidth_s,
+                cost.latency_s,
+                dimension in letters,
+                plan.mesh.link_resources(cost.axes),
+                cost.combine,
+            )
+        )
     return out
 
 
 def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
-    """Communication seconds with the scaled letter ``scale`` times its size now."""
-    return sum(
-        combine_terms_s(t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s)
-        for t in terms
-    )
+    """Communication seconds with the scaled letter ``scale`` times its size now, overlapped
+    as ``Cost.comm_lower_s`` overlaps them: collectives on disjoint links at the same time,
+    those on the same links one after another (the busiest link's total)."""
+    busy: dict[object, float] = {}
+    for t in terms:
+        seconds = combine_terms_s(
+            t.kind, t.bandwidth_s * (scale if t.scales else 1.0), t.latency_s, t.combine
+        )
+        for resource in t.resources or (t.kind,):
+            busy[resource] = busy.get(resource, 0.0) + seconds
+    return max(busy.values(), default=0.0)
 
 
 def terms_regime(terms: Sequence[ScaledTerm], scale: float) -> str:
@@ -190,3 +211,86 @@ def _size_text(size: float) -> str:
     """A size for people: a whole number of elements when it is one (``2550``), else 4
     significant digits."""
     return f"{size:,.0f}" if size >= 100 else f"{size:.4g}"
+
+
+def hbm_crossover(plan: Plan, dimension: str | None = None) -> Crossover:
+    """The size of ``dimension`` at which one chip's local einsum turns compute-bound:
+    matmul time ``FLOPs/C`` equals HBM time ``bytes/W_hbm``, counting both local operands
+    and the local result exactly (roofline.md: ``B > C/W_hbm``, 240 on v5e, for ``B << D, F``).
+
+    FLOPs grow in proportion to the letter; bytes are a constant (the operands without it)
+    plus a part in proportion (those with it), so the solution is closed-form."""
+    letter = dimension or default_dimension(plan)
+    current = plan.einsum.size(letter)
+    einsum = plan.einsum
+    chip = plan.mesh.hardware.chip
+    hbm = chip.hbm_bytes_per_s
+    upper = letter.upper()
+    compute_per_unit = plan.cost.compute_s / current  # seconds per element of the letter
+    fixed = growing = 0.0
+    local = {
+        "lhs": plan.operation.lhs,
+        "rhs": plan.operation.rhs,
+        "out": plan.operation.out,
+    }
+    axis_size = {a.name: a.size for a in plan.mesh.axes}
+    for role, spec in local.items():
+        letters = einsum.spec.operand(role)
+        itemsize = dtype_bytes(einsum.accum_dtype if role == "out" else einsum.dtype)
+        shape = spec.local_shape(einsum.shape(role), axis_size)
+        seconds = itemsize * math.prod(shape) / hbm
+        if letter in letters:
+            growing += seconds / current
+        else:
+            fixed += seconds
+    if compute_per_unit <= growing:
+        return Crossover(
+            dimension=letter,
+            size=None,
+            comm_bound_below=None,
+            current_size=current,
+            note=(
+                f"HBM traffic grows with {upper} at least as fast as compute (every operand has "
+                f"{upper}), so no {upper} makes the local einsum compute-bound"
+            ),
+        )
+    size = fixed / (compute_per_unit - growing)
+    if size < 1:
+        return Crossover(
+            dimension=letter,
+            size=None,
+            comm_bound_below=False,
+            current_size=current,
+            note=f"the local einsum is compute-bound at every {upper} >= 1",
+        )
+    state = "HBM-bound" if current < size else "compute-bound"
+    return Crossover(
+        dimension=letter,
+        size=size,
+        comm_bound_below=True,
+        current_size=current,
+        note=(
+            f"HBM-bound for {upper} < {_size_text(size)}, compute-bound above (one chip's "
+            f"roofline, operands and result counted); at {upper} = {current} it is {state}"
+        ),
+        regime="hbm",
+    )
+
+
+def axis_limit(plan: Plan, axis: str) -> float | None:
+    """The size of mesh ``axis`` at which the collectives over it take as long as the
+    matmul, with everything else held: each chip's matmul shrinks as ``1/size`` (the axis
+    splits a letter at the op), a ring's bandwidth term does not change (``V/W``, the
+    book's model for a TP degree). ``None`` when no collective runs over the axis or it
+    splits no letter."""
+    size = plan.mesh.axis_size(axis)
+    if not any(axis in axes for _, axes in plan.assignment):
+        return None
+    comm = sum(
+        step.cost.time_s
+        for step in plan.collectives
+        if step.cost is not None and axis in step.cost.axes
+    )
+    if comm == 0:
+        return None
+    return plan.cost.compute_s * size / comm

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from .errors import UnknownNameError
 
-#: Bytes per element, by canonical (numpy/JAX) name.
-DTYPE_BYTES: dict[str, int] = {
+#: Bytes per element, by canonical (numpy/JAX) name. Sub-byte types are fractional: fp4 packs
+#: two elements per byte (NVIDIA's NVFP4 tensor cores read it packed), so 0.5. Multiply by an
+#: integer element count and the product is exact (a float with a .0 or .5 fraction).
+DTYPE_BYTES: dict[str, float] = {
     "float64": 8,
     "float32": 4,
     "bfloat16": 2,
     "float16": 2,
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
-    "float4_e2m1fn": 1,  # stored one per byte in JAX; packed formats are not modelled
+    "float4_e2m1fn": 0.5,  # two per byte, packed (JAX stores one per byte on CPU)
     "int32": 4,
     "int8": 1,
 }
@@ -42,6 +44,11 @@ _ALIASES: dict[str, str] = {
 
 def canonical_dtype(name: str) -> str:
     """``canonical_dtype("bf16") == "bfloat16"``; raises with the valid names otherwise."""
+    if not isinstance(name, str):
+        raise UnknownNameError(
+            f"a dtype is a name like 'bfloat16', got {name!r}; expected one of "
+            f"{', '.join(DTYPE_BYTES)}"
+        )
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DTYPE_BYTES:
@@ -52,6 +59,11 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
-def dtype_bytes(name: str) -> int:
-    """Bytes per element of a dtype given by name or alias."""
+def dtype_bytes(name: str) -> float:
+    """Bytes per element of a dtype given by name or alias (0.5 for fp4: fractional-safe)."""
     return DTYPE_BYTES[canonical_dtype(name)]
+
+
+def array_bytes(num_elements: int, name: str) -> float:
+    """Bytes of ``num_elements`` elements of ``name``: ``array_bytes(3, "fp4") == 1.5``."""
+    return num_elements * dtype_bytes(name)

@@ -1,8 +1,13 @@
 """Experiment configs: a TOML file of hardware summaries, collectives and plans to run, and
 the report they produce (``make run`` runs ``configs/demo.toml``).
 
-The config is read as strictly as a hardware preset: an unknown key names the file, the
-table and the valid keys.
+The config is read as strictly as a hardware preset (a regular file of at most 1 MiB in
+UTF-8): an unknown key names the file, the table and the valid keys, and every value is
+checked as the CLI checks it (``top >= 1``, ``0 <= validate <= top``, an ``overlap`` the
+estimator knows, a ``crossover_dim`` that is a letter of the einsum, shapes of whole numbers,
+plan names whose figure files do not collide). Names and labels are printed with control
+characters escaped. Every output path is checked before anything is computed, and files are
+written atomically; an existing file is replaced only with ``force``.
 """
 
 from __future__ import annotations
@@ -14,15 +19,31 @@ from pathlib import Path
 from typing import Any
 
 from .collectives import collective_cost, parse_collective
-from .einsum import Einsum
-from .errors import ConfigError
+from .einsum import Einsum, EinsumSpec
+from .errors import ConfigError, ShardingRooflineError
 from .estimate import Overlap
+from .files import (
+    check_output_dir,
+    check_output_path,
+    read_config_text,
+    slug,
+    write_text_atomic,
+)
 from .mesh import DeviceMesh
 from .planner import Planner
 from .presets import build_dataclass, load_preset
 from .report import collective_dict, format_hardware_list, format_ranking, ranking_dict, table
-from .sharding import ShardingSpec
+from .sharding import ShardingSpec, parse_array_shape
 from .units import format_bytes, format_seconds
+
+#: The most strategies a plan job may list (``top``).
+MAX_TOP = 1000
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``), so a
+    name from a config cannot move the cursor or clear the terminal when printed."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +60,11 @@ class CollectiveJob:
     num_slices: int = 1
     spec: str = ""
     dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", printable(self.label))
+        parse_collective(self.op)
+        parse_array_shape(self.shape, what="shape")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,11 +88,41 @@ class PlanJob:
     crossover_dim: str = ""
     validate: int = 0  # how many of the top strategies to check against XLA (0: none)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", printable(self.name))
+        where = f"plan {self.name!r}"
+        if not self.name.strip():
+            raise ConfigError(f"{where}: name is empty; give each plan a name")
+        if not 1 <= self.top <= MAX_TOP:
+            raise ConfigError(
+                f"{where}: top = {self.top}, but a plan lists 1 to {MAX_TOP} strategies; "
+                "write e.g. top = 5"
+            )
+        if not 0 <= self.validate <= self.top:
+            raise ConfigError(
+                f"{where}: validate = {self.validate}, but it counts strategies of the top "
+                f"{self.top} to check against XLA: 0 (none) to {self.top}"
+            )
+        overlaps = [o.value for o in Overlap]
+        if self.overlap not in overlaps:
+            raise ConfigError(
+                f"{where}: overlap = {self.overlap!r} is not one of {', '.join(overlaps)} "
+                "(full: compute and communication overlap; none: they add)"
+            )
+        spec = EinsumSpec.parse(self.einsum)
+        if self.crossover_dim and self.crossover_dim.lower() not in spec.letters:
+            raise ConfigError(
+                f"{where}: crossover_dim = {self.crossover_dim!r} is not a letter of "
+                f"{self.einsum!r}; use one of {', '.join(spec.letters)}"
+            )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Experiment:
     title: str = ""
     figures: bool = True
+    #: also draw ``plot.chip_comparison`` (a fixed problem on four chips, not this config's)
+    chip_comparison: bool = False
     hardware: tuple[str, ...] = ()
     collective: tuple[CollectiveJob, ...] = ()
     plan: tuple[PlanJob, ...] = ()
@@ -74,13 +130,28 @@ class Experiment:
 
 def load_experiment(path: str | Path) -> Experiment:
     file = Path(path)
+    text = read_config_text(file, what="experiment config")
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment config {str(file)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise ConfigError(f"{file.name}: not valid TOML: {exc}") from None
-    return build_dataclass(Experiment, data, filename=file.name, table="")
+    experiment = build_dataclass(Experiment, data, filename=file.name, table="")
+    object.__setattr__(experiment, "title", printable(experiment.title))
+    slugs: dict[str, str] = {}
+    for job in experiment.plan:
+        slug = figure_slug(job.name)
+        if slug in slugs:
+            raise ConfigError(
+                f"{file.name}: plans {slugs[slug]!r} and {job.name!r} would write the same "
+                f"figure files ({slug}_*.png); give them names that differ in letters or digits"
+            )
+        slugs[slug] = job.name
+    return experiment
+
+
+def figure_slug(name: str) -> str:
+    """The file-name stem of a plan's figures (``"TPU v5e 4x4" -> "tpu-v5e-4x4"``)."""
+    return slug(name)
 
 
 def _mesh(job: CollectiveJob | PlanJob) -> DeviceMesh:
@@ -91,14 +162,14 @@ def _mesh(job: CollectiveJob | PlanJob) -> DeviceMesh:
 
 def run_collective(job: CollectiveJob) -> dict[str, Any]:
     mesh = _mesh(job)
-    shape = tuple(int(s) for s in job.shape.split(","))
+    shape = parse_array_shape(job.shape, what="shape")
     spec = ShardingSpec.parse(job.spec or None, rank=len(shape))
     axis_size = {a.name: a.size for a in mesh.axes}
     spec.check(shape=shape, axis_size=axis_size, what="A")
     elements = 1
     for size in spec.local_shape(shape, axis_size):
         elements *= size
-    axes = tuple(a.strip() for a in job.axes.split(","))
+    axes = tuple(a.strip() for a in job.axes.split(",") if a.strip())
     cost = collective_cost(
         mesh, parse_collective(job.op), axes, elements_in_per_chip=elements, dtype=job.dtype
     )
@@ -137,11 +208,27 @@ def _validate(jobs: list[tuple[PlanJob, tuple[Any, ...]]], results: dict[str, An
     return "\n\n".join(parts)
 
 
-def run_config(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Run every job of the config, print the report, and write it to ``out_dir``."""
+def _output_files(experiment: Experiment) -> list[str]:
+    """Every file ``run_config`` may write for ``experiment`` (names only)."""
+    files = ["report.md", "results.json"]
+    if experiment.figures and experiment.plan:
+        from .plot.demo import demo_figure_names  # noqa: PLC0415 (matplotlib when drawing)
+
+        names = [job.name for job in experiment.plan]
+        files += demo_figure_names(names, chips=experiment.chip_comparison)
+    return files
+
+
+def run_config(path: str | Path, out_dir: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Run every job of the config, print the report, and write it to ``out_dir``.
+
+    Every output path is checked first (a file in place of ``out_dir``, an existing file
+    without ``force``), so a bad path costs nothing; the directory is created only then."""
     experiment = load_experiment(path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, force=force)
+    if out.is_dir():
+        for name in _output_files(experiment):
+            check_output_path(out / name, force=force)
     sections: list[str] = []
     results: dict[str, Any] = {"title": experiment.title, "collectives": [], "plans": []}
     if experiment.title:
@@ -170,8 +257,13 @@ def run_config(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     for plan_job in experiment.plan:
         ranking = run_plan(plan_job)
         rankings[plan_job.name] = ranking
-        results["plans"].append({"name": plan_job.name, **ranking_dict(ranking)})
-        sections.append(f"## Plan: {plan_job.name}\n\n" + format_ranking(ranking))
+        cross = plan_job.crossover_dim.lower() or None
+        results["plans"].append(
+            {"name": plan_job.name, **ranking_dict(ranking, crossover_dim=cross)}
+        )
+        sections.append(
+            f"## Plan: {plan_job.name}\n\n" + format_ranking(ranking, crossover_dim=cross)
+        )
     to_validate = [
         (job, rankings[job.name].strategies[: job.validate])
         for job in experiment.plan
@@ -179,15 +271,23 @@ def run_config(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     ]
     if to_validate:
         sections.append(_validate(to_validate, results))
+    out.mkdir(exist_ok=True)
     if experiment.figures and rankings:
         from .plot import save_demo_figures  # noqa: PLC0415 (matplotlib only when drawing)
 
-        figures = save_demo_figures(rankings, out)
+        figures = save_demo_figures(rankings, out, chips=experiment.chip_comparison, force=force)
         results["figures"] = [str(path) for path in figures]
         sections.append("## Figures\n\n" + "\n".join(f"- {path}" for path in figures))
     text = "\n\n".join(sections) + "\n"
     print(text)
-    (out / "report.md").write_text(text, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    try:
+        results_text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise ShardingRooflineError(
+            "the results hold a non-finite number, which JSON cannot represent; check the "
+            "hardware numbers of the config"
+        ) from None
+    write_text_atomic(check_output_path(out / "report.md", force=force), text)
+    write_text_atomic(check_output_path(out / "results.json", force=force), results_text)
     print(f"wrote {out / 'report.md'} and {out / 'results.json'}")
     return results

@@ -15,12 +15,13 @@ leaf and spine levels of a GPU fat tree, or the data-center network (DCN) betwee
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from . import limits
 from .dtypes import canonical_dtype
 from .errors import ConfigError, UnknownNameError
+from .limits import check_count, check_number
 
 
 class FrozenMap(Mapping[str, float]):
@@ -58,6 +59,8 @@ class FrozenMap(Mapping[str, float]):
 
 
 def _sourced(owner: str, source: str) -> None:
+    if not isinstance(source, str):
+        raise ConfigError(f"{owner}: source must be text, got {source!r}")
     if not source.strip():
         raise ConfigError(f"{owner}: source is empty; say where the numbers come from")
 
@@ -80,38 +83,94 @@ class Wraparound(enum.Enum):
     NEVER = "never"
 
 
-def _positive(owner: str, name: str, value: float) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{owner}: {name} must be a positive finite number, got {value!r}")
+def _bandwidth(owner: str, name: str, value: float) -> None:
+    check_number(
+        value,
+        what=f"{owner}: {name}",
+        bounds=limits.BANDWIDTH_BYTES_PER_S,
+        unit="bytes/s",
+        example="4.5e10 for 45 GB/s",
+        error=ConfigError,
+    )
+
+
+def _rate(owner: str, name: str, value: float) -> None:
+    check_number(
+        value,
+        what=f"{owner}: {name}",
+        bounds=limits.FLOPS_PER_S,
+        unit="FLOPs/s",
+        example="1.97e14 for 197 TFLOP/s",
+        error=ConfigError,
+    )
+
+
+def _latency(owner: str, name: str, value: float) -> None:
+    check_number(
+        value,
+        what=f"{owner}: {name}",
+        bounds=limits.LATENCY_S,
+        unit="s",
+        example="1e-6 for 1 us",
+        error=ConfigError,
+    )
+
+
+def _count(owner: str, name: str, value: int, most: int, least: int = 1) -> None:
+    check_count(value, what=f"{owner}: {name}", most=most, least=least, error=ConfigError)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChipSpec:
-    """One accelerator chip: peak matmul rate per dtype and its HBM."""
+    """One accelerator chip: peak matmul rate per dtype and its HBM.
+
+    ``peak_flops_per_s[dtype]`` is the dense rate of a matmul with inputs of ``dtype`` *as XLA
+    lowers it by default*. For ``float32`` on NVIDIA H100/H200/B200/GB200 that is the TF32
+    tensor-core rate: JAX's default matmul precision computes float32 dots in TF32 on recent
+    GPUs (docs.jax.dev, "Matmul precision"), bf16 passes on TPU. ``vector_flops_per_s[dtype]``
+    is the rate of element-wise and reduction work outside the matrix units (CUDA-core FP32 on
+    a GPU, which is also what a ``precision=HIGHEST`` float32 matmul runs at); optional, and
+    listed only where the vendor publishes it.
+    """
 
     name: str
     peak_flops_per_s: FrozenMap
     hbm_bytes_per_s: float
     hbm_capacity_bytes: float
     source: str
+    vector_flops_per_s: FrozenMap = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
-        given: Mapping[str, float] = self.peak_flops_per_s
-        if not isinstance(given, FrozenMap):  # built in code from a dict: keep specs hashable
-            object.__setattr__(self, "peak_flops_per_s", FrozenMap(given))
+        if not isinstance(self.name, str):
+            raise ConfigError(f"chip name must be text, got {self.name!r}")
+        for table in ("peak_flops_per_s", "vector_flops_per_s"):
+            given: Mapping[str, float] = getattr(self, table)
+            if not isinstance(given, Mapping):
+                raise ConfigError(
+                    f"chip {self.name!r}: {table} must map dtype names to FLOPs/s (e.g. "
+                    f"{{'bfloat16': 1.97e14}}), got {given!r}"
+                )
+            if not isinstance(given, FrozenMap):  # built in code from a dict: keep it hashable
+                object.__setattr__(self, table, FrozenMap(given))
+            for dtype, rate in getattr(self, table).items():
+                if canonical_dtype(dtype) != dtype:
+                    raise ConfigError(
+                        f"chip {self.name!r}: {table} key {dtype!r} is an alias; "
+                        f"write {canonical_dtype(dtype)!r}"
+                    )
+                _rate(f"chip {self.name!r}", f"{table}.{dtype}", rate)
         if not self.peak_flops_per_s:
             raise ConfigError(f"chip {self.name!r}: peak_flops_per_s lists no dtype")
-        for dtype, rate in self.peak_flops_per_s.items():
-            if canonical_dtype(dtype) != dtype:
-                raise ConfigError(
-                    f"chip {self.name!r}: peak_flops_per_s key {dtype!r} is an alias; "
-                    f"write {canonical_dtype(dtype)!r}"
-                )
-            _positive(f"chip {self.name!r}", f"peak_flops_per_s.{dtype}", rate)
         _sourced(f"chip {self.name!r}", self.source)
-        _positive(f"chip {self.name!r}", "hbm_bytes_per_s", self.hbm_bytes_per_s)
-        _positive(f"chip {self.name!r}", "hbm_capacity_bytes", self.hbm_capacity_bytes)
+        _bandwidth(f"chip {self.name!r}", "hbm_bytes_per_s", self.hbm_bytes_per_s)
+        check_number(
+            self.hbm_capacity_bytes,
+            what=f"chip {self.name!r}: hbm_capacity_bytes",
+            bounds=limits.CAPACITY_BYTES,
+            unit="bytes",
+            example="17179869184 for 16 GiB",
+            error=ConfigError,
+        )
 
     def peak_flops_per_s_for(self, dtype: str) -> float:
         """Peak dense matmul FLOPs/s for ``dtype``; a clear error if the chip lacks it."""
@@ -141,20 +200,31 @@ class IciSpec:
     hop_latency_s: float
     source: str
     cube_edge: int = 4
+    #: Slices built of whole cubes (TPU7x): a slice larger than one cube has every axis a
+    #: multiple of ``cube_edge`` and at most this many cubes; ``max_shape`` then only names
+    #: the pod. 0: any slice that fits inside ``max_shape`` (v5e, v6e, v4, v5p).
+    max_cubes: int = 0
 
     def __post_init__(self) -> None:
-        _positive("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
-        _positive("[ici]", "hop_latency_s", self.hop_latency_s)
+        if not isinstance(self.wraparound, Wraparound):
+            raise ConfigError(f"[ici]: wraparound must be a Wraparound, got {self.wraparound!r}")
+        if not isinstance(self.max_shape, tuple):
+            raise ConfigError(f"[ici]: max_shape must be a tuple of sizes, got {self.max_shape!r}")
+        _count("[ici]", "num_torus_dims", self.num_torus_dims, most=3)
+        _bandwidth("[ici]", "link_bytes_per_s_per_direction", self.link_bytes_per_s_per_direction)
+        _latency("[ici]", "hop_latency_s", self.hop_latency_s)
         _sourced("[ici]", self.source)
         if self.num_torus_dims not in (1, 2, 3):
             raise ConfigError(f"[ici]: num_torus_dims must be 1, 2 or 3, got {self.num_torus_dims}")
-        if len(self.max_shape) != self.num_torus_dims or min(self.max_shape) < 1:
+        if len(self.max_shape) != self.num_torus_dims:
             raise ConfigError(
                 f"[ici]: max_shape {list(self.max_shape)} must list {self.num_torus_dims} "
                 "positive sizes, one per torus dimension"
             )
-        if self.cube_edge < 1:
-            raise ConfigError(f"[ici]: cube_edge must be >= 1, got {self.cube_edge}")
+        for size in self.max_shape:
+            _count("[ici]", "max_shape entry", size, most=2**16)
+        _count("[ici]", "cube_edge", self.cube_edge, most=64)
+        _count("[ici]", "max_cubes", self.max_cubes, most=2**20, least=0)
 
     @property
     def links_per_chip(self) -> int:
@@ -197,16 +267,20 @@ class NvlinkSpec:
 
     gpus_per_domain: int
     bytes_per_s_per_gpu_per_direction: float
-    latency_s: float
+    latency_s: float  # per ring step over NVLink (NCCL hwLatencies[NVLINK][RING][SIMPLE])
     source: str
+    #: NCCL's fixed latency of one ring collective (baseLatencies[RING][SIMPLE]), paid once
+    #: per AllGather/ReduceScatter/AllReduce on top of the per-step latencies; 0: none.
+    ring_base_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.gpus_per_domain < 1:
-            raise ConfigError(f"[nvlink]: gpus_per_domain must be >= 1, got {self.gpus_per_domain}")
-        _positive(
+        _count("[nvlink]", "gpus_per_domain", self.gpus_per_domain, most=2**16)
+        _bandwidth(
             "[nvlink]", "bytes_per_s_per_gpu_per_direction", self.bytes_per_s_per_gpu_per_direction
         )
-        _positive("[nvlink]", "latency_s", self.latency_s)
+        _latency("[nvlink]", "latency_s", self.latency_s)
+        if self.ring_base_latency_s != 0:
+            _latency("[nvlink]", "ring_base_latency_s (0: none)", self.ring_base_latency_s)
         _sourced("[nvlink]", self.source)
 
 
@@ -230,18 +304,17 @@ class ScaleOutLevel:
 
     def __post_init__(self) -> None:
         owner = f"[[scale_out]] {self.name!r}"
-        if self.children < 0:
-            raise ConfigError(
-                f"{owner}: children must be >= 0 (0 = unbounded), got {self.children}"
-            )
+        if not isinstance(self.link, LinkKind):
+            raise ConfigError(f"{owner}: link must be a LinkKind, got {self.link!r}")
+        _count(owner, "children (0 = unbounded)", self.children, most=2**20, least=0)
         if self.link not in (LinkKind.INFINIBAND, LinkKind.DCN):
             raise ConfigError(
                 f"{owner}: link must be 'infiniband' or 'dcn', got {self.link.value!r}"
             )
-        _positive(
+        _bandwidth(
             owner, "bytes_per_s_per_chip_per_direction", self.bytes_per_s_per_chip_per_direction
         )
-        _positive(owner, "latency_s", self.latency_s)
+        _latency(owner, "latency_s", self.latency_s)
         _sourced(owner, self.source)
 
 
@@ -266,6 +339,16 @@ class HardwareSpec:
 
     def __post_init__(self) -> None:
         where = self.path or self.name
+        if not isinstance(self.kind, HardwareKind):
+            raise ConfigError(f"{where}: kind must be 'tpu' or 'gpu', got {self.kind!r}")
+        if not isinstance(self.chip, ChipSpec):
+            raise ConfigError(f"{where}: chip must be a ChipSpec, got {self.chip!r}")
+        if not isinstance(self.scale_out, tuple) or not all(
+            isinstance(level, ScaleOutLevel) for level in self.scale_out
+        ):
+            raise ConfigError(
+                f"{where}: scale_out must be a tuple of ScaleOutLevel, got {self.scale_out!r}"
+            )
         if self.kind is HardwareKind.TPU and (self.ici is None or self.nvlink is not None):
             raise ConfigError(f"{where}: a TPU preset needs an [ici] table and no [nvlink]")
         if self.kind is HardwareKind.GPU and (self.nvlink is None or self.ici is not None):

@@ -23,13 +23,43 @@ from typing import Any
 
 from .errors import TopologyError, UnknownNameError
 from .hardware import HardwareSpec
+from .limits import MAX_MESH_AXES, check_count, parse_count, shown
 from .topology import Tier, Topology, default_shape, format_shape
+
+#: Spellings a PartitionSpec entry reads as "replicated" (compared in lower case): a mesh
+#: axis with one of these names could never be used in a spec, so none may name one.
+REPLICATED_NAMES = frozenset({"none", "", "_", "-"})
+
+#: The largest size of one mesh axis (a physical topology bounds the product anyway).
+MAX_AXIS_SIZE = 2**20
+
+
+def check_axis_name(name: object, where: str) -> str:
+    """``name`` if it can name a mesh axis: an identifier that no PartitionSpec reads as
+    replicated (``None``, ``none``, ``_``)."""
+    if not isinstance(name, str) or not _AXIS.match(name):
+        raise TopologyError(
+            f"{where}: {name!r} cannot name a mesh axis; use an identifier like x or data"
+        )
+    if name.lower() in REPLICATED_NAMES:
+        raise TopologyError(
+            f"{where}: {name!r} cannot name a mesh axis, because a PartitionSpec reads it as "
+            "'replicated' (so a split over it would be silently dropped); use another name, "
+            "e.g. x or data"
+        )
+    return name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeshAxis:
     name: str
     size: int
+
+    def __post_init__(self) -> None:
+        check_axis_name(self.name, "mesh")
+        check_count(
+            self.size, what=f"mesh axis {self.name!r} size", most=MAX_AXIS_SIZE, error=TopologyError
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,24 +101,29 @@ class AxisGroup:
 
 
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE = re.compile(r"^[0-9]+$")
 
 
 def parse_mesh_axes(text: str) -> tuple[MeshAxis, ...]:
     """``"x=4,y=4" -> (MeshAxis(x, 4), MeshAxis(y, 4))``."""
+    if not isinstance(text, str):
+        raise TopologyError(f"a mesh is text like 'x=4,y=4', got {shown(text)}")
     axes: list[MeshAxis] = []
     for part in text.split(","):
         name, eq, size = part.partition("=")
         name, size = name.strip(), size.strip()
-        if not eq or not _AXIS.match(name) or not size.isdigit() or int(size) < 1:
+        if not eq or not _AXIS.match(name) or not _SIZE.match(size):
             raise TopologyError(
                 f"mesh {text!r}: {part.strip()!r} is not NAME=SIZE; write named axes like "
                 "x=4,y=4 or data=8,model=4 (names are identifiers, sizes positive integers)"
             )
-        if name == "None":
-            raise TopologyError(f"mesh {text!r}: 'None' cannot name an axis (it means replicated)")
+        check_axis_name(name, f"mesh {text!r}")
         if any(axis.name == name for axis in axes):
             raise TopologyError(f"mesh {text!r}: axis {name!r} is named twice")
-        axes.append(MeshAxis(name=name, size=int(size)))
+        count = parse_count(
+            size, what=f"mesh {text!r}: size of {name!r}", most=MAX_AXIS_SIZE, error=TopologyError
+        )
+        axes.append(MeshAxis(name=name, size=count))
     return tuple(axes)
 
 
@@ -109,8 +144,29 @@ class DeviceMesh:
     memo: dict[Any, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.topology, Topology):
+            raise TopologyError(f"DeviceMesh needs a Topology, got {shown(self.topology)}")
+        if not isinstance(self.axes, tuple) or not all(
+            isinstance(axis, MeshAxis) for axis in self.axes
+        ):
+            raise TopologyError(
+                f"DeviceMesh axes must be a tuple of MeshAxis, got {shown(self.axes)}; use "
+                "DeviceMesh.create(hardware, 'x=4,y=4')"
+            )
         if not self.axes:
             raise TopologyError("a mesh needs at least one axis, e.g. x=8")
+        names = [axis.name for axis in self.axes]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise TopologyError(f"mesh {self.spec_text}: axis {repeated[0]!r} is named twice")
+        active = [axis.name for axis in self.axes if axis.size > 1]
+        if len(active) > MAX_MESH_AXES:
+            raise TopologyError(
+                f"mesh {self.spec_text} has {len(active)} axes of size > 1, more than the "
+                f"{MAX_MESH_AXES} we plan over: the planner tries every assignment of axes to "
+                "letters, (letters + 1) ** axes of them (8 axes: minutes and gigabytes). Merge "
+                "axes that shard together into one (x=2,y=2 -> x=4), or drop size-1 axes"
+            )
         total = math.prod(axis.size for axis in self.axes)
         if total != self.topology.num_devices:
             raise TopologyError(
@@ -131,10 +187,23 @@ class DeviceMesh:
     ) -> DeviceMesh:
         """``DeviceMesh.create(load_preset("tpu-v5e"), "x=4,y=4", "4x4")``. Without a
         topology, the mesh shape is the slice shape (TPU) or NODESxGPUS (GPU)."""
+        if not isinstance(hardware, HardwareSpec):
+            raise TopologyError(
+                f"DeviceMesh.create needs a HardwareSpec (load_preset('tpu-v5e')), got "
+                f"{shown(hardware)}"
+            )
         if isinstance(mesh, str):
             axes = parse_mesh_axes(mesh)
+        elif isinstance(mesh, Iterable):
+            pairs = list(mesh)
+            if not all(isinstance(pair, tuple) and len(pair) == 2 for pair in pairs):
+                raise TopologyError(
+                    f"mesh axes must be (name, size) pairs or text like 'x=4,y=4', got "
+                    f"{shown(pairs)}"
+                )
+            axes = tuple(MeshAxis(name=name, size=size) for name, size in pairs)
         else:
-            axes = tuple(MeshAxis(name=name, size=int(size)) for name, size in mesh)
+            raise TopologyError(f"a mesh is text like 'x=4,y=4', got {shown(mesh)}")
         if topology is None:
             shape = tuple(axis.size for axis in axes)
             if num_slices > 1:
@@ -194,11 +263,25 @@ class DeviceMesh:
 
     def ordered(self, axes: Iterable[str]) -> tuple[str, ...]:
         """``axes`` in mesh order (major to minor), checked to exist."""
+        if isinstance(axes, str) or not all(isinstance(a, str) for a in axes):
+            raise TopologyError(
+                f"mesh axes must be given as a sequence of names like ('x', 'y'), got {shown(axes)}"
+            )
         wanted = set(axes)
         for name in wanted:
             if name not in self.axis_names:
                 raise self.unknown_axis(name)
         return tuple(name for name in self.axis_names if name in wanted)
+
+    def link_resources(self, axes: Iterable[str]) -> tuple[int, ...]:
+        """The physical dimensions a collective over ``axes`` uses the links of (two
+        collectives that share none can run at the same time)."""
+        key = ("resources", frozenset(axes))
+        cached = self.memo.get(key)
+        if cached is None:
+            cached = tuple(sorted({f.dim for a in key[1] for f in self.factors(a)}))
+            self.memo[key] = cached
+        return cached
 
     def describe_axis(self, name: str) -> str:
         """``y=4 over ici_y (ring of 4)`` / ``x=4 over leaf (4 nodes)``."""

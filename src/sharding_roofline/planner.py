@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -49,7 +49,7 @@ from .einsum import Einsum
 from .errors import PlanError, SpecError
 from .estimate import CommTerm, Cost, Overlap, local_cost
 from .mesh import DeviceMesh
-from .plans import NAMES, ROLES, Plan, Ranking, Rejected, Step
+from .plans import ROLES, Plan, Ranking, Rejected, Step
 from .reshard import Dims, RawStep, reshard_path
 from .sharding import ShardedOperation, ShardingSpec
 from .units import format_bytes
@@ -62,9 +62,20 @@ class _Path:
     steps: tuple[RawStep, ...]
     time_s: float
     bytes_sent: float
+    #: seconds per physical dimension whose links the path's collectives use
+    busy: tuple[tuple[int, float], ...] = ()
 
 
 _EMPTY = _Path((), 0.0, 0.0)
+
+
+def _comm_lower_s(*paths: _Path) -> float:
+    """The busiest link's seconds over the paths (``Cost.comm_lower_s`` of the plan)."""
+    busy: dict[int, float] = {}
+    for path in paths:
+        for resource, seconds in path.busy:
+            busy[resource] = busy.get(resource, 0.0) + seconds
+    return max(busy.values()) if busy else 0.0
 
 
 @dataclass(slots=True)
@@ -75,10 +86,11 @@ class _Context:
     mesh: DeviceMesh
     overlap: Overlap
     fixed: dict[str, Dims]
+    idle_axes: bool = True
     axis_size: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     letters: dict[str, str] = field(default_factory=dict)
-    itemsize: dict[str, int] = field(default_factory=dict)
+    itemsize: dict[str, float] = field(default_factory=dict)
     peak_flops_per_s: float = 0.0
     hbm_bytes_per_s: float = 0.0
     hbm_capacity_bytes: float = 0.0
@@ -149,7 +161,7 @@ class _Context:
             self._paths[key] = _EMPTY
             return _EMPTY
         plain = self._cost_path(role, reshard_path(src, dst, unreduced, self.mesh_order))
-        if not any(step[0] is Collective.ALL_GATHER for step in plain.steps):
+        if not self.idle_axes or not any(step[0] is Collective.ALL_GATHER for step in plain.steps):
             self._paths[key] = plain  # idle axes only ever join an all-gather
             return plain
         # Only divisibility by products of axis sizes matters to the path, so key the cache by
@@ -165,8 +177,11 @@ class _Context:
         return best
 
     def _cost_path(self, role: str, steps: tuple[RawStep, ...]) -> _Path:
+        # a step over axes of size 1 moves nothing (and must not count as a resharded copy)
+        steps = tuple(step for step in steps if self.pieces(step[1]) > 1)
         time_s = 0.0
         sent = 0.0
+        busy: dict[int, float] = {}
         itemsize = self.itemsize[role]
         for kind, axes, before, _after, _ub, _ua in steps:
             if kind is None:
@@ -180,9 +195,12 @@ class _Context:
             if r.group_size == 1:
                 continue
             elements = self.elements(role, before)
-            time_s += r.time_s(group_bytes(kind, elements, r.group_size, itemsize))
+            seconds = r.time_s(group_bytes(kind, elements, r.group_size, itemsize))
+            time_s += seconds
             sent += bytes_sent_per_chip(kind, elements, r.group_size, itemsize)
-        return _Path(steps, time_s, sent)
+            for resource in self.mesh.link_resources(axes):
+                busy[resource] = busy.get(resource, 0.0) + seconds
+        return _Path(steps, time_s, sent, tuple(busy.items()))
 
 
 class _Candidate(NamedTuple):
@@ -192,7 +210,77 @@ class _Candidate(NamedTuple):
     key: tuple[Any, ...]
     sigma: tuple[tuple[str, ...], ...]
     out: Dims
-    memory_bytes: int
+    memory_bytes: float
+
+
+def _outside(allowed: tuple[str, ...], *paths: _Path) -> tuple[str, ...]:
+    """The axes of the paths' collectives that ``allowed`` does not list."""
+    bad: dict[str, None] = {}
+    for path in paths:
+        for kind, axes, *_ in path.steps:
+            if kind is not None:
+                for axis in axes:
+                    if axis not in allowed:
+                        bad.setdefault(axis)
+    return tuple(bad)
+
+
+def _allowed_axes(axes: Iterable[str] | str, mesh: DeviceMesh) -> tuple[str, ...]:
+    names = [a.strip() for a in (axes.split(",") if isinstance(axes, str) else axes)]
+    names = [a for a in names if a and a != "None"]
+    return mesh.ordered(names)
+
+
+def parse_at_op(
+    at_op: Mapping[str, Any] | str | None, einsum: Einsum, mesh: DeviceMesh
+) -> dict[str, tuple[str, ...]]:
+    """``"b=x,d=None,f=y+z"`` (or a mapping) -> ``{"b": ("x",), "d": (), "f": ("y", "z")}``,
+    checked against the einsum's letters, the mesh's axes and divisibility."""
+    if at_op is None:
+        return {}
+    items: list[tuple[str, str]] = []
+    if isinstance(at_op, str):
+        for part in at_op.split(","):
+            letter, eq, value = part.partition("=")
+            if not eq:
+                raise SpecError(
+                    f"--at-op {at_op!r}: {part.strip()!r} is not LETTER=AXES; write e.g. "
+                    "b=x,d=None,f=y (None: not split at the op)"
+                )
+            items.append((letter.strip().lower(), value.strip()))
+    else:
+        for letter, value in at_op.items():
+            text = value if isinstance(value, str) else "+".join(value)
+            items.append((letter, text))
+    letters = einsum.spec.letters
+    pins: dict[str, tuple[str, ...]] = {}
+    used: dict[str, str] = {}
+    for letter, value in items:
+        if letter not in letters:
+            raise SpecError(
+                f"--at-op: {letter!r} is not a letter of {einsum.spec.equation!r} (letters: "
+                f"{', '.join(letters)})"
+            )
+        if letter in pins:
+            raise SpecError(f"--at-op: letter {letter!r} is given twice")
+        group = tuple(a.strip() for a in value.replace("(", "").replace(")", "").split("+"))
+        group = tuple(a for a in group if a and a not in ("None", "none", "-"))
+        for axis in group:
+            mesh.axis_size(axis)  # a clear error for an unknown axis
+            if axis in used:
+                raise SpecError(
+                    f"--at-op: mesh axis {axis!r} splits both {used[axis]!r} and {letter!r}; a "
+                    "mesh axis splits at most one letter at the op"
+                )
+            used[axis] = letter
+        pieces = math.prod(mesh.axis_size(a) for a in group)
+        if einsum.size(letter) % pieces:
+            raise SpecError(
+                f"--at-op: {letter.upper()} (size {einsum.size(letter)}) does not divide over "
+                f"{'+'.join(group)} ({pieces} pieces); pad it or split it over fewer axes"
+            )
+        pins[letter] = group
+    return pins
 
 
 def _sigma_dims(sigma: Mapping[str, tuple[str, ...]], letters: str) -> Dims:
@@ -212,11 +300,20 @@ class Planner:
         out: Any = None,
         overlap: Overlap = Overlap.FULL,
         check_memory: bool = True,
+        at_op: Mapping[str, Any] | str | None = None,
+        idle_axes: bool = True,
+        axes: Iterable[str] | str | None = None,
     ) -> None:
+        """``at_op`` pins letters' layouts at the op (``"b=x,d=None,f=y"``: the strategy
+        σ itself, for the book's textbook comparisons); ``idle_axes=False`` forbids widening
+        gathers over idle replicated axes; ``axes`` lists the only mesh axes collectives may
+        run over (``"x"``: everything else is rejected, with the reason)."""
         self.einsum = einsum
         self.mesh = mesh
         self.overlap = overlap
         self.check_memory = check_memory
+        self.pins = parse_at_op(at_op, einsum, mesh)
+        self.allowed = None if axes is None else _allowed_axes(axes, mesh)
         spec = einsum.spec
         axis_size = {axis.name: axis.size for axis in mesh.axes}
         fixed: dict[str, Dims] = {}
@@ -235,11 +332,16 @@ class Planner:
                     "entry per dimension (None for a replicated one)"
                 )
             sharding.check(
-                shape=einsum.shape(role), axis_size=axis_size, what=NAMES[role], letters=letters
+                shape=einsum.shape(role),
+                axis_size=axis_size,
+                what=einsum.name(role),
+                letters=letters,
             )
             fixed[role] = sharding.dims
         self.fixed = fixed
-        self.ctx = _Context(einsum=einsum, mesh=mesh, overlap=overlap, fixed=fixed)
+        self.ctx = _Context(
+            einsum=einsum, mesh=mesh, overlap=overlap, fixed=fixed, idle_axes=idle_axes
+        )
         self.letters = spec.letters
         self.summed = set(spec.summed)
 
@@ -248,7 +350,8 @@ class Planner:
     def assignments(self) -> Iterator[dict[str, tuple[str, ...]]]:
         """Every σ: each mesh axis of size > 1 to one letter or to none. Within a letter,
         axes go in mesh order, unless a fixed layout splits that letter over exactly the same
-        axes in another order (then that order, so no resharding is needed)."""
+        axes in another order (then that order, so no resharding is needed). Pinned letters
+        (``at_op``) keep their axes, which no other letter takes."""
         axes = [axis.name for axis in self.mesh.axes if axis.size > 1]
         choices: tuple[str | None, ...] = (*self.letters, None)
         preferred: dict[str, dict[frozenset[str], tuple[str, ...]]] = {}
@@ -256,11 +359,18 @@ class Planner:
             for letter, group in zip(self.einsum.spec.operand(role), dims, strict=True):
                 if group:
                     preferred.setdefault(letter, {}).setdefault(frozenset(group), group)
-        for targets in itertools.product(choices, repeat=len(axes)):
+        pinned_axes = {a for group in self.pins.values() for a in group}
+        free = [a for a in axes if a not in pinned_axes]
+        free_choices = tuple(c for c in choices if c not in self.pins)
+        for free_targets in itertools.product(free_choices, repeat=len(free)):
+            chosen = dict(zip(free, free_targets, strict=True))
             sigma: dict[str, list[str]] = {letter: [] for letter in self.letters}
-            for axis, target in zip(axes, targets, strict=True):
+            for axis in axes:
+                target = chosen.get(axis)
                 if target is not None:
                     sigma[target].append(axis)
+            for letter, group in self.pins.items():
+                sigma[letter] = list(group)
             if not preferred:
                 yield {letter: tuple(group) for letter, group in sigma.items()}
                 continue
@@ -298,7 +408,7 @@ class Planner:
         rhs_op = _sigma_dims(sigma, spec.rhs)
         local = _sigma_dims(sigma, spec.out)
         unreduced = tuple(axis for axis in ctx.mesh_order for c in self.summed if axis in sigma[c])
-        flops = 2
+        local_sizes: dict[str, int] = {}
         for letter, axes in sigma.items():
             pieces = ctx.pieces(axes)
             if ctx.sizes[letter] % pieces:
@@ -310,7 +420,8 @@ class Planner:
                     ),
                 )
                 return
-            flops *= ctx.sizes[letter] // pieces
+            local_sizes[letter] = ctx.sizes[letter] // pieces
+        flops = spec.flops(local_sizes)
         stored_lhs = self.fixed.get("lhs", lhs_op)
         stored_rhs = self.fixed.get("rhs", rhs_op)
         pre_l = ctx.path("lhs", stored_lhs, lhs_op) if stored_lhs != lhs_op else _EMPTY
@@ -338,6 +449,17 @@ class Planner:
                 else ctx.path("out", local, target, unreduced)
             )
             comm_s = pre_l.time_s + pre_r.time_s + post.time_s
+            if self.allowed is not None:
+                outside = _outside(self.allowed, pre_l, pre_r, post)
+                if outside:
+                    yield Rejected(
+                        strategy=self._sigma_text(sigma),
+                        reason=(
+                            f"needs a collective over {'+'.join(outside)}, and --axes allows "
+                            f"only {'+'.join(self.allowed) or 'none'}"
+                        ),
+                    )
+                    continue
             if math.isinf(comm_s):
                 yield Rejected(
                     strategy=self._sigma_text(sigma),
@@ -347,7 +469,7 @@ class Planner:
             total_memory = memory + (
                 ctx.elements("out", target) * ctx.itemsize["out"] if post.steps else 0
             )
-            lower = max(compute_s, hbm_s, comm_s)
+            lower = max(compute_s, hbm_s, _comm_lower_s(pre_l, pre_r, post))
             upper = compute_s + hbm_s + comm_s
             first, second = (lower, upper) if self.overlap is Overlap.FULL else (upper, lower)
             sent = pre_l.bytes_sent + pre_r.bytes_sent + post.bytes_sent
@@ -364,6 +486,7 @@ class Planner:
                 lhs_letters=spec.lhs,
                 rhs_letters=spec.rhs,
                 out_letters=spec.out,
+                names=self.einsum.names,
             )
         )
 
@@ -400,8 +523,9 @@ class Planner:
         lhs = ShardingSpec(self.fixed.get("lhs", _sigma_dims(sigma, spec.lhs)))
         rhs = ShardingSpec(self.fixed.get("rhs", _sigma_dims(sigma, spec.rhs)))
         return (
-            f"{lhs.notation('A', spec.lhs)} · {rhs.notation('B', spec.rhs)} -> "
-            f"{ShardingSpec(item.out).notation('C', spec.out)}"
+            f"{lhs.notation(self.einsum.names[0], spec.lhs)} · "
+            f"{rhs.notation(self.einsum.names[1], spec.rhs)} -> "
+            f"{ShardingSpec(item.out).notation(self.einsum.names[2], spec.out)}"
         )
 
     # -- public entry points ---------------------------------------------------------------
@@ -481,8 +605,8 @@ class Planner:
             steps.extend(self._steps(role, ctx.path(role, src, dst, u).steps))
         post = ctx.path("out", local, candidate.out, unreduced)
         steps.extend(self._steps("out", post.steps))
-        flops = 2 * math.prod(
-            ctx.sizes[c] // math.prod(ctx.axis_size[a] for a in sigma[c]) for c in self.letters
+        flops = self.einsum.spec.flops(
+            {c: ctx.sizes[c] // math.prod(ctx.axis_size[a] for a in sigma[c]) for c in self.letters}
         )
         hbm_bytes = sum(
             ctx.elements(role, dims) * ctx.itemsize[role]
@@ -492,7 +616,13 @@ class Planner:
             chip=self.mesh.hardware.chip, dtype=self.einsum.dtype, flops=flops, hbm_bytes=hbm_bytes
         )
         terms = tuple(
-            CommTerm(step.axes, step.cost.link, step.cost.time_s, step.cost.bytes_sent_per_chip)
+            CommTerm(
+                step.axes,
+                step.cost.link,
+                step.cost.time_s,
+                step.cost.bytes_sent_per_chip,
+                self.mesh.link_resources(step.axes),
+            )
             for step in steps
             if step.cost is not None and step.cost.group_size > 1
         )
@@ -511,6 +641,7 @@ class Planner:
             rhs_letters=spec.rhs,
             out_letters=spec.out,
             unreduced=unreduced,
+            names=self.einsum.names,
         )
         return Plan(
             einsum=self.einsum,
@@ -522,7 +653,7 @@ class Planner:
             operation=operation,
             steps=tuple(steps),
             cost=cost,
-            peak_memory_bytes=candidate.memory_bytes,
+            peak_memory_bytes=math.ceil(candidate.memory_bytes),  # fp4 packs two per byte
         )
 
     def _steps(self, role: str, raw: tuple[RawStep, ...]) -> list[Step]:
@@ -550,6 +681,7 @@ class Planner:
                     unreduced_before=u_before,
                     unreduced_after=u_after,
                     cost=cost,
+                    name=self.einsum.name(role),
                 )
             )
         return out
@@ -569,11 +701,25 @@ def plan(
     overlap: Overlap = Overlap.FULL,
     explain: bool = False,
     check_memory: bool = True,
+    at_op: Mapping[str, Any] | str | None = None,
+    idle_axes: bool = True,
+    axes: Iterable[str] | str | None = None,
 ) -> Ranking:
     """Rank every strategy for ``einsum`` on ``mesh``; fix any of ``lhs``/``rhs``/``out``
-    (PartitionSpec strings like ``"x,None"`` or ``jax.sharding.PartitionSpec`` objects)."""
+    (PartitionSpec strings like ``"x,None"`` or ``jax.sharding.PartitionSpec`` objects),
+    pin letters at the op (``at_op="b=x,f=y"``), forbid the idle-axes widening or limit the
+    collectives to some ``axes``."""
     planner = Planner(
-        einsum, mesh, lhs=lhs, rhs=rhs, out=out, overlap=overlap, check_memory=check_memory
+        einsum,
+        mesh,
+        lhs=lhs,
+        rhs=rhs,
+        out=out,
+        overlap=overlap,
+        check_memory=check_memory,
+        at_op=at_op,
+        idle_axes=idle_axes,
+        axes=axes,
     )
     return planner.search(top=top, explain=explain)
 
@@ -587,9 +733,22 @@ def estimate(
     out: Any,
     overlap: Overlap = Overlap.FULL,
     check_memory: bool = False,
+    at_op: Mapping[str, Any] | str | None = None,
+    idle_axes: bool = True,
+    axes: Iterable[str] | str | None = None,
 ) -> Plan:
-    """The best plan for fixed stored operands and output (the alternatives: ``plan``)."""
+    """The best plan for fixed stored operands and output (the alternatives: ``plan``);
+    with every letter pinned by ``at_op``, exactly that strategy."""
     planner = Planner(
-        einsum, mesh, lhs=lhs, rhs=rhs, out=out, overlap=overlap, check_memory=check_memory
+        einsum,
+        mesh,
+        lhs=lhs,
+        rhs=rhs,
+        out=out,
+        overlap=overlap,
+        check_memory=check_memory,
+        at_op=at_op,
+        idle_axes=idle_axes,
+        axes=axes,
     )
     return planner.estimate().best

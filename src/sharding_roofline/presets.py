@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import tomllib
 import types
 import typing
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError, ShardingRooflineError, UnknownNameError
+from .files import read_config_text
 from .hardware import FrozenMap, HardwareSpec
+from .limits import shown
 
 T = TypeVar("T")
 
@@ -58,21 +61,15 @@ def _load_shipped(name: str) -> HardwareSpec:
 
 
 def _load_file(path: str) -> HardwareSpec:
-    """A user's file is read afresh each time (it may have been edited since)."""
+    """A user's file is read afresh each time (it may have been edited since); only a
+    regular file of at most 1 MiB (``files.read_config_text``)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = read_config_text(file, what="hardware file", missing=UnknownNameError)
+    except UnknownNameError:
         raise UnknownNameError(
             f"hardware file {path!r} does not exist; pass a shipped preset name "
             f"({', '.join(list_presets())}) or the path of a .toml file"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file.name}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"hardware file {path!r} cannot be read: {exc.strerror or exc}; pass a readable "
-            ".toml file"
         ) from None
     return _parse(text, file.name, path=path)
 
@@ -81,6 +78,8 @@ def _parse(text: str, filename: str, path: str = "") -> HardwareSpec:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{filename}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise ConfigError(f"{filename}: not valid TOML: {exc}") from None
     spec = build_dataclass(HardwareSpec, data, filename=filename, table="")
     return dataclasses.replace(spec, path=path or filename)
@@ -164,11 +163,11 @@ def _convert(hint: Any, value: Any, *, filename: str, table: str) -> Any:
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shown(value)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
@@ -180,4 +179,12 @@ def _convert(hint: Any, value: Any, *, filename: str, table: str) -> Any:
 def _check_number(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         hint = " (write numbers without quotes, e.g. 8.2e11)" if isinstance(value, str) else ""
-        raise ConfigError(f"{where}: expected a number, got {value!r}{hint}")
+        raise ConfigError(f"{where}: expected a number, got {shown(value)}{hint}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float):  # inf, nan, or an integer too large for a float
+        raise ConfigError(
+            f"{where}: {shown(value)} is not a finite number; write a plain number such as 8.2e11"
+        )

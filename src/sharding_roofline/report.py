@@ -6,6 +6,7 @@ fields may be added, never renamed or removed. Human text is free to evolve.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .collectives import CollectiveCost
@@ -13,8 +14,8 @@ from .crossover import Crossover, crossover
 from .estimate import Overlap
 from .hardware import HardwareSpec
 from .mesh import DeviceMesh
-from .plans import Plan, Ranking
-from .units import format_bytes, format_count, format_rate, format_seconds
+from .plans import Plan, Ranking, Step
+from .units import format_bytes, format_count, format_flops, format_rate, format_seconds
 
 # -- dicts (JSON) -----------------------------------------------------------------------------
 
@@ -44,6 +45,14 @@ def collective_dict(
 
 
 def mesh_dict(mesh: DeviceMesh) -> dict[str, Any]:
+    """The mesh's fields of every JSON object (built once per mesh: a ranking repeats it)."""
+    cached = mesh.memo.get("mesh_dict")
+    if cached is None:
+        cached = mesh.memo["mesh_dict"] = _mesh_dict(mesh)
+    return dict(cached)
+
+
+def _mesh_dict(mesh: DeviceMesh) -> dict[str, Any]:
     return {
         "hardware": mesh.hardware.name,
         "topology": mesh.topology.shape_text,
@@ -235,7 +244,8 @@ def _looks_numeric(text: str) -> bool:
     return bool(text) and (text[0].isdigit() or text[0] in "-.") and text not in ("-",)
 
 
-def format_collective(cost: CollectiveCost, notation: str = "") -> str:
+def format_collective(cost: CollectiveCost, notation: str = "", links: str = "") -> str:
+    """A collective for people; ``links`` says what its axes are (``y=4: ici line of 4``)."""
     lines = []
     if notation:
         lines.append(notation)
@@ -243,6 +253,8 @@ def format_collective(cost: CollectiveCost, notation: str = "") -> str:
         f"{cost.kind.value} over {'+'.join(cost.axes) or '(no axes)'} (group of {cost.group_size}, "
         f"{cost.link or 'no link'}): {format_seconds(cost.time_s)}, {cost.bound.value}-bound"
     )
+    if links:
+        lines.append(f"  links: {links}")
     lines.append(
         f"  per chip: {format_count(cost.elements_in_per_chip)} elements in, "
         f"{format_count(cost.elements_out_per_chip)} out ({cost.dtype}); sends "
@@ -265,7 +277,7 @@ def format_plan(
         f"{plan.einsum} on {plan.mesh}",
         plan.describe(),
         "",
-        f"per chip: {format_count(cost.flops)}FLOP, {format_bytes(cost.hbm_bytes)} HBM traffic, "
+        f"per chip: {format_flops(cost.flops)}, {format_bytes(cost.hbm_bytes)} HBM traffic, "
         f"peak memory {format_bytes(plan.peak_memory_bytes)} "
         f"of {format_bytes(chip.hbm_capacity_bytes)}",
         f"intensity {cost.arithmetic_intensity_flops_per_byte:.4g} FLOP/B vs critical "
@@ -308,14 +320,26 @@ _SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-t
 
 
 def collectives_summary(plan: Plan) -> str:
-    """``AG_x(A) RS_y(C)``: each collective, its axes and the array it moves."""
-    names = {"lhs": "A", "rhs": "B", "out": "C"}
+    """``AG_x(lhs) RS_y(out)``: each collective, its axes and the array it moves."""
+    return collectives_summary_steps(plan.collectives)
+
+
+def collectives_summary_steps(steps: Iterable[Step]) -> str:
+    """``AG_x(w_in) RS_y(h)``: each collective, its axes and the tensor it moves."""
     parts = []
-    for step in plan.collectives:
+    for step in steps:
         if step.cost is not None:
             short = _SHORT.get(step.cost.kind.value, "CP")
-            parts.append(f"{short}_{'+'.join(step.cost.axes)}({names[step.operand]})")
+            parts.append(f"{short}_{'+'.join(step.cost.axes)}({step.label})")
     return " ".join(parts) or "none"
+
+
+def crossover_text(cross: Crossover) -> str:
+    """``B=13,130`` (a whole number of elements, or 4 digits below 100); ``none``."""
+    if cross.size is None:
+        return "none"
+    size = f"{cross.size:,.0f}" if cross.size >= 100 else f"{cross.size:.4g}"
+    return f"{cross.dimension.upper()}={size}"
 
 
 def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str:
@@ -333,15 +357,19 @@ def format_ranking(ranking: Ranking, *, crossover_dim: str | None = None) -> str
             [
                 str(rank),
                 plan.strategy,
+                str(plan.operation),
                 collectives_summary(plan),
                 format_seconds(cost.time_s(ranking.overlap)),
                 format_seconds(cost.compute_s),
                 format_seconds(cost.comm_s),
                 cost.describe_bottleneck(),
-                "-" if cross.size is None else f"{cross.dimension.upper()}={cross.size:.4g}",
+                crossover_text(cross),
             ]
         )
-    header = ["#", "strategy", "collectives", "time", "compute", "comm", "bottleneck", "crossover"]
+    header = [
+        "#", "strategy", "at the op", "collectives", "time", "compute", "comm", "bottleneck",
+        "crossover",
+    ]  # fmt: skip
     lines.append(table(rows, header))
     lines.append("")
     lines.append("best strategy:")

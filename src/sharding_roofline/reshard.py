@@ -29,12 +29,13 @@ RawStep = tuple[Collective | None, tuple[str, ...], Dims, Dims, tuple[str, ...],
 
 # Bounded: a sweep reuses paths across searches without its memory growing with the sweep.
 @functools.lru_cache(maxsize=8192)
-def reshard_path(
+def reshard_path(  # noqa: PLR0917 (positional: the arguments are the cache key)
     src: Dims,
     dst: Dims,
     unreduced: tuple[str, ...] = (),
     mesh_order: tuple[str, ...] = (),
     spread: tuple[tuple[int, ...], tuple[tuple[str, int], ...]] | None = None,
+    busy: tuple[str, ...] = (),
 ) -> tuple[RawStep, ...]:
     """The steps taking an array from layout ``src`` (unreduced over ``unreduced``) to
     ``dst``. Each step: (kind or None for a slice, axes, before, after, unreduced before,
@@ -51,6 +52,7 @@ def reshard_path(
     array is replicated over and the destination does not use are sliced onto the gathered
     dimension for free, and gathered along with it, so the gather runs over more links
     (``AllGather_X [B_X, D_Y] -> AllGather_XZ [B_XZ, D_Y]``: 23 us -> 11.5 us on a v4p cube).
+    Axes in ``busy`` are never widened over (their chips do other work: pipeline stages).
     """
     rank = len(dst)
     current = [list(d) for d in src]
@@ -151,7 +153,12 @@ def reshard_path(
             # would make that all-reduce a reduce-scatter: left for the all-reduce alone
             reduced = [*pending_u, *unreduced]
             idle = _idle_axes(
-                current, pending_u=reduced, dst=dst, dim=d, spread=spread, mesh_order=mesh_order
+                current,
+                pending_u=reduced,
+                dst=dst,
+                dim=d,
+                spread=spread,
+                mesh_order=tuple(a for a in mesh_order if a not in busy),
             )
             if idle:
                 before, u_before = snapshot(), list(pending_u)

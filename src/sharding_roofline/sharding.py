@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
+from .limits import MAX_ARRAY_ELEMENTS, MAX_DIM_SIZE, MAX_RANK, parse_count, shown
+from .mesh import REPLICATED_NAMES
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -27,6 +29,17 @@ class ShardingSpec:
     """Per array dimension, the mesh axes that split it (major first); ``()`` = replicated."""
 
     dims: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.dims, tuple) and all(
+            isinstance(dim, tuple) and all(isinstance(a, str) and _NAME.match(a) for a in dim)
+            for dim in self.dims
+        )
+        if not ok:
+            raise SpecError(
+                f"ShardingSpec dims must be a tuple of tuples of axis names, got "
+                f"{shown(self.dims)}; use ShardingSpec.parse('x,None')"
+            )
 
     @classmethod
     def replicated(cls, rank: int) -> ShardingSpec:
@@ -139,6 +152,26 @@ class ShardingSpec:
                 )
 
 
+def parse_array_shape(text: str, *, what: str = "--shape") -> tuple[int, ...]:
+    """An array's global shape as typed: ``"2048,8192"`` or ``"2048x8192"`` -> ``(2048, 8192)``.
+    Sizes are ASCII whole numbers >= 1 (each at most ``MAX_DIM_SIZE``), at most ``MAX_RANK``
+    of them, at most ``MAX_ARRAY_ELEMENTS`` elements in all."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"{what} {shown(text)} is not a shape; write sizes like 2048,8192")
+    parts = [part.strip() for part in re.split(r"[,xX]", text.strip())]
+    if len(parts) > MAX_RANK:
+        raise SpecError(
+            f"{what} {text!r} has {len(parts)} dimensions; give at most {MAX_RANK} sizes"
+        )
+    shape = tuple(
+        parse_count(part, what=f"{what} {text!r}: size", most=MAX_DIM_SIZE, error=SpecError)
+        for part in parts
+    )
+    if math.prod(shape) > MAX_ARRAY_ELEMENTS:
+        raise SpecError(f"{what} {text!r} has more than 2**62 elements; use a smaller array")
+    return shape
+
+
 def _entry(item: Any, whole: Any) -> tuple[str, ...]:
     if item is None:
         return ()
@@ -153,12 +186,12 @@ def _entry(item: Any, whole: Any) -> tuple[str, ...]:
 
 def _entry_text(item: str, whole: str) -> tuple[str, ...]:
     item = item.strip().strip("'\"")
-    if item in ("None", "none", "", "_", "-"):
+    if item.lower() in REPLICATED_NAMES:
         return ()
     inner = item[1:-1] if item.startswith("(") and item.endswith(")") else item
     names = tuple(n.strip().strip("'\"") for n in re.split(r"[+,]", inner) if n.strip())
     for name in names:
-        if not _NAME.match(name) or name == "None":
+        if not _NAME.match(name) or name.lower() in REPLICATED_NAMES:
             raise SpecError(
                 f"sharding {whole!r}: {name!r} is not a mesh axis name; write entries like "
                 "x, x+y or None"
@@ -246,7 +279,7 @@ class ShardedOperation:
     rhs_letters: str
     out_letters: str
     unreduced: tuple[str, ...] = ()
-    names: tuple[str, str, str] = ("A", "B", "C")
+    names: tuple[str, str, str] = ("lhs", "rhs", "out")
 
     def __str__(self) -> str:
         text = (

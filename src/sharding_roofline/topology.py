@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 
 from .errors import TopologyError
-from .hardware import HardwareKind, HardwareSpec, LinkKind, NvlinkSpec, ScaleOutLevel
+from .hardware import HardwareKind, HardwareSpec, IciSpec, LinkKind, NvlinkSpec, ScaleOutLevel
+from .limits import check_count, parse_count, shown
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,20 +58,42 @@ class PhysicalDim:
     wraps: bool = False
 
 
-_SHAPE = re.compile(r"^\s*\d+(\s*[xX*]\s*\d+)*\s*$")
+_SHAPE = re.compile(r"^\s*[0-9]+(\s*[xX*]\s*[0-9]+)*\s*$")
+
+#: The largest size of one physical dimension, and the most dimensions a shape may list.
+MAX_DIM_CHIPS = 2**20
+MAX_DIMS = 8
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"4x4x8" -> (4, 4, 8)``; a clear error for anything else."""
-    if not _SHAPE.match(text):
+    """``"4x4x8" -> (4, 4, 8)`` (ASCII digits); a clear error for anything else."""
+    if not isinstance(text, str) or not _SHAPE.match(text):
         raise TopologyError(
-            f"topology {text!r} is not a shape; write sizes joined by 'x', e.g. 4x4x8 for a "
-            "TPU slice or 32x8 for 32 GPU nodes of 8"
+            f"topology {shown(text)} is not a shape; write sizes joined by 'x', e.g. 4x4x8 for "
+            "a TPU slice or 32x8 for 32 GPU nodes of 8"
         )
-    shape = tuple(int(part) for part in re.split(r"[xX*]", text.replace(" ", "")))
-    if min(shape) < 1:
+    parts = re.split(r"[xX*]", text.replace(" ", ""))
+    if len(parts) > MAX_DIMS:
+        raise TopologyError(f"topology {text!r} lists {len(parts)} sizes; give at most {MAX_DIMS}")
+    if any(not part.strip("0") for part in parts):
         raise TopologyError(f"topology {text!r} has a dimension of size 0; sizes must be >= 1")
-    return shape
+    return tuple(
+        parse_count(part, what=f"topology {text!r}: size", most=MAX_DIM_CHIPS, error=TopologyError)
+        for part in parts
+    )
+
+
+def check_shape(shape: object) -> tuple[int, ...]:
+    """A shape given in code (a tuple of sizes): each a whole number in 1..MAX_DIM_CHIPS."""
+    if not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= MAX_DIMS:
+        raise TopologyError(
+            f"a topology shape is a tuple of 1 to {MAX_DIMS} sizes or text like '4x4x8', got "
+            f"{shown(shape)}"
+        )
+    return tuple(
+        check_count(size, what="topology size", most=MAX_DIM_CHIPS, error=TopologyError)
+        for size in shape
+    )
 
 
 def format_shape(shape: tuple[int, ...]) -> str:
@@ -108,10 +131,11 @@ class Topology:
         cls, hardware: HardwareSpec, shape: tuple[int, ...] | str, *, num_slices: int = 1
     ) -> Topology:
         """The topology of ``shape`` on ``hardware`` (a TPU slice shape, or NODESxGPUS)."""
-        text = shape if isinstance(shape, str) else format_shape(shape)
-        dims = parse_shape(shape) if isinstance(shape, str) else tuple(shape)
-        if num_slices < 1:
-            raise TopologyError(f"num_slices must be >= 1, got {num_slices}")
+        if not isinstance(hardware, HardwareSpec):
+            raise TopologyError(f"Topology.build needs a HardwareSpec, got {shown(hardware)}")
+        dims = parse_shape(shape) if isinstance(shape, str) else check_shape(shape)
+        text = shape if isinstance(shape, str) else format_shape(dims)
+        check_count(num_slices, what="num_slices", most=2**16, error=TopologyError)
         if hardware.kind is HardwareKind.TPU:
             return _tpu_topology(hardware, dims, text, num_slices)
         if num_slices != 1:
@@ -149,6 +173,47 @@ def _nvlink(hardware: HardwareSpec) -> NvlinkSpec:
     return hardware.nvlink
 
 
+def _check_slice(hardware: HardwareSpec, ici: IciSpec, shape: tuple[int, ...], text: str) -> None:
+    """Raise unless ``shape`` is a slice this chip's pods are cut into.
+
+    Without a cube rule (``max_cubes == 0``) any shape that fits inside the pod's
+    ``max_shape`` (sizes compared largest to largest) is a slice. With one (TPU7x), a slice
+    inside one cube is any shape of at most ``cube_edge`` chips per axis; a larger one is
+    whole cubes: every axis a multiple of ``cube_edge``, at most ``max_cubes`` cubes.
+    """
+    if not ici.max_cubes:
+        padded_max = sorted(ici.max_shape)[-len(shape) :]
+        if any(size > most for size, most in zip(sorted(shape), padded_max, strict=True)):
+            raise TopologyError(
+                f"topology {text} does not fit in one {hardware.name} pod of "
+                f"{format_shape(ici.max_shape)}; use a smaller slice, or several slices over "
+                "DCN with --num-slices"
+            )
+        return
+    edge = ici.cube_edge
+    full = (1,) * (ici.num_torus_dims - len(shape)) + shape
+    if max(full) <= edge:
+        return  # inside one cube
+    cube = "x".join([str(edge)] * ici.num_torus_dims)
+    ragged = [size for size in full if size % edge]
+    if ragged:
+        rounded = format_shape(tuple(-(-size // edge) * edge for size in full))
+        raise TopologyError(
+            f"topology {text} is not a {hardware.name} slice: a slice larger than one {cube} "
+            f"cube is built of whole cubes, so every axis must be a multiple of {edge} "
+            f"(got {ragged[0]}); use e.g. {rounded}, or a slice inside one cube (at most "
+            f"{edge} chips per axis)"
+        )
+    cubes = math.prod(full) // edge**ici.num_torus_dims
+    if cubes > ici.max_cubes:
+        chips = ici.max_cubes * edge**ici.num_torus_dims
+        raise TopologyError(
+            f"topology {text} has {cubes} cubes of {cube} chips, more than the {ici.max_cubes} "
+            f"({chips} chips) of one {hardware.name} pod; use at most {ici.max_cubes} cubes, "
+            "or several slices over DCN with --num-slices"
+        )
+
+
 def _tpu_topology(
     hardware: HardwareSpec, shape: tuple[int, ...], text: str, num_slices: int
 ) -> Topology:
@@ -161,13 +226,7 @@ def _tpu_topology(
             f"{ici.num_torus_dims}D torus; give at most {ici.num_torus_dims} sizes "
             f"(e.g. {format_shape(ici.max_shape)} is a full pod)"
         )
-    padded_max = sorted(ici.max_shape)[-len(shape) :]
-    if any(size > most for size, most in zip(sorted(shape), padded_max, strict=True)):
-        raise TopologyError(
-            f"topology {text} does not fit in one {hardware.name} pod of "
-            f"{format_shape(ici.max_shape)}; use a smaller slice, or several slices over DCN "
-            "with --num-slices"
-        )
+    _check_slice(hardware, ici, shape, text)
     tiers = [
         Tier(
             name="ici",

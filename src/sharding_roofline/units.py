@@ -18,8 +18,9 @@ MS = 1e-3
 
 
 def _scaled(value: float, steps: tuple[tuple[float, str], ...], digits: int) -> str:
-    if value == 0 or not math.isfinite(value):
-        return f"{value:g} {steps[0][1]}".rstrip()
+    if value == 0 or not math.isfinite(value):  # in the base unit: 0 s, inf s, nan B
+        base = next((unit for factor, unit in steps if factor == 1), steps[0][1])
+        return f"{value:g} {base}".rstrip()
     for factor, unit in reversed(steps):
         if abs(value) >= factor:
             return f"{value / factor:.{digits}g} {unit}".rstrip()
@@ -51,9 +52,16 @@ def format_rate(per_s: float, unit: str = "B", digits: int = 4) -> str:
 
 
 def format_count(value: float, digits: int = 4) -> str:
-    """Decimal magnitude for counts such as FLOPs: ``format_count(1.37e11) == '137.4 G'``."""
+    """Decimal magnitude for counts such as FLOPs: ``format_count(1.374e11) == '137.4 G'``
+    (4 significant digits by default: ``format_count(1.37e11) == '137 G'``)."""
     steps = ((1.0, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"), (1e15, "P"), (1e18, "E"))
     for factor, prefix in reversed(steps):
         if abs(value) >= factor:
             return f"{value / factor:.{digits}g} {prefix}".rstrip()
     return f"{value:.{digits}g}"
+
+
+def format_flops(flops: float, digits: int = 4) -> str:
+    """``format_flops(686) == '686 FLOP'``, ``format_flops(2.749e11) == '274.9 GFLOP'``."""
+    text = format_count(flops, digits)
+    return f"{text}FLOP" if text.endswith((" k", " M", " G", " T", " P", " E")) else f"{text} FLOP"

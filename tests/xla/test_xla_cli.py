@@ -112,3 +112,32 @@ def test_progress_bar_appears_after_the_delay() -> None:
     quiet = io.StringIO()
     Progress(4, stream=quiet, after_s=60.0).update(1)
     assert quiet.getvalue() == ""
+
+
+def test_validate_plot_writes_the_figure(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``validate --plot`` used to return before drawing: it now writes and says where."""
+    from sharding_roofline.cli import main  # noqa: PLC0415
+
+    target = tmp_path / "v.png"
+    argv = [
+        "validate", "--hardware", "tpu-v5e", "--mesh", "x=2,y=4",
+        "--einsum", "bd,df->bf", "--dims", "b=64,d=32,f=128",
+        "--lhs", "None,y", "--rhs", "y,None", "--out", "None,None", "--plot", str(target),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    assert target.read_bytes().startswith(b"\x89PNG")
+
+
+def test_execute_memory_estimate_counts_inputs_outputs_and_device_copies() -> None:
+    """``execute_bytes`` by hand: bf16 inputs (2 B) plus float64 copies (8 B), four float64
+    arrays of the output, and every device's local operands three times over."""
+    from sharding_roofline.xla.cli import check_execute_memory, execute_bytes  # noqa: PLC0415
+
+    plan = _ranking("None,y", "y,None", "None,None").best  # accum float32 (4 B)
+    b, d, f = 64, 32, 128
+    host = (b * d + d * f) * (2 + 8) + b * f * 8 * 4
+    local = b * (d // 4) + (d // 4) * f + b * f  # out replicated
+    assert execute_bytes(plan) == host + 8 * local * 4 * 3
+    with pytest.raises(ValidationError, match="more than the 1 KiB it may use"):
+        check_execute_memory(plan, budget_bytes=1024)

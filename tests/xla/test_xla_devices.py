@@ -78,8 +78,16 @@ def test_ensure_devices_when_enough_are_running() -> None:
 
 def test_ensure_devices_explains_the_fix_once_jax_has_started() -> None:
     jax.devices("cpu")  # the backend is up in this process
-    with pytest.raises(ValidationError, match=r"JAX_NUM_CPU_DEVICES=100000 .*before any JAX"):
-        ensure_devices(100_000)
+    with pytest.raises(ValidationError, match=r"JAX_NUM_CPU_DEVICES=4096 .*before any JAX"):
+        ensure_devices(4096)  # the most the validator starts; more than this process has
+
+
+def test_ensure_devices_refuses_more_than_it_can_simulate() -> None:
+    """``validate --devices 20000`` aborted or hung XLA's CPU client: refused with the limit."""
+    with pytest.raises(
+        ValidationError, match=r"20000 simulated CPU devices are more than the 4096"
+    ):
+        ensure_devices(20_000)
 
 
 def test_ensure_devices_rejects_zero() -> None:

@@ -167,3 +167,17 @@ def test_the_best_fsdp_strategies_compute_the_same_numbers() -> None:
         v = validate_plan(plan, execute=True)
         assert v.numerics is not None
         assert v.numerics.ok, (plan.describe(), v.reasons)
+
+
+@pytest.mark.parametrize("accum", ["int32", "int8"])
+def test_int8_matmuls_compare_exactly(accum: str) -> None:
+    """Integer dots accumulate in their accumulation dtype and wrap there (int8 sums of
+    products up to 16·D overflow int8): the reference wraps the exact int64 result the same
+    way, and every element must match exactly."""
+    plan = _plan(
+        ("v5e-2x4", "bd,df->bf", BD, "None,y", "y,None", "None,y"), dtype="int8", accum=accum
+    )
+    v = validate_plan(plan, execute=True)
+    assert v.numerics is not None
+    assert v.numerics.ok, v.reasons
+    assert v.numerics.max_abs_error == 0

@@ -29,10 +29,13 @@ from ._figure import InlineFigure as InlineFigure
 from ._figure import Plans as Plans
 from ._figure import figure_of as figure_of
 from ._figure import figure_png as figure_png
+from ._figure import merge_symmetric as merge_symmetric
 from ._figure import new_axes as new_axes
 from ._figure import plan_label as plan_label
+from ._figure import problem_text as problem_text
 from ._figure import save_figure as save_figure
 from ._figure import subplots as subplots
+from ._figure import symmetry_key as symmetry_key
 from .breakdowns import breakdown as breakdown
 from .breakdowns import save_breakdown as save_breakdown
 from .demo import COMPARED_CHIPS as COMPARED_CHIPS
@@ -80,9 +83,11 @@ __all__ = [
     "hbm_roof",
     "link_roofs",
     "log_crossing",
+    "merge_symmetric",
     "mesh_sweep",
     "new_axes",
     "plan_label",
+    "problem_text",
     "roofline",
     "save_breakdown",
     "save_collective_sweep",
@@ -93,4 +98,5 @@ __all__ = [
     "strategy_point",
     "subplots",
     "sweep_times",
+    "symmetry_key",
 ]

@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from ..files import FIGURE_FORMATS, check_output_path, write_atomic
 from ..plans import Plan, Ranking
 from ..report import collectives_summary
 from ..units import format_count, format_seconds
@@ -89,12 +90,21 @@ def figure_png(obj: Axes | Figure, *, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(obj: Axes | Figure, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write the figure holding ``obj`` to ``path`` (format from the suffix); returns it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure_of(obj).savefig(out, dpi=dpi, bbox_inches="tight")
-    return out
+def save_figure(
+    obj: Axes | Figure, path: str | Path, *, dpi: int = 120, force: bool = False
+) -> Path:
+    """Write the figure holding ``obj`` to ``path`` and return it. The format comes from the
+    suffix and must be one of ``files.FIGURE_FORMATS`` (png, pdf, svg); the directory must
+    exist; an existing file is replaced only with ``force``; the write is atomic, and the
+    layout is tight, so no legend outside the Axes is clipped."""
+    out = check_output_path(path, force=force, formats=FIGURE_FORMATS)
+    figure = figure_of(obj)
+    suffix = out.suffix.lower().lstrip(".")
+
+    def write(temporary: Path) -> None:
+        figure.savefig(temporary, dpi=dpi, bbox_inches="tight", format=suffix)
+
+    return write_atomic(out, write)
 
 
 # -- axes formatting ---------------------------------------------------------------------------
@@ -148,3 +158,53 @@ def strategy_labels(items: Sequence[Plan]) -> list[str]:
     if len(set(strategies)) == len(strategies):
         return strategies
     return [plan_label(p) for p in items]
+
+
+# -- many strategies on one figure ------------------------------------------------------------
+
+
+def _sig(value: float) -> float:
+    """``value`` to 12 significant digits, so equal costs from different sums compare equal."""
+    return float(f"{value:.12g}")
+
+
+def symmetry_key(plan: Plan) -> tuple[object, ...]:
+    """What two strategies share when they are the same up to a symmetry of the mesh (axes of
+    equal size and link swapped): the same compute, HBM and communication times, and the same
+    collectives (kind, array moved, bytes, time), whatever the axes are called."""
+    cost = plan.cost
+    steps = sorted(
+        (
+            step.cost.kind.value,
+            step.operand,
+            _sig(step.cost.bytes_sent_per_chip),
+            _sig(step.cost.time_s),
+        )
+        for step in plan.collectives
+        if step.cost is not None
+    )
+    return (_sig(cost.compute_s), _sig(cost.hbm_s), _sig(cost.comm_s), tuple(steps))
+
+
+def merge_symmetric(items: Sequence[Plan]) -> list[tuple[Plan, int]]:
+    """Each distinct strategy once, best first, with how many strategies it stands for
+    (``symmetry_key``): a figure of 300 strategies becomes one of a few dozen."""
+    groups: dict[tuple[object, ...], list[Plan]] = {}
+    for item in items:
+        groups.setdefault(symmetry_key(item), []).append(item)
+    return [(group[0], len(group)) for group in groups.values()]
+
+
+def problem_text(plan: Plan) -> str:
+    """``bd,df->bf (b=8192,d=8192,f=32768) bf16 on tpu-v5e x=4,y=4``: which problem a figure
+    shows, for its title."""
+    einsum, mesh = plan.einsum, plan.mesh
+    return (
+        f"{einsum.spec.equation} ({einsum.dims_text}) {einsum.dtype} on {mesh.hardware.name} "
+        f"{mesh.spec_text}"
+    )
+
+
+def symmetric_suffix(count: int) -> str:
+    """`` (x4 by symmetry)`` for a merged row of 4 strategies; empty for one."""
+    return f" (x{count} by symmetry)" if count > 1 else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,12 +9,13 @@ from typing import Any
 from ..collectives import Collective, rate
 from ..crossover import crossover, default_dimension
 from ..einsum import Einsum
+from ..files import slug
 from ..mesh import DeviceMesh
 from ..planner import plan
 from ..plans import Plan, Ranking
 from ..presets import load_preset
 from ..report import collectives_summary
-from ._figure import InlineFigure, Plans, save_figure
+from ._figure import InlineFigure, Plans, problem_text, save_figure
 from .breakdowns import save_breakdown
 from .messages import CollectiveCase, save_collective_sweep
 from .roofs import group_text, save_roofline
@@ -67,32 +67,60 @@ def _telling(plans: Sequence[Plan]) -> str:
     return letters[0]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "plan"
+def _named(rankings: Mapping[str, Ranking] | Sequence[Ranking]) -> dict[str, Ranking]:
+    if isinstance(rankings, Mapping):
+        return dict(rankings)
+    return {f"{r.mesh.hardware.name} {r.mesh.spec_text}": r for r in rankings}
+
+
+def demo_figure_names(names: Sequence[str], *, chips: bool = True) -> list[str]:
+    """Every file ``save_demo_figures`` may write for rankings named ``names`` (so a caller
+    can check them all before computing anything)."""
+    files = [f"{slug(name)}_{kind}.png" for name in names for kind in _PER_RANKING]
+    files.append("collectives.png")
+    if chips:
+        files.append("chips_crossover.png")
+    return files
+
+
+_PER_RANKING = ("breakdown", "roofline", "crossover")
 
 
 def save_demo_figures(
-    rankings: Mapping[str, Ranking] | Sequence[Ranking], out_dir: str | Path
+    rankings: Mapping[str, Ranking] | Sequence[Ranking],
+    out_dir: str | Path,
+    *,
+    chips: bool = True,
+    force: bool = False,
 ) -> list[Path]:
     """The figures of ``make run``: per ranking its breakdown, roofline (top 5) and the
-    crossover of its best strategies that communicate; AllGather time over every mesh
-    axis of the rankings; and ``chip_comparison``. Returns the PNG paths written."""
+    crossover of its best strategies that communicate (each titled with the ranking's
+    name); AllGather time over every mesh axis of the rankings; and, with ``chips``,
+    ``chip_comparison`` (a fixed problem, not the rankings'). Returns the PNG paths written;
+    an existing file is replaced only with ``force``."""
     out = Path(out_dir)
-    if isinstance(rankings, Mapping):
-        named = dict(rankings)
-    else:
-        named = {f"{r.mesh.hardware.name} {r.mesh.spec_text}": r for r in rankings}
+    named = _named(rankings)
     written: list[Path] = []
     cases: dict[tuple[str, float, float], CollectiveCase] = {}  # equal links: one line
     for name, ranking in named.items():
-        slug = _slug(name)
-        written.append(save_breakdown(ranking, out / f"{slug}_breakdown.png"))
+        stem = slug(name)
+        problem = problem_text(ranking.strategies[0])
+        written.append(
+            save_breakdown(
+                ranking, out / f"{stem}_breakdown.png", force=force, title=f"{name}\n{problem}"
+            )
+        )
         top = list(ranking.strategies[:5])
-        written.append(save_roofline(out / f"{slug}_roofline.png", plans=top))
+        path = out / f"{stem}_roofline.png"
+        written.append(save_roofline(path, plans=top, force=force, title=f"{name}\n{problem}"))
         talking = _distinct_talkers(ranking.strategies)
         if talking:
-            path = out / f"{slug}_crossover.png"
-            written.append(save_crossover_sweep(path, talking, dimension=_telling(talking)))
+            path = out / f"{stem}_crossover.png"
+            letter = _telling(talking)
+            title = f"{name}: compute vs communication as {letter.upper()} grows\n{problem}"
+            written.append(
+                save_crossover_sweep(path, talking, dimension=letter, force=force, title=title)
+            )
         mesh = ranking.mesh
         for axis in (a.name for a in mesh.axes if a.size > 1):
             link = rate(mesh, Collective.ALL_GATHER, (axis,))
@@ -106,6 +134,8 @@ def save_demo_figures(
                 label = f"{mesh.hardware.chip.name}: {text}"
                 cases[key] = CollectiveCase(label=label, mesh=mesh, axes=(axis,))
     if cases:
-        written.append(save_collective_sweep(out / "collectives.png", list(cases.values())))
-    written.append(save_figure(chip_comparison(), out / "chips_crossover.png"))
+        path = out / "collectives.png"
+        written.append(save_collective_sweep(path, list(cases.values()), force=force))
+    if chips:
+        written.append(save_figure(chip_comparison(), out / "chips_crossover.png", force=force))
     return written

@@ -126,6 +126,8 @@ def collective_sweep(
     return ax
 
 
-def save_collective_sweep(path: str | Path, cases: Sequence[CollectiveCase], **kw: Any) -> Path:
-    """``collective_sweep(cases, **kw)`` written to ``path``."""
-    return save_figure(collective_sweep(cases, **kw), path)
+def save_collective_sweep(
+    path: str | Path, cases: Sequence[CollectiveCase], *, force: bool = False, **kw: Any
+) -> Path:
+    """``collective_sweep(cases, **kw)`` written to ``path`` (``save_figure``'s rules)."""
+    return save_figure(collective_sweep(cases, **kw), path, force=force)

@@ -27,9 +27,12 @@ from ._figure import (
     as_plans,
     count_text,
     log_ticks,
+    merge_symmetric,
     new_axes,
+    problem_text,
     save_figure,
     strategy_labels,
+    symmetric_suffix,
 )
 
 _LINK_NAMES = {"dcn": "DCN", "infiniband": "InfiniBand"}
@@ -199,6 +202,9 @@ def roofline(
     links: bool = True,
     intensity_range: tuple[float, float] | None = None,
     legend_inside: bool = False,
+    top: int | None = 10,
+    merge: bool = True,
+    title: str | None = None,
     ax: Axes | None = None,
 ) -> Axes:
     """Attainable FLOPs/s per chip against arithmetic intensity (log-log).
@@ -209,9 +215,14 @@ def roofline(
     (filled: FLOPs per HBM byte; hollow: FLOPs per byte of collective traffic) at its
     attained FLOPs/s under ``overlap``. ``hardware`` defaults to the mesh's, the mesh to the
     first plan's, ``dtype`` to the first plan's. ``legend_inside`` puts the legend in the
-    empty lower right (for panels) instead of to the right of the Axes.
+    empty lower right (for panels) instead of to the right of the Axes. With many plans,
+    ``merge`` draws strategies that are the same by symmetry once and ``top`` keeps the
+    best ones (numbered 1..top in the legend); the title names the problem.
     """
-    items = as_plans(plans)
+    everything = as_plans(plans)
+    rows = merge_symmetric(everything) if merge and labels is None else [(p, 1) for p in everything]
+    rows = rows if top is None else rows[:top]
+    items = [item for item, _ in rows]
     mesh = mesh or (items[0].mesh if items else None)
     source = hardware if hardware is not None else mesh
     if source is None:
@@ -232,6 +243,8 @@ def roofline(
         roofs = link_roofs(spec, dtype)
     points = [strategy_point(p, overlap) for p in items]
     names = list(labels) if labels is not None else strategy_labels(items)
+    names = [name + symmetric_suffix(count) for name, (_, count) in zip(names, rows, strict=False)]
+    names = names[: len(items)]
 
     xs = [hbm.ridge_flops_per_byte, *(r.ridge_flops_per_byte for r in roofs)]
     xs += [p.hbm_intensity_flops_per_byte for p in points]
@@ -280,7 +293,13 @@ def roofline(
     if mesh is not None:
         where = f" on {mesh.spec_text} ({mesh.topology.shape_text})"
         where = where if mesh.num_devices > 1 else " (one chip)"
-    ax.set_title(f"Roofline of {chip.name}{where}", fontsize=10)
+    head = f"Roofline of {chip.name}{where}"
+    if title is not None:
+        head = title
+    elif items:
+        shown = f"; best {len(items)} of {len(everything)}" if len(items) < len(everything) else ""
+        head += f"\n{problem_text(items[0])}{shown}"
+    ax.set_title(head, fontsize=10)
     # the lower right of a roofline is empty: room for the legend in a panel
     ax.legend(**({"loc": "lower right", "fontsize": 7} if legend_inside else OUTSIDE))
     return ax
@@ -369,6 +388,8 @@ def _rank(ax: Axes, x: float, y: float, index: int, color: str) -> None:
     )
 
 
-def save_roofline(path: str | Path, hardware: Any = None, **kwargs: Any) -> Path:
-    """``roofline(hardware, **kwargs)`` written to ``path``."""
-    return save_figure(roofline(hardware, **kwargs), path)
+def save_roofline(
+    path: str | Path, hardware: Any = None, *, force: bool = False, **kwargs: Any
+) -> Path:
+    """``roofline(hardware, **kwargs)`` written to ``path`` (``save_figure``'s rules)."""
+    return save_figure(roofline(hardware, **kwargs), path, force=force)

@@ -34,6 +34,9 @@ from ._figure import (
     subplots,
 )
 
+#: The vertical distance between crossover labels, in axes fractions (8 pt text fits).
+LABEL_STEP = 0.065
+
 # what a crossover's regime adds to its marker's label: a crossover set by per-hop latency
 # does not move with bandwidth, unlike the book's C/W rules
 _REGIME_TEXT = {"latency": " (latency-bound)", "mixed": " (partly latency-bound)"}
@@ -155,14 +158,19 @@ def crossover_sweep(
         y = item.cost.compute_s * found.size / item.einsum.size(letter)
         ax.plot([found.size], [y], color=color, gid=f"crossover:{index}", **STAR)
         if not any(math.isclose(found.size, m, rel_tol=1e-3) for m in marked):
+            # one row per label in the upper left, a thin line to its star: labels of
+            # crossovers that lie close together never overlap
             ax.annotate(
                 crossover_text(found),
                 (found.size, y),
                 fontsize=8,
-                xytext=(9, -14 - 11 * (len(marked) % 3)),
-                textcoords="offset points",
+                xytext=(0.015, 0.97 - LABEL_STEP * len(marked)),
+                textcoords="axes fraction",
+                ha="left",
+                va="top",
                 color=color,
                 fontweight="bold",
+                arrowprops={"arrowstyle": "-", "color": color, "lw": 0.7, "alpha": 0.6},
                 gid=f"crossover:{index}:label",
             )
             marked.append(found.size)
@@ -177,10 +185,12 @@ def crossover_sweep(
     log_ticks(ax, "y", seconds_text)
     ax.grid(True, which="major", alpha=0.3)
     mesh = items[0].mesh
+    einsum = items[0].einsum
     ax.set_title(
         title
         or f"Compute vs communication on {mesh.hardware.chip.name} "
-        f"({mesh.spec_text}, {mesh.topology.shape_text})",
+        f"({mesh.spec_text}, {mesh.topology.shape_text})\n"
+        f"{einsum.spec.equation} ({einsum.dims_text}) {einsum.dtype}, {letter.upper()} varied",
         fontsize=10,
     )
     if legend:
@@ -231,9 +241,11 @@ def crossover_panels(
     return figure
 
 
-def save_crossover_sweep(path: str | Path, plans: Plans, **kwargs: Any) -> Path:
-    """``crossover_sweep(plans, **kwargs)`` written to ``path``."""
-    return save_figure(crossover_sweep(plans, **kwargs), path)
+def save_crossover_sweep(
+    path: str | Path, plans: Plans, *, force: bool = False, **kwargs: Any
+) -> Path:
+    """``crossover_sweep(plans, **kwargs)`` written to ``path`` (``save_figure``'s rules)."""
+    return save_figure(crossover_sweep(plans, **kwargs), path, force=force)
 
 
 # -- crossover as the mesh grows ---------------------------------------------------------------

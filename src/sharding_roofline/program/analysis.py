@@ -14,15 +14,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..collectives import combine_terms_s
 from ..crossover import Crossover, ScaledTerm, solve_crossover
 from .evaluate import _PASS, ProgramPlan
 
 
-def program_terms(plan: ProgramPlan, letter: str, pass_name: str) -> list[ScaledTerm]:
-    """The collectives of one pass as crossover terms for ``letter``."""
+def program_terms(
+    plan: ProgramPlan, letter: str, pass_name: str, axes: Iterable[str] | None = None
+) -> list[ScaledTerm]:
+    """The collectives of one pass (over ``axes`` only, if given) as crossover terms."""
+    only = None if axes is None else set(axes)
     out: list[ScaledTerm] = []
     for op in plan.ops:
         if _PASS[op.op.phase] != pass_name:
@@ -31,8 +34,19 @@ def program_terms(plan: ProgramPlan, letter: str, pass_name: str) -> list[Scaled
             cost = step.cost
             if cost is None or cost.group_size == 1:
                 continue
+            if only is not None and not set(cost.axes) <= only:
+                continue
             letters = plan.program.tensor(step.operand).letters
-            out.append(ScaledTerm(cost.kind, cost.bandwidth_s, cost.latency_s, letter in letters))
+            out.append(
+                ScaledTerm(
+                    cost.kind,
+                    cost.bandwidth_s * plan.layers,
+                    cost.latency_s * plan.layers,
+                    letter in letters,
+                    plan.mesh.link_resources(cost.axes),
+                    cost.combine,
+                )
+            )
     return out
 
 
@@ -50,18 +64,22 @@ class CriticalBatch:
         return self.crossover.note
 
 
-def critical_batch(plan: ProgramPlan) -> CriticalBatch:
+def critical_batch(plan: ProgramPlan, *, axes: Iterable[str] | None = None) -> CriticalBatch:
     """Each pass overlaps its collectives only with its own compute (the book: DP's gradient
     all-reduces hide behind the backward pass, ``8BDF/X·C`` against ``8DF/W``), so each pass
-    has its own crossover; the step is compute-bound above the largest."""
+    has its own crossover; the step is compute-bound above the largest. With ``axes``, only
+    the collectives over those axes count (when does the data-parallel part turn
+    communication-bound?). A pass without matmuls (the optimizer's) has no crossover."""
     program = plan.program
     letter = program.roles.batch
     current = program.size(letter)
     worst: tuple[Crossover, str] | None = None
+    communicates = False
     for name, cost in plan.passes:
-        terms = program_terms(plan, letter, name)
-        if not terms:
+        terms = program_terms(plan, letter, name, axes)
+        if not terms or cost.compute_s == 0:
             continue
+        communicates = True
         cross = solve_crossover(terms, cost.compute_s, letter, current)
         if cross.size is None and cross.comm_bound_below is None:
             worst = (cross, name)  # never compute-bound: that decides it
@@ -76,7 +94,11 @@ def critical_batch(plan: ProgramPlan) -> CriticalBatch:
             size=None,
             comm_bound_below=None,
             current_size=current,
-            note="this strategy needs no communication",
+            note=(
+                "its collectives never outlast the compute: compute-bound at every batch"
+                if communicates
+                else "this strategy needs no communication"
+            ),
         )
         return CriticalBatch(tokens=None, tokens_per_chip=None, crossover=none)
     cross, name = worst
@@ -146,7 +168,7 @@ def max_model_parallel(plan: ProgramPlan) -> float | None:
             for step in op.collectives:
                 c = step.cost
                 if c is not None and c.group_size > 1 and set(c.axes) <= tp:
-                    comm += combine_terms_s(c.kind, c.bandwidth_s, c.latency_s)
+                    comm += c.time_s * plan.layers
         if comm == 0:
             continue
         limit = cost.compute_s * degree / comm

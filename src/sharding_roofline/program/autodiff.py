@@ -96,6 +96,7 @@ class _Backward:
         self.grads: dict[str, str] = {}
         self.saved_name: dict[str, str] = {}  # forward tensor -> the one the backward reads
         self.saved_at: dict[str, str] = {}  # forward tensor -> op whose layout it is read in
+        self.stage_of: dict[str, str] = {}  # tensor -> the stage of the op that wrote it
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -105,13 +106,15 @@ class _Backward:
         while name in self.tensors:
             n += 1
             name = f"{base}_{n}"
+        source = self.tensors[like]
         self.tensors[name] = Tensor(
-            name=name, letters=letters, dtype=self.tensors[like].dtype, kind=kind
+            name=name, letters=letters, dtype=source.dtype, kind=kind, on_chip=source.on_chip
         )
         return name
 
     def emit(self, op: Op) -> None:
         self.ops.append(op)
+        self.stage_of[op.output] = op.stage
 
     def read_saved(self, tensor: str, at: Op, letters: str) -> OpInput:
         """A forward tensor as the backward of ``at`` reads it (saved, or recomputed)."""
@@ -131,13 +134,20 @@ class _Backward:
         return OpInput(tensor=self.grads[tensor], letters=self.tensors[tensor].letters)
 
     def contribute(self, tensor: str, grad: str) -> None:
+        if self.tensors[tensor].no_grad:
+            return
         self.contributions.setdefault(tensor, []).append(grad)
 
     def finish(self, tensor: str, stage: str, of: str) -> bool:
-        """Sum the contributions to ``tensor``'s gradient; False if it has none."""
+        """Sum the contributions to ``tensor``'s gradient; False if it has none. The sum
+        runs in the stage that produced the contributions when they share one (where they
+        are, unreduced, so they add before one reduction), else in ``stage``."""
         parts = self.contributions.pop(tensor, [])
         if not parts:
             return False
+        stages = {self.stage_of.get(part, stage) for part in parts}
+        if len(stages) == 1:
+            stage = stages.pop()
         letters = self.tensors[tensor].letters
         total = parts[0]
         for i, part in enumerate(parts[1:], start=2):
@@ -172,13 +182,21 @@ class _Backward:
     recomputed_at: dict[str, str]
 
     def recompute(self) -> None:
-        """Emit the forward ops again (FULL) or the memory-bound ones (DOTS)."""
+        """Emit the forward ops again (FULL), the memory-bound ones (DOTS), and always those
+        that write on-chip tensors (a fused attention kernel recomputes its scores in the
+        backward pass instead of saving them)."""
         self.recomputed_at = {}
-        if self.remat is Remat.NONE:
+        on_chip = {op.name for op in self.fwd.ops if self.tensors[op.output].on_chip}
+        if self.remat is Remat.NONE and not on_chip:
             return
         renamed: dict[str, str] = {}
         for op in self.fwd.ops:
-            if self.remat is Remat.DOTS and op.kind is OpKind.EINSUM:
+            wanted = (
+                self.remat is Remat.FULL
+                or (self.remat is Remat.DOTS and op.kind is not OpKind.EINSUM)
+                or op.name in on_chip
+            )
+            if not wanted:
                 continue
             inputs = tuple(
                 OpInput(tensor=renamed.get(i.tensor, i.tensor), letters=i.letters)
@@ -404,6 +422,76 @@ class _Backward:
                 )
             )
             self.contribute(scale.tensor, dscale)
+            return
+        if op.kind is OpKind.RELABEL:  # the view's gradient is the opposite view
+            data = op.inputs[0]
+            extra = op.inputs[1:]  # the combine's gates: read again, not differentiated
+            out = self.new_tensor(
+                f"{grad_name(data.tensor)}_{op.name}",
+                data.letters,
+                data.tensor,
+                TensorKind.GRADIENT,
+            )
+            reads = (dz, *(self.read_saved(i.tensor, op, i.letters) for i in extra))
+            self.emit(
+                Op(
+                    name=f"{op.name}_grad",
+                    kind=OpKind.RELABEL,
+                    inputs=reads,
+                    output=out,
+                    out_letters=data.letters,
+                    fn="combine" if op.fn == "dispatch" else "dispatch",
+                    relabel=op.relabel,
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            self.contribute(data.tensor, out)
+            return
+        if op.kind is OpKind.GATHER:  # the table's gradient: scatter-add the rows back
+            ids, table = op.inputs
+            out = self.new_tensor(
+                f"{grad_name(table.tensor)}_{op.name}",
+                table.letters,
+                table.tensor,
+                TensorKind.GRADIENT,
+            )
+            self.emit(
+                Op(
+                    name=f"{op.name}_grad",
+                    kind=OpKind.SCATTER,
+                    inputs=(dz, self.read_saved(ids.tensor, op, ids.letters)),
+                    output=out,
+                    out_letters=table.letters,
+                    fn="scatter",
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            self.contribute(table.tensor, out)
+            return  # integer ids have no gradient
+        if op.kind is OpKind.LOSS:  # d logits = (softmax(logits) - onehot) · d loss
+            (logits,) = op.inputs
+            out = self.new_tensor(
+                f"{grad_name(logits.tensor)}_{op.name}",
+                logits.letters,
+                logits.tensor,
+                TensorKind.GRADIENT,
+            )
+            self.emit(
+                Op(
+                    name=f"{op.name}_grad",
+                    kind=OpKind.POINTWISE,
+                    inputs=(
+                        self.read_saved(logits.tensor, op, logits.letters),
+                        self.read_saved(op.output, op, op.out_letters),
+                        dz,
+                    ),
+                    output=out,
+                    out_letters=logits.letters,
+                    fn="xent_grad",
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            self.contribute(logits.tensor, out)
             return
         raise SpecError(  # pragma: no cover - every forward kind is handled above
             f"op {op.name!r}: no gradient rule for a {op.kind.value} op"

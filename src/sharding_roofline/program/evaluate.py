@@ -24,6 +24,7 @@ the reason, never raised.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -92,13 +93,17 @@ class MemoryBreakdown:
 
     def scaled(self, layers: int) -> MemoryBreakdown:
         """``layers`` copies of the persistent parts; one transient peak."""
+        return self.scaled_by(layers)
+
+    def scaled_by(self, factor: float) -> MemoryBreakdown:
+        """The persistent parts times ``factor``; the transient peak as it is."""
         return MemoryBreakdown(
-            params=self.params * layers,
-            grads=self.grads * layers,
-            optimizer=self.optimizer * layers,
-            activations=self.activations * layers,
+            params=self.params * factor,
+            grads=self.grads * factor,
+            optimizer=self.optimizer * factor,
+            activations=self.activations * factor,
             transient=self.transient,
-            items=tuple((c, t, b * layers) for c, t, b in self.items),
+            items=tuple((c, t, b * factor) for c, t, b in self.items),
             transient_op=self.transient_op,
         )
 
@@ -164,10 +169,27 @@ class ProgramPlan:
     passes: tuple[tuple[str, Cost], ...]  # "forward", "backward" (with remat), "optimizer"
     memory: MemoryBreakdown
     overlap: Overlap = Overlap.FULL
+    #: how many times the program runs per step (``repeat``): ``cost``, ``passes`` and
+    #: ``memory`` are for all of them; each op's own cost stays one repetition's
+    layers: int = 1
 
     @property
     def name(self) -> str:
         return self.placement.name
+
+    def repeat(self, layers: int) -> ProgramPlan:
+        """``layers`` copies of this program per step (a stack of identical blocks): every
+        time and byte scales, the persistent memory too, the transient peak does not."""
+        if not isinstance(layers, int) or layers < 1:
+            raise PlanError(f"layers={layers!r} must be a positive integer")
+        factor = layers / self.layers
+        return dataclasses.replace(
+            self,
+            cost=self.cost * factor,
+            passes=tuple((name, cost * factor) for name, cost in self.passes),
+            memory=self.memory.scaled_by(factor),
+            layers=layers,
+        )
 
     @property
     def collectives(self) -> tuple[Step, ...]:
@@ -250,6 +272,12 @@ class ProgramPlan:
 
 # -- the evaluator -----------------------------------------------------------------------------
 
+
+def _sums_gradients(op: Op) -> bool:
+    """An add of the backward pass that sums a tensor's gradient contributions."""
+    return op.phase is Phase.BACKWARD and op.kind is OpKind.POINTWISE and op.fn == "add"
+
+
 _PASS = {
     Phase.FORWARD: "forward",
     Phase.RECOMPUTE: "backward",
@@ -292,6 +320,8 @@ class _Evaluator:
             for item in op.inputs:
                 self.readers.setdefault(item.tensor, []).append((op, item))
         self._homes: dict[str, Dims] = {}
+        self._at_op: dict[tuple[str, str], Dims] = {}
+        self._partials: dict[str, tuple[str, ...]] | None = None
         self._op_sigma: dict[str, dict[str, tuple[str, ...]]] = {}
         #: layouts a tensor has already been moved to in this pass (forward; backward with
         #: its recomputation; optimizer): later readers there reuse the copy, as XLA
@@ -314,10 +344,34 @@ class _Evaluator:
         return cached
 
     def at_op(self, op: Op, letters: str) -> Dims:
-        if op.phase is Phase.OPTIMIZER:
-            return self.opt(op.of)
-        sigma = self.op_sigma(op)
-        return tuple(sigma.get(c, ()) for c in letters)
+        key = (op.name, letters)
+        cached = self._at_op.get(key)
+        if cached is None:
+            if op.phase is Phase.OPTIMIZER:
+                cached = self.opt(op.of)
+            else:
+                sigma = self.op_sigma(op)
+                if op.relabel:  # a slot letter is laid out as the token letters it stands for
+                    # (the axes that split the experts minor-most, so that the all-to-all to
+                    # the experts' layout moves just them)
+                    sigma = dict(sigma)
+                    expert = self.expert_axes()
+                    for slot, tokens in op.relabel:
+                        axes = [a for c in tokens for a in sigma.get(c, ())]
+                        axes = [a for a in axes if a not in expert] + [
+                            a for a in axes if a in expert
+                        ]
+                        sigma[slot] = tuple(axes)
+                cached = tuple(sigma.get(c, ()) for c in letters)
+            self._at_op[key] = cached
+        return cached
+
+    def expert_axes(self) -> tuple[str, ...]:
+        """The axes any stage splits the expert letter over (expert parallelism)."""
+        letter = self.program.roles.experts
+        if not letter:
+            return ()
+        return tuple(a for sigma in self.sigmas.values() for a in sigma.get(letter, ()))
 
     def replicated(self, tensor: str) -> Dims:
         return ((),) * len(self.program.tensor(tensor).letters)
@@ -364,6 +418,79 @@ class _Evaluator:
             return layouts.pop()
         return local
 
+    def op_unreduced(self, op: Op) -> tuple[str, ...]:
+        """The axes an op's local result is a partial sum over: those splitting a summed
+        letter of a contraction; for a gradient-summing add of partial sums, theirs."""
+        if op.is_contraction:
+            sigma = self.op_sigma(op)
+            return tuple(
+                axis for axis in self.mesh.axis_names for c in op.summed if axis in sigma.get(c, ())
+            )
+        if _sums_gradients(op):
+            return self.partial(op.inputs[0].tensor)
+        return ()
+
+    def partial(self, tensor: str) -> tuple[str, ...]:
+        """The axes ``tensor`` is kept unreduced over at its home: a gradient contribution
+        whose only readers add it, in the same layout, to contributions as partial as it
+        is. The partial sums are added first and reduced once, as frameworks accumulate
+        gradients before reducing them (one all-reduce for ``dx`` of Q, K and V)."""
+        if self._partials is None:
+            self._partials = self._resolve_partials()
+        return self._partials.get(tensor, ())
+
+    def _resolve_partials(self) -> dict[str, tuple[str, ...]]:
+        adds = [op for op in self.program.ops if _sums_gradients(op)]
+        if not adds:
+            return {}
+        partial: dict[str, tuple[str, ...]] = {}
+        for op in self.program.ops:  # in order: an add's inputs are settled before it
+            for item in op.inputs if _sums_gradients(op) else ():
+                tensor = item.tensor
+                if tensor in partial:
+                    continue
+                partial[tensor] = self._candidate(tensor, partial)
+        # an add of a partial and a reduced input reduces both first; a tensor reduced
+        # stays reduced, so this ends (each pass demotes at least one tensor, or stops)
+        demoted: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for op in adds:
+                parts = {partial.get(item.tensor, ()) for item in op.inputs}
+                if len(parts) > 1:
+                    for item in op.inputs:
+                        if partial.get(item.tensor, ()):
+                            partial[item.tensor] = ()
+                            demoted.add(item.tensor)
+                            changed = True
+                out = op.output
+                if out in partial and out not in demoted:
+                    want = self._candidate(out, partial)
+                    if partial[out] != want:
+                        partial[out] = want
+                        if not want:
+                            demoted.add(out)
+                        changed = True
+        return {t: u for t, u in partial.items() if u}
+
+    def _candidate(self, tensor: str, partial: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+        producer = self.producers.get(tensor)
+        if producer is None or tensor in self.explicit or tensor in self.gradient_of:
+            return ()
+        readers = [(op, item) for op, item in self.readers.get(tensor, ()) if not item.saved_at]
+        if not readers or not all(_sums_gradients(op) for op, _ in readers):
+            return ()
+        local = self.at_op(producer, producer.out_letters)
+        if any(self.at_op(op, item.letters) != local for op, item in readers):
+            return ()
+        if producer.is_contraction:
+            return self.op_unreduced(producer)
+        if _sums_gradients(producer):
+            parts = {partial.get(item.tensor, ()) for item in producer.inputs}
+            return parts.pop() if len(parts) == 1 else ()
+        return ()
+
     def _is_boundary(self, op: Op) -> bool:
         for name, kind in self.program.stages:
             if name == op.stage:
@@ -391,11 +518,13 @@ class _Evaluator:
             for item, dst in zip(op.inputs, dsts, strict=True)
         )
         home = self.home(op.output)
-        key = (op.name, tuple(sigma.items()), srcs, dsts, reused, home)
+        keep = self.partial(op.output)
+        unreduced = self.op_unreduced(op)
+        key = (op.name, tuple(sigma.items()), srcs, dsts, reused, home, keep, unreduced)
         cached = self.memo.get(key)
         if cached is None:
             cached = self._evaluate_op(
-                op, sigma=sigma, srcs=srcs, dsts=dsts, reused=reused, home=home
+                op, sigma=sigma, srcs=srcs, dsts=dsts, reused=reused, home=home, keep=keep
             )
             self.memo[key] = cached
         if isinstance(cached, Rejected):
@@ -414,6 +543,7 @@ class _Evaluator:
         dsts: tuple[Dims, ...],
         reused: tuple[bool, ...],
         home: Dims,
+        keep: tuple[str, ...],
     ) -> OpPlan | Rejected:
         for letter, axes in sigma.items():
             pieces = self.paths.pieces(axes)
@@ -437,7 +567,12 @@ class _Evaluator:
             if path is None:
                 return self._indivisible(op, item.tensor, src, dst)
             at_op.append((item.tensor, dst))
-            local_bytes = self.paths.elements(shape, dst) * tensor.itemsize
+            local_bytes = 0 if tensor.on_chip else self.paths.elements(shape, dst) * tensor.itemsize
+            if op.kind is OpKind.GATHER and tensor.kind is TensorKind.PARAM:
+                # a lookup reads the rows it gathers, not the whole table
+                out_shape_ = tuple(self.sizes[c] for c in op.out_letters)
+                rows = self.paths.elements(out_shape_, self.at_op(op, op.out_letters))
+                local_bytes = min(local_bytes, rows * tensor.itemsize)
             hbm_bytes += local_bytes
             if path.steps:
                 transient += local_bytes
@@ -446,20 +581,18 @@ class _Evaluator:
         out = self.program.tensor(op.output)
         out_shape = tuple(self.sizes[c] for c in op.out_letters)
         local = self.at_op(op, op.out_letters)
-        unreduced = tuple(
-            axis for axis in self.mesh.axis_names for c in op.summed if axis in sigma.get(c, ())
-        )
+        unreduced = self.op_unreduced(op)
         post = (
             EMPTY
-            if home == local and not unreduced
+            if home == local and unreduced == keep
             else self.paths.path(out_shape, out.dtype, local, home, unreduced)
         )
         if post is None:
             return self._indivisible(op, op.output, local, home)
-        out_bytes = self.paths.elements(out_shape, local) * out.itemsize
+        out_bytes = 0 if out.on_chip else self.paths.elements(out_shape, local) * out.itemsize
         hbm_bytes += out_bytes
         transient += out_bytes
-        if post.steps:
+        if post.steps and not out.on_chip:
             transient += self.paths.elements(out_shape, home) * out.itemsize
         comm += self._terms(post)
         elements = 1
@@ -471,6 +604,20 @@ class _Evaluator:
             flops = 2.0 * elements * op.flops_scale
         elif op.kind is OpKind.REDUCE:
             vector = 2.0 * elements
+        elif op.kind is OpKind.LOSS:
+            vector = FLOPS_PER_ELEMENT["xent"] * elements
+        elif op.kind is OpKind.RELABEL:
+            vector = FLOPS_PER_ELEMENT[op.fn] * max(
+                self.paths.elements(
+                    tuple(self.sizes[c] for c in item.letters), self.at_op(op, item.letters)
+                )
+                for item in op.inputs
+            )
+        elif op.kind in (OpKind.GATHER, OpKind.SCATTER):
+            vector = FLOPS_PER_ELEMENT[op.kind.value] * self.paths.elements(
+                tuple(self.sizes[c] for c in op.inputs[0].letters),
+                self.at_op(op, op.inputs[0].letters),
+            )
         else:
             vector = FLOPS_PER_ELEMENT[op.fn] * self.paths.elements(out_shape, local)
         if op.phase is Phase.OPTIMIZER:
@@ -511,10 +658,15 @@ class _Evaluator:
             ),
         )
 
-    @staticmethod
-    def _terms(path: Path) -> list[CommTerm]:
+    def _terms(self, path: Path) -> list[CommTerm]:
         return [
-            CommTerm(s.cost.axes, s.cost.link, s.cost.time_s, s.cost.bytes_sent_per_chip)
+            CommTerm(
+                s.cost.axes,
+                s.cost.link,
+                s.cost.time_s,
+                s.cost.bytes_sent_per_chip,
+                self.mesh.link_resources(s.cost.axes),
+            )
             for s in path.steps
             if s.cost is not None
         ]
@@ -565,7 +717,7 @@ class _Evaluator:
             result = self.evaluate_op(op)
             if isinstance(result, Rejected):
                 return result
-            if op.phase is Phase.RECOMPUTE:
+            if op.phase is Phase.RECOMPUTE and not self.program.tensor(op.output).on_chip:
                 recompute_bytes += self._bytes(op.output, result.out_home)
             cost = result.cost
             if op.phase is Phase.BACKWARD and recompute_bytes:
@@ -616,7 +768,7 @@ class _Evaluator:
                 continue
             for item in op.inputs:
                 info = program.tensor(item.tensor)
-                if info.kind not in (TensorKind.ACTIVATION, TensorKind.INPUT):
+                if info.kind not in (TensorKind.ACTIVATION, TensorKind.INPUT) or info.on_chip:
                     continue
                 producer = self.producers.get(item.tensor)
                 if producer is not None and producer.phase is not Phase.FORWARD:
@@ -655,6 +807,9 @@ class Evaluation:
     mesh: DeviceMesh
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     overlap: Overlap = Overlap.FULL
+    #: axes gathers may never widen over though they look idle (a pipeline's stage axis:
+    #: its chips hold other layers)
+    exclude_widen: tuple[str, ...] = ()
     _paths: dict[bool, TensorPaths] = field(default_factory=dict)
     _memo: dict[bool, dict[tuple[object, ...], OpPlan | Rejected]] = field(default_factory=dict)
 
@@ -662,7 +817,7 @@ class Evaluation:
         paths = self._paths.get(placement.idle_axes)
         if paths is None:
             paths = self._paths[placement.idle_axes] = TensorPaths(
-                self.mesh, idle_axes=placement.idle_axes
+                self.mesh, idle_axes=placement.idle_axes, exclude=self.exclude_widen
             )
         memo = self._memo.setdefault(placement.idle_axes, {})
         return _Evaluator(

@@ -47,6 +47,28 @@ class OpKind(enum.Enum):
     POINTWISE = "pointwise"
     SOFTMAX = "softmax"
     NORM = "norm"
+    #: an embedding lookup ``ids[b, t], table[v, d] -> x[b, t, d]``: a contraction over the
+    #: vocabulary (split over v, each chip looks up its rows and the result is a partial
+    #: sum, as Megatron's vocabulary-parallel embedding all-reduces it) reading only the
+    #: rows it gathers
+    GATHER = "gather"
+    #: the lookup's gradient: ``d_x[b, t, d], ids[b, t] -> d_table[v, d]``, summed over the
+    #: tokens (a weight gradient: partial over the data axes)
+    SCATTER = "scatter"
+    #: softmax cross-entropy ``logits[b, t, v] -> loss[b, t]``, reduced over the vocabulary
+    #: (split over v it is a partial sum: an all-reduce of the per-token statistics)
+    LOSS = "loss"
+    #: a token <-> expert-slot view (mixture-of-experts dispatch and combine): tokens
+    #: ``[b, t, d]`` copied to (or summed back from) capacity slots ``[e, c, d]``. The slot
+    #: letter ``c`` is laid out as the token letters it stands for (``relabel``: c <- b, t),
+    #: so a chip's own tokens fill its own slots; moving them to their experts' chips is the
+    #: resharding that follows (an all-to-all over the expert-parallel axes)
+    RELABEL = "relabel"
+
+
+_CONTRACTIONS = frozenset(
+    {OpKind.EINSUM, OpKind.REDUCE, OpKind.GATHER, OpKind.SCATTER, OpKind.LOSS}
+)
 
 
 class Phase(enum.Enum):
@@ -77,6 +99,13 @@ FLOPS_PER_ELEMENT: dict[str, float] = {
     "layernorm_grad": 14.0,
     "adamw": 18.0,  # two moment updates, bias correction, sqrt, divide, weight decay
     "reduce": 2.0,  # a multiply and an add per input element of a vector contraction
+    "gather": 0.0,  # a copy of the rows looked up
+    "scatter": 1.0,  # an add per gradient element into its row
+    "xent": 5.0,  # per logit: max, subtract, exp, sum, and the label's pick
+    "xent_grad": 3.0,  # softmax(logits) - onehot: exp, divide, subtract
+    "router": 6.0,  # softmax over the experts and the top-k selection
+    "dispatch": 0.0,  # a copy of each token to its experts' slots
+    "combine": 2.0,  # per slot element: scale by the gate, add into the token
 }
 
 
@@ -86,6 +115,13 @@ class Tensor:
     letters: str
     dtype: str
     kind: TensorKind
+    #: carries no gradient (the router's gates are a stop-gradient in our costing: the
+    #: router's own d·E parameters get no update)
+    no_grad: bool = False
+    #: lives only in on-chip memory (VMEM, shared memory) inside a fused kernel: moves no
+    #: HBM bytes, takes no HBM, is never saved (a backward that needs it recomputes it)
+    on_chip: bool = False
+    itemsize: int = field(init=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -97,10 +133,7 @@ class Tensor:
         if len(set(self.letters)) != len(self.letters):
             raise SpecError(f"tensor {self.name!r}: a letter repeats in {self.letters!r}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-
-    @property
-    def itemsize(self) -> int:
-        return dtype_bytes(self.dtype)
+        object.__setattr__(self, "itemsize", dtype_bytes(self.dtype))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +163,8 @@ class Op:
     of: str = ""
     #: multiplies this op's matmul FLOPs (0.5: a causal kernel that skips the masked half)
     flops_scale: float = 1.0
+    #: RELABEL ops: ``(slot letter, the token letters it is laid out as)``, e.g. ("c", "bt")
+    relabel: tuple[tuple[str, str], ...] = ()
     _letters: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
     _summed: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -141,7 +176,7 @@ class Op:
         for c in self.out_letters:
             seen.setdefault(c)
         object.__setattr__(self, "_letters", tuple(seen))
-        if self.kind in (OpKind.EINSUM, OpKind.REDUCE):
+        if self.kind in _CONTRACTIONS:
             summed = tuple(c for c in seen if c not in self.out_letters)
             object.__setattr__(self, "_summed", summed)
 
@@ -161,7 +196,9 @@ class Op:
 
     @property
     def is_contraction(self) -> bool:
-        return self.kind in (OpKind.EINSUM, OpKind.REDUCE)
+        """Reads letters it does not write (summed): its local result is a partial sum
+        over the axes that split them."""
+        return self.kind in _CONTRACTIONS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +216,10 @@ class LetterRoles:
     hidden: tuple[str, ...]
     #: the key/value sequence letter of attention (context parallelism splits it)
     kv_sequence: str = ""
+    #: mixture of experts: the expert letter (expert parallelism splits it) and the
+    #: capacity-slot letter (laid out as the tokens it holds)
+    experts: str = ""
+    slots: str = "c"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,13 +302,13 @@ class Program:
             raise SpecError(f"{where}: writes {op.output!r}, which is already written")
         letters_read = {c for item in op.inputs for c in item.letters}
         extra = [c for c in op.out_letters if c not in letters_read]
-        if extra:
+        if extra and op.kind not in (OpKind.RELABEL, OpKind.SCATTER):
             raise SpecError(f"{where}: output letter {extra[0]!r} is read from no input")
         if op.kind is OpKind.EINSUM and len(op.inputs) != 2:
             raise SpecError(
                 f"{where}: an einsum op takes two operands; split a longer chain into pairwise ops"
             )
-        if not op.is_contraction:
+        if not op.is_contraction and op.kind is not OpKind.RELABEL:
             for item in op.inputs:
                 if any(
                     c not in op.out_letters and c not in op.reduce_letters for c in item.letters

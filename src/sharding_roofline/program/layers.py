@@ -11,7 +11,9 @@ letter, ``b`` (the book's ``B`` tokens).
 * ``attention`` (GQA): Q/K/V projections, ``QK^T`` per KV head and query group, a causal
   softmax over ``s``, ``AV``, the O projection. Under ``causal_flops="half"`` the two
   attention einsums count half their FLOPs (a kernel that skips the masked half, as the
-  book allows); the default counts them whole, as the book's ``12BT²NH`` and XLA do;
+  book allows); the default counts them whole, as the book's ``12BT²NH`` and XLA do.
+  Under ``attention="flash"`` the scores and probabilities stay on chip (a fused kernel):
+  they move no HBM bytes, are not saved, and the backward pass recomputes the scores;
 * ``block``: RMSNorm, attention, residual add, RMSNorm, MLP (gated by default), residual
   add (the pre-norm decoder block).
 
@@ -21,11 +23,13 @@ einsum's result is written in the activation dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..dtypes import canonical_dtype
+from ..einsum import Einsum
 from ..errors import SpecError
 from .graph import LetterRoles, Op, OpInput, OpKind, Program, Tensor, TensorKind
 
@@ -54,6 +58,10 @@ class LayerSpec:
     mlp: str = "gated"  # the block's MLP: "gated" (SwiGLU) or "plain"
     activation: str = ""  # gelu for the plain MLP, silu for the gated one
     causal_flops: str = "full"  # "full" (as XLA and the book's 12BT²NH) or "half"
+    #: "materialized": scores and probabilities go through HBM and are saved (what plain JAX
+    #: compiles, and what the validator checks); "flash": a fused kernel keeps them on chip
+    #: and recomputes the scores in the backward pass (2.5x the forward attention FLOPs)
+    attention: str = "materialized"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -94,6 +102,10 @@ class LayerSpec:
             )
         if self.mlp not in ("gated", "plain"):
             raise SpecError(f"{where}: mlp={self.mlp!r}; expected 'gated' or 'plain'")
+        if self.attention not in ("materialized", "flash"):
+            raise SpecError(
+                f"{where}: attention={self.attention!r}; expected materialized or flash"
+            )
         if self.causal_flops not in ("full", "half"):
             raise SpecError(f"{where}: causal_flops={self.causal_flops!r}; expected full or half")
         gated = self.kind is LayerKind.GATED_MLP or (
@@ -163,9 +175,13 @@ class _Builder:
         self.ops: list[Op] = []
         self.tok = "bt" if spec.t else "b"
 
-    def tensor(self, name: str, letters: str, kind: TensorKind, dtype: str = "") -> str:
+    def tensor(
+        self, name: str, letters: str, kind: TensorKind, dtype: str = "", *, on_chip: bool = False
+    ) -> str:
         dt = dtype or (self.spec.param_dtype if kind is TensorKind.PARAM else self.spec.dtype)
-        self.tensors[name] = Tensor(name=name, letters=letters, dtype=dt, kind=kind)
+        self.tensors[name] = Tensor(
+            name=name, letters=letters, dtype=dt, kind=kind, on_chip=on_chip
+        )
         return name
 
     def param(self, name: str, letters: str) -> str:
@@ -291,11 +307,16 @@ class _Builder:
         self.param("w_v", "dkh")
         self.param("w_o", "kghd")
         q = self.einsum("q_proj", (x, "btd"), ("w_q", "dkgh"), "q", "btkgh", st)
-        k = self.einsum("k_proj", (x, "bsd"), ("w_k", "dkh"), "k", "bskh", st)
-        v = self.einsum("v_proj", (x, "bsd"), ("w_v", "dkh"), "v", "bskh", st)
+        # keys and values are written per position t and read as positions s: a layout
+        # that splits t (context parallelism) then gathers them before the scores
+        k = self.einsum("k_proj", (x, "btd"), ("w_k", "dkh"), "k", "btkh", st)
+        v = self.einsum("v_proj", (x, "btd"), ("w_v", "dkh"), "v", "btkh", st)
         scores = self.einsum(
             "scores", (q, "btkgh"), (k, "bskh"), "scores", "bkgts", st, flops_scale=half
         )
+        flash = self.spec.attention == "flash"
+        if flash:  # the fused kernel keeps the scores and probabilities on chip
+            self.tensors[scores] = dataclasses.replace(self.tensors[scores], on_chip=True)
         probs = self.pointwise(
             "softmax",
             fn="causal_softmax",
@@ -305,6 +326,8 @@ class _Builder:
             kind=OpKind.SOFTMAX,
             reduce="s",
         )
+        if flash:
+            self.tensors[probs] = dataclasses.replace(self.tensors[probs], on_chip=True)
         o = self.einsum(
             "context", (probs, "bkgts"), (v, "bskh"), "context", "btkgh", st, flops_scale=half
         )
@@ -366,3 +389,38 @@ def build_layer(spec: LayerSpec) -> Program:
     m = builder.mlp(n2)
     y = builder.pointwise("residual2", fn="add", inputs=(r1, m), out="block_out", stage="io")
     return builder.program("block", (y,), ("io", "attn", "mlp"))
+
+
+def einsum_program(einsum: Einsum, names: tuple[str, str, str] = ("lhs", "rhs", "out")) -> Program:
+    """A single einsum as a one-op program: its operands are inputs named ``names`` (the
+    roles by default, or the user's tensor names), its result the output."""
+    spec = einsum.spec
+    lhs, rhs, out = names
+    if len({lhs, rhs, out}) != 3:
+        raise SpecError(f"einsum operand names {names} must be three different names")
+    tensors = (
+        Tensor(name=lhs, letters=spec.lhs, dtype=einsum.dtype, kind=TensorKind.INPUT),
+        Tensor(name=rhs, letters=spec.rhs, dtype=einsum.dtype, kind=TensorKind.INPUT),
+        Tensor(name=out, letters=spec.out, dtype=einsum.accum_dtype, kind=TensorKind.ACTIVATION),
+    )
+    op = Op(
+        name="einsum",
+        kind=OpKind.EINSUM,
+        inputs=(OpInput(tensor=lhs, letters=spec.lhs), OpInput(tensor=rhs, letters=spec.rhs)),
+        output=out,
+        out_letters=spec.out,
+        stage="op",
+    )
+    batch = next((c for c in spec.lhs if c in spec.out and c not in spec.rhs), spec.lhs[0])
+    model = next((c for c in spec.contracting), batch)
+    hidden = tuple(c for c in spec.rhs if c in spec.out and c not in spec.lhs)
+    return Program(
+        name=spec.equation,
+        dims=einsum.dims,
+        tensors=tensors,
+        ops=(op,),
+        roles=LetterRoles(batch=batch, sequence=batch, model=model, hidden=hidden),
+        outputs=(out,),
+        stages=(("op", "matmul"),),
+        tokens=einsum.size(batch),
+    )

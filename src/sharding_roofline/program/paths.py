@@ -53,21 +53,35 @@ EMPTY = Path((), 0.0, 0.0)
 class TensorPaths:
     """Costed resharding paths for tensors of known shapes on one mesh (cached)."""
 
-    def __init__(self, mesh: DeviceMesh, *, idle_axes: bool = True) -> None:
+    def __init__(
+        self, mesh: DeviceMesh, *, idle_axes: bool = True, exclude: tuple[str, ...] = ()
+    ) -> None:
         self.mesh = mesh
         self.idle_axes = idle_axes
         self.axis_size = {axis.name: axis.size for axis in mesh.axes}
         self.mesh_order = mesh.axis_names
         self.axis_items = tuple(self.axis_size.items())
+        # axes a gather never widens over: their chips are busy with other work (other
+        # pipeline stages' layers)
+        self.busy = tuple(exclude)
         self._cache: dict[tuple[object, ...], Path | None] = {}
+        self._pieces: dict[tuple[str, ...], int] = {}
+        self._elements: dict[tuple[tuple[int, ...], Dims], int] = {}
 
     def pieces(self, axes: tuple[str, ...]) -> int:
-        return math.prod(self.axis_size[a] for a in axes)
+        value = self._pieces.get(axes)
+        if value is None:
+            value = self._pieces[axes] = math.prod(self.axis_size[a] for a in axes)
+        return value
 
     def elements(self, shape: tuple[int, ...], dims: Dims) -> int:
-        value = 1
-        for size, axes in zip(shape, dims, strict=True):
-            value *= size // self.pieces(axes)
+        key = (shape, dims)
+        value = self._elements.get(key)
+        if value is None:
+            value = 1
+            for size, axes in zip(shape, dims, strict=True):
+                value *= size // self.pieces(axes)
+            self._elements[key] = value
         return value
 
     def divisible(self, shape: tuple[int, ...], dims: Dims) -> bool:
@@ -94,7 +108,7 @@ class TensorPaths:
         if self.idle_axes and gathers:
             spread_shape = tuple(math.gcd(n, self.mesh.num_devices) for n in shape)
             raw = reshard_path(
-                src, dst, unreduced, self.mesh_order, (spread_shape, self.axis_items)
+                src, dst, unreduced, self.mesh_order, (spread_shape, self.axis_items), self.busy
             )
             wide = self._cost(shape, dtype, raw)
             if wide is not None and (
@@ -112,6 +126,8 @@ class TensorPaths:
         for kind, axes, before, after, u_before, u_after in raw:
             if not self.divisible(shape, before) or not self.divisible(shape, after):
                 return None
+            if self.pieces(axes) == 1:
+                continue  # over axes of size 1: moves nothing
             cost = None
             if kind is not None:
                 cost = collective_cost(

@@ -101,9 +101,12 @@ def compare(
     optimizer: OptimizerSpec | None = None,
     overlap: Overlap = Overlap.FULL,
     idle_axes: bool = True,
+    layers: int = 1,
 ) -> ProgramRanking:
     """Evaluate each strategy (the named ones by default) and rank them: fitting first,
-    then by time. Strategies that cannot run are ``rejected`` with the reason."""
+    then by time. Strategies that cannot run are ``rejected`` with the reason. With
+    ``layers``, each plan is that many copies of the program (``ProgramPlan.repeat``): its
+    time and persistent memory scale, and ``fits`` is judged for the whole stack."""
     start = time.perf_counter()
     evaluation = Evaluation(program, mesh, optimizer or OptimizerSpec(), overlap)
     plans: list[ProgramPlan] = []
@@ -115,6 +118,8 @@ def compare(
         if isinstance(result, Rejected):
             rejected.append(result)
             continue
+        if layers != 1:
+            result = result.repeat(layers)
         plans.append(result)
         if not result.fits:
             rejected.append(
@@ -237,8 +242,10 @@ def search(
     idle_axes: bool = True,
     zero: int = 0,
     front: int = 12,
+    layers: int = 1,
 ) -> ProgramRanking:
-    """The best placements over every stage's own layout (see the module docstring)."""
+    """The best placements over every stage's own layout (see the module docstring);
+    ``layers`` copies of the program per step, as in ``compare``."""
     start = time.perf_counter()
     spec = optimizer or OptimizerSpec()
     evaluation = Evaluation(program, mesh, spec, overlap)
@@ -343,7 +350,7 @@ def search(
         if len(fronts) != len(matmul_stages):
             continue
         for picks in itertools.product(*fronts):
-            persistent = io_memory.persistent + sum(p.memory for p in picks)
+            persistent = layers * (io_memory.persistent + sum(p.memory for p in picks))
             if persistent > capacity:
                 continue
             combined: dict[str, Cost] = dict(io_passes)
@@ -363,11 +370,15 @@ def search(
         if isinstance(plan, Rejected):  # pragma: no cover - evaluated stage by stage above
             rejected.append(plan)
             continue
+        if layers != 1:
+            plan = plan.repeat(layers)
         if not plan.fits:
             rejected.append(Rejected(strategy=plan.name, reason=plan.memory.overflow(capacity)))
             continue
         plans.setdefault(plan.name, plan)
-    named = compare(program, mesh, optimizer=spec, overlap=overlap, idle_axes=idle_axes)
+    named = compare(
+        program, mesh, optimizer=spec, overlap=overlap, idle_axes=idle_axes, layers=layers
+    )
     ranked = sorted(plans.values(), key=_rank_key)
     for plan in named.strategies:  # a named strategy that ties is shown by its name
         for i, found in enumerate(ranked):

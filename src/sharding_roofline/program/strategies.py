@@ -23,6 +23,7 @@ The strategy's ``name`` is canonical and parses back to the same strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from ..reshard import Dims
 from .evaluate import Placement, letter_map
 from .graph import Phase, Program, TensorKind
 
-_KEYS = ("dp", "fsdp", "tp", "sp")
+_KEYS = ("dp", "fsdp", "tp", "sp", "pp", "ep", "cp")
 _PIN = re.compile(r"^([a-z_][a-z0-9_]*)\.([a-z])$")
+_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+_REMATS = ("none", "full", "dots")
 
 
 def _axes(text: str, item: str) -> tuple[str, ...]:
@@ -49,16 +52,29 @@ def _axes(text: str, item: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Strategy:
+    """A placement by role. ``dp``/``fsdp``/``tp``/``pp`` take disjoint axes; ``ep``
+    (experts) and ``cp`` (context: the sequence) reuse data axes, as expert and context
+    parallelism split what data parallelism splits. ``mb`` (microbatches), ``schedule``
+    (pipeline: gpipe, 1f1b, interleaved, with ``vs`` chunks) and ``remat`` describe the
+    training step, so that a model plan's name passes back with ``--strategy``."""
+
     dp: tuple[str, ...] = ()
     fsdp: tuple[str, ...] = ()
     tp: tuple[str, ...] = ()
     sp: bool = False
+    pp: tuple[str, ...] = ()
+    ep: tuple[str, ...] = ()
+    cp: tuple[str, ...] = ()
     zero: int = 0
+    mb: int = 0  # 0: the command's default
+    schedule: str = ""
+    vs: int = 0  # virtual stages per device (interleaved)
+    remat: str = ""
     pins: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
-        for key in ("dp", "fsdp", "tp"):
+        for key in ("dp", "fsdp", "tp", "pp"):
             for axis in getattr(self, key):
                 if axis in seen:
                     raise SpecError(
@@ -66,18 +82,42 @@ class Strategy:
                         f"{seen[axis]} and {key}; each axis does one job"
                     )
                 seen[axis] = key
+        data = {*self.dp, *self.fsdp}
+        for key in ("ep", "cp"):
+            outside = [a for a in getattr(self, key) if a not in data]
+            if outside:
+                raise SpecError(
+                    f"strategy {self.name!r}: {key} axis {outside[0]!r} is not a data axis; "
+                    f"{'expert' if key == 'ep' else 'context'} parallelism splits what data "
+                    f"parallelism splits: give it dp or fsdp too (e.g. fsdp=x,{key}=x)"
+                )
+        if set(self.ep) & set(self.cp):
+            raise SpecError(f"strategy {self.name!r}: an axis cannot do both ep and cp")
         if self.zero not in (0, 1, 2, 3):
             raise SpecError(f"strategy {self.name!r}: zero={self.zero}; expected 0, 1, 2 or 3")
         if self.sp and not self.tp:
             raise SpecError(f"strategy {self.name!r}: sequence parallelism needs tp axes")
+        if self.mb < 0 or self.vs < 0:
+            raise SpecError(f"strategy {self.name!r}: mb and vs must be positive")
+        if self.schedule and self.schedule not in _SCHEDULES:
+            raise SpecError(
+                f"strategy {self.name!r}: schedule={self.schedule!r}; expected one of "
+                f"{', '.join(_SCHEDULES)}"
+            )
+        if self.remat and self.remat not in _REMATS:
+            raise SpecError(
+                f"strategy {self.name!r}: remat={self.remat!r}; expected none, full or dots"
+            )
 
     @classmethod
     def parse(cls, text: str | Strategy) -> Strategy:
-        """``"fsdp=x,tp=y"``, ``"dp=x+y,zero=1"``, ``"fsdp=x,sp=y"``, ``"mlp.f=y"``."""
+        """``"fsdp=x,tp=y"``, ``"dp=x+y,zero=1"``, ``"fsdp=x,sp=y"``, ``"mlp.f=y"``,
+        ``"dp=slice,fsdp=x,tp=z,pp=y,mb=16,schedule=1f1b"``."""
         if isinstance(text, Strategy):
             return text
         parts: dict[str, tuple[str, ...]] = {}
-        zero = 0
+        numbers: dict[str, int] = {}
+        words: dict[str, str] = {}
         sp = False
         pins: list[tuple[str, str, tuple[str, ...]]] = []
         body = text.strip()
@@ -89,12 +129,16 @@ class Strategy:
             if not eq or not value:
                 raise SpecError(
                     f"strategy {text!r}: {item.strip()!r} is not KEY=AXES; write e.g. "
-                    "fsdp=x,tp=y (keys: dp, fsdp, tp, sp, zero, or stage.letter pins)"
+                    "fsdp=x,tp=y (keys: dp, fsdp, tp, sp, pp, ep, cp, zero, mb, schedule, "
+                    "vs, remat, or stage.letter pins)"
                 )
-            if key == "zero":
-                if value not in ("0", "1", "2", "3"):
-                    raise SpecError(f"strategy {text!r}: zero={value!r}; expected 0, 1, 2 or 3")
-                zero = int(value)
+            if key in ("zero", "mb", "vs"):
+                if not (value.isascii() and value.isdigit()):
+                    raise SpecError(f"strategy {text!r}: {key}={value!r} must be a whole number")
+                numbers[key] = int(value)
+                continue
+            if key in ("schedule", "remat"):
+                words[key] = value.lower()
                 continue
             if key in _KEYS:
                 axes = _axes(value, item)
@@ -115,41 +159,68 @@ class Strategy:
                 )
                 continue
             raise SpecError(
-                f"strategy {text!r}: unknown key {key!r}; expected dp, fsdp, tp, sp, zero, or a "
-                "pin like mlp.f=y"
+                f"strategy {text!r}: unknown key {key!r}; expected dp, fsdp, tp, sp, pp, ep, "
+                "cp, zero, mb, schedule, vs, remat, or a pin like mlp.f=y"
             )
         return cls(
             dp=parts.get("dp", ()),
             fsdp=parts.get("fsdp", ()),
             tp=parts.get("tp", ()),
             sp=sp,
-            zero=zero,
+            pp=parts.get("pp", ()),
+            ep=parts.get("ep", ()),
+            cp=parts.get("cp", ()),
+            zero=numbers.get("zero", 0),
+            mb=numbers.get("mb", 0),
+            vs=numbers.get("vs", 0),
+            schedule=words.get("schedule", ""),
+            remat=words.get("remat", ""),
             pins=tuple(pins),
         )
 
     @property
     def name(self) -> str:
         parts = []
-        if self.dp:
-            parts.append("dp=" + "+".join(self.dp))
-        if self.fsdp:
-            parts.append("fsdp=" + "+".join(self.fsdp))
+        for key in ("dp", "fsdp"):
+            axes = getattr(self, key)
+            if axes:
+                parts.append(f"{key}=" + "+".join(axes))
         if self.tp:
             parts.append(("sp=" if self.sp else "tp=") + "+".join(self.tp))
+        for key in ("pp", "ep", "cp"):
+            axes = getattr(self, key)
+            if axes:
+                parts.append(f"{key}=" + "+".join(axes))
         if self.zero:
             parts.append(f"zero={self.zero}")
+        if self.mb:
+            parts.append(f"mb={self.mb}")
+        if self.schedule:
+            parts.append(f"schedule={self.schedule}")
+        if self.vs:
+            parts.append(f"vs={self.vs}")
+        if self.remat:
+            parts.append(f"remat={self.remat}")
         parts += [f"{s}.{c}={'+'.join(a) or '-'}" for s, c, a in self.pins]
         return ",".join(parts) or "replicated"
 
     def __str__(self) -> str:
         return self.name
 
+    def replace(self, **changes: object) -> Strategy:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
     @property
     def axes(self) -> tuple[str, ...]:
-        return (*self.dp, *self.fsdp, *self.tp)
+        return (*self.dp, *self.fsdp, *self.tp, *self.pp)
 
     def check(self, mesh: DeviceMesh) -> None:
-        for axis in (*self.axes, *(a for _, _, axes in self.pins for a in axes)):
+        for axis in (
+            *self.axes,
+            *self.ep,
+            *self.cp,
+            *(a for _, _, axes in self.pins for a in axes),
+        ):
             if axis not in mesh.axis_names:
                 raise SpecError(
                     f"strategy {self.name!r} uses mesh axis {axis!r}, but the mesh "
@@ -160,9 +231,13 @@ class Strategy:
 def named_strategies(mesh: DeviceMesh) -> list[Strategy]:
     """The book's strategies over the mesh's axes, for ``--compare``: data parallelism
     (DP, FSDP) on the major axes and model parallelism (TP, TP+SP) on the minor ones (inner
-    axes are the fast links: a torus's neighbours, an NVLink node), at every split."""
+    axes are the fast links: a torus's neighbours, an NVLink node), at every split; and
+    FSDP with TP+SP on each single other axis (whose size may suit the heads better)."""
     axes = tuple(a.name for a in mesh.axes if a.size > 1)
     out: list[Strategy] = []
+    for axis in axes[:-1]:  # TP on one axis that is not the minor one (an 8-wide axis)
+        others = tuple(a for a in axes if a != axis)
+        out.append(Strategy(fsdp=others, tp=(axis,), sp=True))
     for split in range(len(axes), -1, -1):
         data, model = axes[:split], axes[split:]
         if not model:
@@ -196,18 +271,34 @@ def _stage_letters(program: Program, stage: str) -> tuple[str, ...]:
 
 
 def boundary_map(program: Program, mesh: DeviceMesh, strategy: Strategy) -> dict[str, list[str]]:
-    """The layout of activations between blocks: the batch over the data axes, and with
-    sequence parallelism the sequence over the tp axes."""
+    """The layout of activations between blocks: the batch over the data axes (but the
+    context-parallel ones, which split the sequence), and with sequence parallelism the
+    sequence over the tp axes too."""
     roles = program.roles
-    data = list(_in_mesh_order(mesh, (*strategy.dp, *strategy.fsdp)))
-    mapping: dict[str, list[str]] = {roles.batch: data}
+    batch, sequence = _token_axes(program, mesh, strategy)
+    mapping: dict[str, list[str]] = {roles.batch: batch}
+    if roles.sequence != roles.batch and sequence:
+        mapping[roles.sequence] = list(sequence)
     if strategy.sp:
         tp = list(_in_mesh_order(mesh, strategy.tp))
         if roles.sequence == roles.batch:
-            mapping[roles.batch] = data + tp
+            mapping[roles.batch] = mapping[roles.batch] + tp
         else:
-            mapping[roles.sequence] = tp
+            mapping[roles.sequence] = mapping.get(roles.sequence, []) + tp
     return mapping
+
+
+def _token_axes(
+    program: Program, mesh: DeviceMesh, strategy: Strategy
+) -> tuple[list[str], list[str]]:
+    """(axes on the batch letter, axes on the sequence letter) at every stage: the data
+    axes split whole sequences, the context-parallel ones positions within them. Without
+    a sequence letter, every data axis splits the tokens."""
+    data = list(_in_mesh_order(mesh, (*strategy.dp, *strategy.fsdp)))
+    if program.roles.sequence == program.roles.batch:
+        return data, []
+    cp = set(strategy.cp)
+    return [a for a in data if a not in cp], [a for a in data if a in cp]
 
 
 def place(
@@ -220,7 +311,6 @@ def place(
     roles = program.roles
     sizes = program.sizes
     axis_size = {a.name: a.size for a in mesh.axes}
-    data = _in_mesh_order(mesh, (*strategy.dp, *strategy.fsdp))
     tp = _in_mesh_order(mesh, strategy.tp)
     notes: list[str] = []
     boundary = boundary_map(program, mesh, strategy)
@@ -231,8 +321,21 @@ def place(
         if kind == "boundary":
             sigma = {c: list(a) for c, a in boundary.items() if c in letters}
         elif kind == "matmul":
-            if roles.batch in letters:
-                sigma[roles.batch] = list(data)
+            batch_axes, sequence_axes = _token_axes(program, mesh, strategy)
+            if roles.batch in letters and batch_axes:
+                sigma[roles.batch] = list(batch_axes)
+            if roles.sequence in letters and sequence_axes:
+                sigma[roles.sequence] = list(sequence_axes)
+            if roles.experts and roles.experts in letters and roles.batch not in letters:
+                # the experts' view: experts over the ep axes, each expert's slots over the
+                # other token axes (the dispatch all-to-all moves the ep axes from c to e)
+                ep = list(_in_mesh_order(mesh, strategy.ep))
+                tokens = [*batch_axes, *sequence_axes]
+                if ep:
+                    sigma[roles.experts] = ep
+                slots = [a for a in tokens if a not in ep]
+                if slots:
+                    sigma[roles.slots] = slots
             hidden = [c for c in roles.hidden if c in letters]
             for axis in tp:
                 for c in hidden:

@@ -9,12 +9,15 @@ JAX operation in the process before it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sharding_roofline.dtypes import dtype_bytes
 from sharding_roofline.errors import ValidationError
+from sharding_roofline.limits import MAX_SIMULATED_DEVICES
 from sharding_roofline.plans import Plan
 from sharding_roofline.program.evaluate import ProgramPlan
 from sharding_roofline.report import table
@@ -25,11 +28,16 @@ if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
     from .program_compare import ProgramValidation
 
 __all__ = [
+    "EXECUTE_BUDGET_BYTES",
     "Progress",
     "add_validate_arguments",
+    "check_execute_memory",
+    "check_program_execute_memory",
+    "execute_bytes",
     "format_program_validation",
     "format_validation",
     "format_validations",
+    "program_execute_bytes",
     "run_validate",
     "run_validate_many",
     "run_validate_program",
@@ -48,6 +56,13 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         "must be at least that)",
     )
     group.add_argument(
+        "--processes",
+        type=int,
+        metavar="P",
+        help="spread the mesh's devices over P local processes joined by jax.distributed "
+        "(CPU collectives over gloo); validates collectives and numerics across them",
+    )
+    group.add_argument(
         "--execute",
         action="store_true",
         help="also run both programs on random data and compare with numpy (small shapes: "
@@ -60,6 +75,23 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan | ProgramPlan]
 
     needed = max(plan.mesh.num_devices for plan in plans)
     asked = getattr(args, "devices", None)
+    if asked is not None and not 1 <= asked <= MAX_SIMULATED_DEVICES:
+        raise ValidationError(
+            f"--devices {asked} is outside 1 to {MAX_SIMULATED_DEVICES}, the simulated CPU "
+            f"devices the validator starts; pass --devices {needed} (the mesh's count) or leave "
+            "it out"
+        )
+    if needed > MAX_SIMULATED_DEVICES:
+        raise ValidationError(
+            f"the mesh has {needed} devices, more than the {MAX_SIMULATED_DEVICES} simulated "
+            "CPU devices the validator starts; validate a smaller mesh of the same shape"
+        )
+    if getattr(args, "execute", False):
+        for plan in plans:
+            if isinstance(plan, ProgramPlan):
+                check_program_execute_memory(plan)
+            else:
+                check_execute_memory(plan)
     if asked is not None and asked < needed:
         raise ValidationError(
             f"--devices {asked} is fewer than the {needed} devices of the mesh "
@@ -68,8 +100,77 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan | ProgramPlan]
     ensure_devices(asked if asked is not None else needed)
 
 
+#: The most host memory ``--execute`` may use (simulated devices share the host's RAM).
+EXECUTE_BUDGET_BYTES = 4 * 1024**3
+
+
+def execute_bytes(plan: Plan) -> int:
+    """An estimate of the host memory ``--execute`` needs for ``plan``: the global inputs in
+    their dtype and as float64 (numpy's reference), the reference, its scale and each
+    program's result as float64, and on the simulated devices every chip's local operands
+    and result, three times over for the resharded copies."""
+    einsum = plan.einsum
+    elements = {role: math.prod(einsum.shape(role)) for role in ("lhs", "rhs", "out")}
+    itemsize = dtype_bytes(einsum.dtype)
+    host = (elements["lhs"] + elements["rhs"]) * (itemsize + 8) + elements["out"] * 8 * 4
+    axis_size = {axis.name: axis.size for axis in plan.mesh.axes}
+    local = sum(
+        math.prod(spec.local_shape(einsum.shape(role), axis_size))
+        for role, spec in (("lhs", plan.lhs), ("rhs", plan.rhs), ("out", plan.out))
+    )
+    devices = plan.mesh.num_devices * local * max(itemsize, dtype_bytes(einsum.accum_dtype)) * 3
+    return int(host + devices)
+
+
+def program_execute_bytes(plan: ProgramPlan) -> int:
+    """An estimate of the host memory ``execute=True`` needs for a program plan: every
+    tensor of the program in float32 three times (the reference, and the jit and shard_map
+    programs across the simulated devices, resharded copies included, about the global
+    size), and each result again as float64 for the comparison."""
+    program = plan.program
+    every = sum(program.elements(t.name) for t in program.tensors)
+    results = sum(program.elements(name) for name in program.outputs)
+    return int(every * 4 * 3 + results * 8 * 3)
+
+
+def check_program_execute_memory(
+    plan: ProgramPlan, budget_bytes: int = EXECUTE_BUDGET_BYTES
+) -> None:
+    """Refuse ``--execute`` of a program plan that would need more than ``budget_bytes``."""
+    need = program_execute_bytes(plan)
+    if need > budget_bytes:
+        raise ValidationError(
+            f"--execute on {plan.program.name} would need about {format_bytes(need)} of host "
+            f"memory, more than the {format_bytes(budget_bytes)} it may use; drop --execute "
+            "(compiling needs no data) or validate smaller sizes with the same strategy"
+        )
+
+
+def check_execute_memory(plan: Plan, budget_bytes: int = EXECUTE_BUDGET_BYTES) -> None:
+    """Refuse ``--execute`` before running anything when it would need more than
+    ``budget_bytes`` of host memory (an estimate: ``execute_bytes``)."""
+    need = execute_bytes(plan)
+    if need > budget_bytes:
+        raise ValidationError(
+            f"--execute on {plan.einsum} would need about {format_bytes(need)} of host memory, "
+            f"more than the {format_bytes(budget_bytes)} it may use; drop --execute (compiling "
+            "needs no data) or validate smaller sizes with the same shardings"
+        )
+
+
 def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Validate one plan as the CLI asked (``--devices``, ``--execute``); the JSON object."""
+    if (getattr(args, "processes", None) or 1) > 1:
+        from .multiprocess import validate_multiprocess  # noqa: PLC0415 (starts no JAX here)
+
+        return validate_multiprocess(
+            plan,
+            processes=args.processes,
+            execute=True,
+            hardware=args.hardware,
+            topology=args.topology,
+            num_slices=args.num_slices,
+        )
     _start_devices(args, [plan])
     from .compare import validate_plan  # noqa: PLC0415 (imports JAX)
 
@@ -269,6 +370,12 @@ def format_validation(v: Validation | dict[str, Any]) -> str:
             f"numerics: {'ok' if n['ok'] else 'WRONG'}: max abs error {n['max_abs_error']:.3g} "
             f"(relative {n['max_rel_error']:.3g}, tolerance {n['tolerance']:g}); output layout "
             f"{'ok' if n['out_sharding_ok'] else 'WRONG'}"
+        )
+    if d.get("processes"):
+        per = d["processes"][0]["local_devices"]
+        lines.append(
+            f"ran across {len(d['processes'])} processes of {per} devices each "
+            "(jax.distributed, CPU collectives over gloo)"
         )
     for warning in d["warnings"]:
         lines.append(f"XLA warning: {warning[:300]}")

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sharding_roofline.errors import ValidationError
+from sharding_roofline.limits import MAX_SIMULATED_DEVICES
 from sharding_roofline.mesh import DeviceMesh
 from sharding_roofline.sharding import ShardingSpec
 
@@ -73,6 +74,12 @@ def ensure_devices(n: int) -> int:
     """
     if n < 1:
         raise ValidationError(f"the validator needs at least one device, asked for {n}")
+    if n > MAX_SIMULATED_DEVICES:
+        raise ValidationError(
+            f"{n} simulated CPU devices are more than the {MAX_SIMULATED_DEVICES} the validator "
+            "starts (XLA's CPU client aborts or hangs well before 20000); validate a smaller "
+            f"mesh of the same shape, at most {MAX_SIMULATED_DEVICES} devices"
+        )
     if not backend_started():
         have = _configured_count()
         if have < n:

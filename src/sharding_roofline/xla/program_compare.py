@@ -36,16 +36,8 @@ from typing import Any
 
 from sharding_roofline.plans import Plan
 from sharding_roofline.program.evaluate import Placement, ProgramPlan, evaluate, letter_map
-from sharding_roofline.program.graph import (
-    LetterRoles,
-    Op,
-    OpInput,
-    OpKind,
-    Phase,
-    Program,
-    Tensor,
-    TensorKind,
-)
+from sharding_roofline.program.graph import Phase
+from sharding_roofline.program.layers import einsum_program
 from sharding_roofline.report import collective_dict
 from sharding_roofline.sharding import subscript, unreduced_suffix
 
@@ -471,44 +463,17 @@ def validate_program(
 
 
 def one_op_program(plan: Plan) -> ProgramPlan:
-    """A single-einsum plan as a one-op program plan: tensors ``lhs`` (an input), ``rhs``
-    (a parameter) and ``out``, stored and produced where the plan has them, and one stage
-    split as the plan's assignment σ; evaluated by the program evaluator. Its validation
-    (:func:`validate_program`) checks the same claims as ``compare.validate_plan``, through
-    the program code paths (``tests/xla/test_xla_programs.py`` compares the two)."""
-    einsum = plan.einsum
-    spec = einsum.spec
-    letters = spec.letters
-    tensors = (
-        Tensor(name="lhs", letters=spec.lhs, dtype=einsum.dtype, kind=TensorKind.INPUT),
-        Tensor(name="rhs", letters=spec.rhs, dtype=einsum.dtype, kind=TensorKind.PARAM),
-        Tensor(name="out", letters=spec.out, dtype=einsum.accum_dtype, kind=TensorKind.ACTIVATION),
-    )
-    op = Op(
-        name="einsum",
-        kind=OpKind.EINSUM,
-        inputs=(OpInput(tensor="lhs", letters=spec.lhs), OpInput(tensor="rhs", letters=spec.rhs)),
-        output="out",
-        out_letters=spec.out,
-        stage="op",
-    )
-    first = letters[0]
-    program = Program(
-        name=f"einsum {spec.equation}",
-        dims=einsum.dims,
-        tensors=tensors,
-        ops=(op,),
-        roles=LetterRoles(batch=first, sequence=first, model=first, hidden=()),
-        outputs=("out",),
-        stages=(("op", "matmul"),),
-    )
+    """A single-einsum plan as a one-op program plan (``layers.einsum_program``: tensors
+    ``lhs``, ``rhs``, ``out``), stored and produced where the plan has them and split as its
+    assignment σ, evaluated by the program evaluator. Its validation
+    (:func:`validate_program`) checks the same claims as ``compare.validate_plan`` through the
+    program code paths (``tests/xla/test_xla_programs.py`` compares the two)."""
     placement = Placement(
         name=plan.strategy,
         stages=(("op", letter_map(dict(plan.assignment))),),
-        homes=(("lhs", plan.lhs.dims), ("out", plan.out.dims)),
-        storage=(("rhs", plan.rhs.dims),),
+        homes=(("lhs", plan.lhs.dims), ("rhs", plan.rhs.dims), ("out", plan.out.dims)),
     )
-    return evaluate(program, plan.mesh, placement)
+    return evaluate(einsum_program(plan.einsum), plan.mesh, placement)
 
 
 def program_agreement(validations: Sequence[ProgramValidation]) -> dict[str, int]:

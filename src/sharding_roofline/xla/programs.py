@@ -219,11 +219,18 @@ class _Replay:
         return self.plan.home(item.tensor)
 
     def run(self, homes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.partial: dict[str, tuple[str, ...]] = {}
         copies: dict[tuple[str, Dims], jax.Array] = {}
         for name, value in homes.items():
             copies[(name, self.plan.home(name))] = value
         for op_plan in self.plan.ops:
             self.run_op(op_plan, copies)
+        for name in _result_names(self.program):
+            if self.partial.get(name):
+                raise ValidationError(
+                    f"the plan leaves its result {name} a partial sum over "
+                    f"{'+'.join(self.partial[name])}"
+                )
         return {name: copies[(name, self.plan.home(name))] for name in _result_names(self.program)}
 
     def fetch(
@@ -262,6 +269,14 @@ class _Replay:
                     mine.append(pending.pop(0))
                     layout = mine[-1].after.dims
                 where = f"input {index} of op {op.name}"
+                partial = self.partial.get(tensor, ())
+                adds_partials = op.fn == "add" and op_plan.unreduced == partial
+                if partial and (mine or not adds_partials):
+                    raise ValidationError(
+                        f"{where} reads {tensor}, a partial sum over {'+'.join(partial)}, "
+                        + ("and moves it" if mine else "as if it were reduced")
+                        + " (only an add of partial sums over the same axes may read it)"
+                    )
                 if mine:
                     value = self.fetch(tensor, src, copies, f"the source of {where}")
                     for step in mine:
@@ -293,17 +308,17 @@ class _Replay:
             for step in op_plan.steps_out:
                 out = apply_step(out, step, self.axis_size)
             home = self.local_shape(op.out_letters, op_plan.out_home)
-            if (op_plan.unreduced and not op_plan.steps_out) or tuple(out.shape) != home:
+            left = op_plan.steps_out[-1].unreduced_after if op_plan.steps_out else op_plan.unreduced
+            if tuple(out.shape) != home:
                 raise ValidationError(
                     f"op {op.name}: its steps leave {op.output} as a {tuple(out.shape)} block"
-                    + (
-                        f" unreduced over {'+'.join(op_plan.unreduced)}"
-                        if not op_plan.steps_out and op_plan.unreduced
-                        else ""
-                    )
+                    + (f" unreduced over {'+'.join(left)}" if left else "")
                     + f", not at its home {ShardingSpec(op_plan.out_home).text()} "
                     f"({home} per chip)"
                 )
+            # a gradient contribution may stay a partial sum at its home, to be added to
+            # others as partial and reduced once (the plan's gradient accumulation)
+            self.partial[op.output] = left
             copies[(op.output, op_plan.out_home)] = out
 
     def _offsets(self, op_plan: OpPlan) -> dict[str, Any]:

@@ -402,9 +402,17 @@ def execute_plan(plan: Plan, *, seed: int = 0) -> Execution:
     a = _random(plan.einsum.shape("lhs"), plan.einsum.dtype, rng)
     b = _random(plan.einsum.shape("rhs"), plan.einsum.dtype, rng)
     equation = plan.einsum.spec.equation
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    want = np.einsum(equation, a64, b64)
-    scale = np.einsum(equation, np.abs(a64), np.abs(b64))
+    accum = np.dtype(jnp.dtype(plan.einsum.accum_dtype))
+    if np.issubdtype(accum, np.integer):
+        # XLA accumulates an integer dot in the accumulation dtype and wraps (two's
+        # complement): compute exactly, then wrap to that dtype; integers compare exactly
+        exact = np.einsum(equation, a.astype(np.int64), b.astype(np.int64))
+        want = exact.astype(accum).astype(np.float64)
+        scale = np.ones_like(want)
+    else:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        want = np.einsum(equation, a64, b64)
+        scale = np.einsum(equation, np.abs(a64), np.abs(b64))
     expected = named_sharding(mesh, plan.out)
     start = time.perf_counter()
     args = (

@@ -16,6 +16,7 @@ not touched by this script.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ def arg(shape: tuple[int, ...], dtype: Any, *spec: Any, mesh: Mesh = MESH_2X4) -
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(mesh, *spec))
 
 
+def plain(shape: tuple[int, ...], dtype: Any) -> Any:
+    """An unsharded argument: the program compiles for one device."""
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return a @ b
 
@@ -85,6 +91,37 @@ def nested_scan_layers(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def batched_einsum(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("bmk,kn->bmn", a, b)
+
+
+def cond_matmul(p: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
+    """Branch 0 (p <= 0): tanh(x); branch 1: x @ w."""
+    return jax.lax.cond(p > 0, lambda v: v @ w, jnp.tanh, x)
+
+
+def conv_same(x: jax.Array, k: jax.Array) -> jax.Array:
+    dims = ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dims)
+    return jax.lax.conv_general_dilated(
+        y, jnp.transpose(k, (0, 1, 3, 2)), (2, 2), "VALID", dimension_numbers=dims
+    )
+
+
+def cholesky(a: jax.Array) -> jax.Array:
+    return jnp.linalg.cholesky(a @ a.T + 64.0 * jnp.eye(a.shape[0], dtype=a.dtype))
+
+
+def fori_dynamic(n: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A loop whose trip count is only known at run time (no known_trip_count)."""
+    return jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h @ w), x)
+
+
+def mlp(x: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
+    return jax.nn.relu(x @ w1) @ w2
+
+
+def preferred_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """A K-sharded bf16 matmul accumulated and all-reduced in f32, then rounded to bf16."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
 
 
 bf16, f32 = jnp.bfloat16, jnp.float32
@@ -182,14 +219,51 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any]] = {
         (arg((M, K), bf16, None, "y", mesh=SP), arg((K, N), bf16, None, None, mesh=SP)),
         sharding(SP),
     ),
+    # Forms for the walk (tests/xla/test_hlo_walk.py); single-device unless sharded.
+    "cond_f32": (
+        cond_matmul,
+        (jax.ShapeDtypeStruct((), jnp.int32), plain((64, 128), f32), plain((128, 128), f32)),
+        None,
+    ),
+    "conv_f32": (conv_same, (plain((2, 16, 16, 8), f32), plain((3, 3, 8, 16), f32)), None),
+    "custom_call_f32": (cholesky, (plain((64, 64), f32),), None),
+    "fori_dynamic_f32": (
+        fori_dynamic,
+        (jax.ShapeDtypeStruct((), jnp.int32), plain((64, 128), f32), plain((128, 128), f32)),
+        None,
+    ),
+    "mlp_bf16": (
+        mlp,
+        (
+            arg((64, 256), bf16, "x", None),
+            arg((256, 512), bf16, None, "y"),
+            arg((512, 256), bf16, "y", None),
+        ),
+        sharding(S2, "x", None),
+    ),
+    "preferred_f32_bf16": (
+        preferred_f32,
+        (arg((M, K), bf16, "x", "y"), arg((K, N), bf16, "y", None)),
+        sharding(S2, "x", None),
+    ),
 }
+
+#: Cases whose module after spmd-partitioning (logical types) is saved too, as
+#: ``<case>.spmd.txt``.
+SPMD_DUMPS = ("mlp_bf16", "preferred_f32_bf16")
 
 
 def main(argv: list[str]) -> int:
     names = argv or list(CASES)
     for name in names:
         fn, args, out = CASES[name]
-        text = jax.jit(fn, out_shardings=out).lower(*args).compile().as_text()
+        lowered = jax.jit(fn, out_shardings=out).lower(*args)
+        with tempfile.TemporaryDirectory() as dump:
+            options = {"xla_dump_to": dump, "xla_dump_hlo_pass_re": "spmd-partitioning"}
+            text = lowered.compile(compiler_options=options).as_text()
+            spmd = sorted(Path(dump).glob("*after_spmd-partitioning*.txt"))
+            if name in SPMD_DUMPS and spmd:
+                (HERE / f"{name}.spmd.txt").write_text(spmd[-1].read_text())
         path = HERE / f"{name}.txt"
         path.write_text(text)
         print(f"{path.name}: {len(text)} chars")

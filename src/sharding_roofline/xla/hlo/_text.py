@@ -74,6 +74,64 @@ class _Instr:
     operand_types: tuple[_Type | None, ...]
     attrs: str
     is_root: bool
+    param_index: int | None = None  # ``parameter(k)``: k
+
+
+#: Bytes per element of each HLO element type (sub-byte types round up to one byte, as
+#: XLA stores them unpacked unless a layout packs them; ``token`` has no storage).
+HLO_DTYPE_BYTES: dict[str, int] = {
+    "pred": 1,
+    "s2": 1,
+    "s4": 1,
+    "s8": 1,
+    "s16": 2,
+    "s32": 4,
+    "s64": 8,
+    "u2": 1,
+    "u4": 1,
+    "u8": 1,
+    "u16": 2,
+    "u32": 4,
+    "u64": 8,
+    "f4e2m1fn": 1,
+    "f8e3m4": 1,
+    "f8e4m3": 1,
+    "f8e4m3fn": 1,
+    "f8e4m3fnuz": 1,
+    "f8e4m3b11fnuz": 1,
+    "f8e5m2": 1,
+    "f8e5m2fnuz": 1,
+    "f8e8m0fnu": 1,
+    "bf16": 2,
+    "f16": 2,
+    "f32": 4,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "token": 0,
+}
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of an HLO element type (``bf16`` -> 2); unknown types raise."""
+    try:
+        return HLO_DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValidationError(
+            f"unknown HLO element type {dtype!r}; expected one of {', '.join(HLO_DTYPE_BYTES)}"
+        ) from None
+
+
+def _type_bytes(typ: _Type) -> int:
+    """Bytes of every leaf of a type, as printed."""
+    return sum(math.prod(leaf.dims) * _itemsize(leaf.dtype or "token") for leaf in typ.leaves())
+
+
+def _format_type(typ: _Type) -> str:
+    """``bf16[8,1024]`` or ``(f32[2], s32[])``, without layouts."""
+    if typ.dtype is not None:
+        return f"{typ.dtype}[{','.join(str(d) for d in typ.dims)}]"
+    return "(" + ", ".join(_format_type(part) for part in typ.parts) + ")"
 
 
 _OPENERS = {"(": ")", "[": "]", "{": "}"}
@@ -190,7 +248,11 @@ def _parse_instr(text: str, computation: str) -> _Instr:
     close_at = _close(text, open_at)
     operands: list[str] = []
     operand_types: list[_Type | None] = []
-    if opcode not in _NO_OPERAND_OPS:
+    param_index: int | None = None
+    if opcode == "parameter":
+        inner = text[open_at + 1 : close_at - 1].strip()
+        param_index = int(inner) if inner.isdigit() else None
+    elif opcode not in _NO_OPERAND_OPS:
         for piece in _split_top_level(text[open_at + 1 : close_at - 1]):
             type_text, _, operand = piece.rpartition(" ")
             operands.append(operand.lstrip("%"))
@@ -204,6 +266,7 @@ def _parse_instr(text: str, computation: str) -> _Instr:
         operand_types=tuple(operand_types),
         attrs=text[close_at:],
         is_root=head.group(1) is not None,
+        param_index=param_index,
     )
 
 
@@ -263,6 +326,34 @@ class _Module:
 
     def instr(self, computation: str, name: str) -> _Instr | None:
         return self._instrs.get((computation, name))
+
+    def root(self, computation: str) -> _Instr | None:
+        """The ``ROOT`` instruction of a computation (its last one if none is marked)."""
+        instrs = self.computations.get(computation, [])
+        return next((i for i in instrs if i.is_root), instrs[-1] if instrs else None)
+
+    def parameter(self, computation: str, index: int) -> _Instr | None:
+        """The ``parameter(index)`` instruction of a computation."""
+        return next(
+            (
+                i
+                for i in self.computations.get(computation, [])
+                if i.opcode == "parameter" and i.param_index == index
+            ),
+            None,
+        )
+
+    def callees(self, instr: _Instr) -> tuple[tuple[str, str], ...]:
+        """``(attribute, computation)`` for each computation ``instr`` calls, in printed order
+        (``calls``, ``body``, ``condition``, ``to_apply``, ``branch_computations``, ...)."""
+        if "=" not in instr.attrs:
+            return ()
+        return tuple(
+            (attr, callee)
+            for attr, value in _CALL_ATTR_RE.findall(instr.attrs)
+            for callee in re.findall(r"%?([\w.\-]+)", value)
+            if callee in self.computations
+        )
 
     def users(self, computation: str, name: str) -> list[_Instr]:
         return self._users.get((computation, name), [])

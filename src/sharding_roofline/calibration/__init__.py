@@ -1,0 +1,63 @@
+"""Calibrated times from public measurements, beside the roofline (off by default).
+
+The roofline prints lower bounds at datasheet peaks; this layer adds "what you will
+actually get", fitted to public measurements (XLA's GPU GEMM and collective perf tables,
+the Ultra-Scale Playbook's bandwidth sweep) on a fixed calibration split, with every figure
+carrying its roofline, its interval and its source. Presets without calibration data (every
+TPU) say so and keep the roofline. Pure Python and numpy; no JAX. See docs/calibration.md.
+
+* ``calibrated_matmul`` / ``calibrated_einsum`` / ``achieved_matmul_flops_per_s``: one
+  chip's matmul.
+* ``calibrated_collective``: one collective over mesh axes (mirrors ``collective_cost``).
+* ``load_calibration``: a preset's fitted parameters (None: roofline only).
+* ``model``: the types and the two formulas; ``fit``: the least squares;
+  ``data``: the shared CSVs and the fixed split.
+"""
+
+from .apply import SHIPPED as SHIPPED
+from .apply import CalibratedTime as CalibratedTime
+from .apply import achieved_matmul_flops_per_s as achieved_matmul_flops_per_s
+from .apply import calibrated_collective as calibrated_collective
+from .apply import calibrated_einsum as calibrated_einsum
+from .apply import calibrated_matmul as calibrated_matmul
+from .apply import gemm_dims as gemm_dims
+from .apply import gpus_per_node as gpus_per_node
+from .apply import group_tier as group_tier
+from .files import list_calibrations as list_calibrations
+from .files import load_calibration as load_calibration
+from .files import write_calibration as write_calibration
+from .model import Calibration as Calibration
+from .model import CalibrationSource as CalibrationSource
+from .model import CollectiveFit as CollectiveFit
+from .model import CollectiveInterval as CollectiveInterval
+from .model import MatmulFit as MatmulFit
+from .model import MemoryOverheadFit as MemoryOverheadFit
+from .model import OverlapFit as OverlapFit
+from .model import RatioInterval as RatioInterval
+from .model import collective_time_s as collective_time_s
+from .model import matmul_time_s as matmul_time_s
+
+__all__ = [
+    "SHIPPED",
+    "CalibratedTime",
+    "Calibration",
+    "CalibrationSource",
+    "CollectiveFit",
+    "CollectiveInterval",
+    "MatmulFit",
+    "MemoryOverheadFit",
+    "OverlapFit",
+    "RatioInterval",
+    "achieved_matmul_flops_per_s",
+    "calibrated_collective",
+    "calibrated_einsum",
+    "calibrated_matmul",
+    "collective_time_s",
+    "gemm_dims",
+    "gpus_per_node",
+    "group_tier",
+    "list_calibrations",
+    "load_calibration",
+    "matmul_time_s",
+    "write_calibration",
+]

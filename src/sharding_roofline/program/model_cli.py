@@ -1,0 +1,113 @@
+"""The ``model`` command: a whole model's training step under a strategy, or the search.
+
+``sharding-roofline model --config configs/models/llama3-70b.toml --hardware tpu-v5p
+--topology 16x16x8 --mesh x=16,y=16,z=8 [--num-slices 2] --batch-tokens 4194304
+--seq-len 8192 [--strategy fsdp=x+y,sp=z | --search [--top N]] [--remat ...] [--json]``
+
+Importing this module imports nothing heavy (the parser is built at start-up); the command
+imports the planner when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SpecError
+
+if TYPE_CHECKING:
+    from ..mesh import DeviceMesh
+    from .model import ModelPlan
+
+
+def add_model_parser(sub: Any, mesh_args: Any) -> None:
+    model = sub.add_parser(
+        "model",
+        help="a whole model's training step: strategy, step time, MFU, memory; or the search",
+        description="Plan a model's training step (blocks, embedding, head, optimizer) on a mesh.",
+    )
+    mesh_args(model, mesh_required=False)
+    model.add_argument("--config", required=True, help="configs/models/NAME.toml or a config.json")
+    model.add_argument("--batch-tokens", type=int, required=True, help="tokens per step (global)")
+    model.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
+    mode = model.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--strategy",
+        help="e.g. fsdp=x+y,sp=z or dp=slice,fsdp=x,tp=y,pp=z,mb=16 (needs --mesh)",
+    )
+    mode.add_argument("--search", action="store_true", help="search parallelism layouts")
+    model.add_argument("--top", type=int, default=5, help="search results to show (default 5)")
+    model.add_argument("--microbatches", type=int, help="gradient accumulation steps (default 1)")
+    model.add_argument(
+        "--schedule", choices=("gpipe", "1f1b", "interleaved"), help="pipeline schedule"
+    )
+    model.add_argument("--remat", help="none, full (recompute each block) or dots")
+    model.add_argument(
+        "--master-weights",
+        choices=("float32", "none"),
+        default="float32",
+        help="AdamW's fp32 master copy (default) or none (the book's 10 bytes per parameter)",
+    )
+    model.add_argument(
+        "--train-tokens",
+        type=float,
+        help="also print how many days training this many tokens takes",
+    )
+    model.add_argument("--no-idle-axes", action="store_true", help="no widening over idle axes")
+
+
+def _training(args: argparse.Namespace, config: Any, strategy: Any) -> Any:
+    from .autodiff import OptimizerSpec, Remat  # noqa: PLC0415
+    from .model import Schedule, Training  # noqa: PLC0415
+
+    seq = args.seq_len or config.seq_len
+    if not seq:
+        raise SpecError(f"model {config.name} has no seq_len; pass --seq-len")
+    microbatches = args.microbatches or strategy.mb or 1
+    schedule = Schedule.parse(args.schedule or strategy.schedule or "1f1b")
+    remat = Remat.parse(args.remat or strategy.remat or "none")
+    return Training(
+        batch_tokens=args.batch_tokens,
+        seq_len=seq,
+        microbatches=microbatches,
+        schedule=schedule,
+        virtual_stages=strategy.vs or (2 if schedule is Schedule.INTERLEAVED else 1),
+        remat=remat,
+        optimizer=OptimizerSpec(master_dtype="" if args.master_weights == "none" else "float32"),
+    )
+
+
+def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[str, Any], str]:
+    from ..plans import Rejected  # noqa: PLC0415
+    from .config import load_model_config  # noqa: PLC0415
+    from .model import plan_model  # noqa: PLC0415
+    from .model_report import format_model_plans, model_dict  # noqa: PLC0415
+    from .strategies import Strategy  # noqa: PLC0415
+
+    config = load_model_config(args.config)
+    if args.search:
+        from .model_search import search_model  # noqa: PLC0415
+
+        if args.top < 1:
+            raise SpecError(f"--top {args.top} must be at least 1")
+        result = search_model(
+            config,
+            args,
+            mesh=mesh,
+            top=args.top,
+        )
+        return model_dict(config, result.plans, args, search=result), format_model_plans(
+            config, result.plans, args, search=result
+        )
+    if mesh is None:
+        raise SpecError("model --strategy needs --mesh (named axes, e.g. x=16,y=16,z=8)")
+    if not args.strategy:
+        raise SpecError("model needs --strategy (e.g. fsdp=x+y,sp=z) or --search (to find one)")
+    strategy = Strategy.parse(args.strategy)
+    plan = plan_model(
+        config, mesh, strategy, _training(args, config, strategy), idle_axes=not args.no_idle_axes
+    )
+    if isinstance(plan, Rejected):
+        raise SpecError(f"strategy {strategy.name} cannot train {config.name}: {plan.reason}")
+    plans: list[ModelPlan] = [plan]
+    return model_dict(config, plans, args), format_model_plans(config, plans, args)
