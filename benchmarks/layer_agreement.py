@@ -9,8 +9,9 @@ and against the plan's own shard_map program (``sharding_roofline.xla.program_co
     python benchmarks/layer_agreement.py                  # the suite's sweep (tests/xla)
     python benchmarks/layer_agreement.py --write-report   # rewrite tests/data/xla_differs_programs.json
 
-``--random N`` draws N forward+backward cases at random (seeded by ``--seed``): a layer kind,
-its sizes, a mesh of 8 devices in one of five shapes, a named strategy (sometimes with random
+``--random N`` draws N forward+backward cases at random (seeded by ``--seed``): a layer kind
+(attention materialized or, in 3 of 10, flash: scores kept on chip and recomputed in the
+backward), its sizes, a mesh of 8 devices in one of five shapes, a named strategy (sometimes with random
 ``stage.letter=axes`` pins or a ZeRO stage), a remat policy, sometimes an AdamW update; every
 ``--execute-every``-th case also runs the reference and both programs on random data (float32)
 and checks the numbers. It prints the share of each verdict, who is cheaper when XLA differs
@@ -295,6 +296,7 @@ def _random_spec(rng: random.Random) -> LayerSpec:
         t=t,
         batch_tokens=tokens,
         mlp=rng.choice(["gated", "plain"]) if kind is LayerKind.BLOCK else "gated",
+        attention="flash" if attention and rng.random() < 0.3 else "materialized",
     )
 
 
@@ -338,8 +340,9 @@ def random_cases(count: int, seed: int) -> list[tuple[str, ProgramPlan, dict[str
         except ShardingRooflineError:
             continue
         sizes = dict(program.dims)
+        layer = spec.kind.value + ("" if spec.kind is not LayerKind.BLOCK else f"/{spec.mlp}")
         info = {
-            "layer": spec.kind.value + ("" if spec.kind is not LayerKind.BLOCK else f"/{spec.mlp}"),
+            "layer": layer + ("/flash" if spec.attention == "flash" else ""),
             "dims": sizes,
             "hardware": hardware,
             "mesh": axes,
