@@ -64,7 +64,8 @@ REASONS: dict[str, str] = {
         "V) gets one gradient contribution from each, each a partial sum over the axes that "
         "split the contracted letters. The plan adds the partial sums first and reduces once "
         "(evaluate.py's gradient accumulation, as frameworks do); XLA's CPU pipeline reduces "
-        "every contribution on its own (one all-reduce each, combined into one tuple op), "
+        "every contribution on its own (one all-reduce or reduce-scatter each, combined into "
+        "one tuple op), "
         "because it has no all-reduce reassociation pass (GPU and TPU pipelines rewrite "
         "all-reduce(a) + all-reduce(b) into all-reduce(a + b)). Plan cheaper."
     ),
@@ -82,7 +83,7 @@ REASONS: dict[str, str] = {
         "sequence parallelism: summed over the batch on one axis and the sequence on another) "
         "is reduced by the same collectives in the other order: the plan reduce-scatters first "
         "and all-reduces the smaller shard, XLA all-reduces the whole vector first. Same kinds "
-        "and axes, other element counts; the plan's order moves fewer bytes."
+        "and axes, other element counts."
     ),
     "one-all-reduce-per-contracted-letter": (
         "A matmul that contracts two letters split over different axes (the attention output "
@@ -92,12 +93,13 @@ REASONS: dict[str, str] = {
         "all-reduces of the full result (more bytes and one more latency)."
     ),
     "reduce-scatter-into-home": (
-        "The plan sums a tensor's gradient contributions in the layout of the ops that make "
-        "them (the attention stage: replicated over the sequence), all-reducing each, and "
-        "slices the sum into the input's sequence-parallel home. XLA reduce-scatters one "
-        "contribution straight into the home layout and adds there: cheaper than the plan "
-        "(one all-reduce becomes a reduce-scatter). A better plan for the gradient sums; the "
-        "plan's own program is exact."
+        "An input's gradient gets a contribution that is a partial sum (its matmul contracts a "
+        "split letter: Q's query groups over a tp axis) and others that are not (K and V, "
+        "whose fewer heads the axis does not split). The plan all-reduces the partial one into "
+        "the others' layout, adds, and slices the sum into the input's sequence-parallel home; "
+        "XLA reduce-scatters the partial one straight into the home and slices the others. "
+        "XLA cheaper (a reduce-scatter instead of an all-reduce): a better plan for mixed "
+        "partial and reduced contributions under sequence parallelism."
     ),
     "other-reshard": (
         "Between a tensor's home and its layout at an op (random stage.letter pins make "
@@ -146,7 +148,7 @@ def classify(v: ProgramValidation) -> str:
     lacks_all, adds_all = _tokens(v.difference)
     if (
         {k for k, _ in lacks_all} <= _REDUCTIONS
-        and {k for k, _ in adds_all} <= {"all-reduce"}
+        and {k for k, _ in adds_all} <= _REDUCTIONS
         and len(adds) > len(lacks)
     ):
         return "contributions-reduced-one-by-one"
@@ -154,7 +156,7 @@ def classify(v: ProgramValidation) -> str:
         {k for k, _ in adds_all} <= {"all-reduce"}
     ):
         return "all-reduce-instead-of-reduce-scatter"
-    if lacked <= {"all-reduce"} and added <= {"reduce-scatter"} and (lacked or added):
+    if lacked == {"all-reduce"} and added == {"reduce-scatter"} and len(lacks) == len(adds):
         return "reduce-scatter-into-home"
     if lacked <= _REDUCTIONS and added <= _REDUCTIONS and v.xla_time_s is not None:
         if v.xla_time_s < v.plan_time_s:
