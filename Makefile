@@ -42,6 +42,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/validation_speed.py
 	$(BIN)/python benchmarks/xla_agreement.py --random 500
 	$(BIN)/python benchmarks/calibration.py
+	$(BIN)/python benchmarks/layer_speed.py
+	$(BIN)/python benchmarks/model_search_speed.py
+	$(BIN)/python benchmarks/cli_speed.py
 	$(BIN)/python benchmarks/validate_512.py
 	$(BIN)/python benchmarks/layer_agreement.py --random 300
 

@@ -27,6 +27,10 @@ def test_hardware_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     show = run_json(capsys, "hardware", "show", "h100")
     assert show["chip"]["peak_flops_per_s"]["bfloat16"] == 9.89e14
     assert show["nvlink"]["gpus_per_domain"] == 8
+    # NCCL's ring base latency (tuning.cc, Ring/Simple) and the CUDA-core FP32 rate (67 TFLOP/s)
+    assert show["nvlink"]["ring_base_latency_s"] == 8.4e-6
+    assert show["chip"]["vector_flops_per_s"] == {"float32": 6.7e13}
+    assert run_json(capsys, "hardware", "show", "tpu-7x")["ici"]["max_cubes"] == 144
     assert main(["hardware", "show", "tpu-v5e"]) == 0
     text = capsys.readouterr().out
     assert "critical intensity 240.2" in text

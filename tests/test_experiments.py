@@ -10,11 +10,13 @@ import pytest
 from sharding_roofline.errors import ConfigError, SpecError
 from sharding_roofline.experiments import (
     CollectiveJob,
+    CommandJob,
     PlanJob,
     figure_slug,
     load_experiment,
     printable,
     run_collective,
+    run_command,
     run_plan,
 )
 
@@ -93,3 +95,48 @@ def test_printable_escapes_control_characters() -> None:
 def test_figure_names_follow_plan_names() -> None:
     assert figure_slug("TPU v5e 4x4, every layout free") == "tpu-v5e-4x4-every-layout-free"
     assert figure_slug("!!!") == "plan"
+
+
+def test_the_demo_runs_a_layer_and_a_model_command() -> None:
+    kinds = [job.args[0] for job in load_experiment(DEMO).command]
+    assert kinds == ["layer", "model"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "must start with one of"),
+        (("rm", "-rf", "/"), "must start with one of .* got 'rm'"),
+        (("layer", "--json"), "leave out --json"),
+        (("model", "--plot", "x.png"), "leave out --json, --plot"),
+    ],
+)
+def test_command_jobs_are_checked_when_loaded(args: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CommandJob(args=args)
+
+
+def test_a_command_job_reports_what_the_cli_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """The job's text and JSON are the command's own (``main`` run both ways)."""
+    import json  # noqa: PLC0415
+
+    from sharding_roofline.cli import main  # noqa: PLC0415
+
+    args = ("layer", "--hardware", "tpu-v5e", "--mesh", "x=2,y=4", "--layer", "mlp",
+            "--dims", "d=256,f=1024", "--batch-tokens", "512", "--compare")  # fmt: skip
+    text, data = run_command(CommandJob(args=args, label="mlp"))
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    data.pop("seconds"), expected.pop("seconds")  # how long it took: the one difference
+    assert data == expected
+    assert main(list(args)) == 0
+    assert text == capsys.readouterr().out.rstrip()
+
+
+def test_a_failing_command_job_names_the_command_and_the_error() -> None:
+    job = CommandJob(args=("layer", "--hardware", "tpu-v5e", "--mesh", "x=2,y=4", "--layer", "mlp",
+                           "--dims", "d=256,f=1024", "--batch-tokens", "512",
+                           "--strategy", "tp=q"), label="odd")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"command 'odd' \(layer .*\) failed: .*'q'"):
+        run_command(job)

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from .program.autodiff import OptimizerSpec as OptimizerSpec
     from .program.autodiff import Remat as Remat
     from .program.autodiff import training as training
+    from .program.config import ModelConfig as ModelConfig
+    from .program.config import load_model_config as load_model_config
     from .program.evaluate import MemoryBreakdown as MemoryBreakdown
     from .program.evaluate import OpPlan as OpPlan
     from .program.evaluate import Placement as Placement
@@ -67,6 +69,12 @@ if TYPE_CHECKING:
     from .program.layers import LayerSpec as LayerSpec
     from .program.layers import build_layer as build_layer
     from .program.layers import einsum_program as einsum_program
+    from .program.model import ModelPlan as ModelPlan
+    from .program.model import Schedule as Schedule
+    from .program.model import Training as Training
+    from .program.model import plan_model as plan_model
+    from .program.model_search import SearchResult as SearchResult
+    from .program.model_search import search_model as search_model
     from .program.search import ProgramRanking as ProgramRanking
     from .program.search import compare as compare
     from .program.search import search as search
@@ -100,6 +108,14 @@ _WHERE: dict[str, str] = {
     "Strategy": ".program.strategies",
     "named_strategies": ".program.strategies",
     "place": ".program.strategies",
+    "ModelConfig": ".program.config",
+    "load_model_config": ".program.config",
+    "ModelPlan": ".program.model",
+    "Schedule": ".program.model",
+    "Training": ".program.model",
+    "plan_model": ".program.model",
+    "SearchResult": ".program.model_search",
+    "search_model": ".program.model_search",
 }
 
 
@@ -136,6 +152,8 @@ __all__ = [
     "LayerKind",
     "LayerSpec",
     "MemoryBreakdown",
+    "ModelConfig",
+    "ModelPlan",
     "Op",
     "OpPlan",
     "OptimizerSpec",
@@ -150,6 +168,8 @@ __all__ = [
     "Ranking",
     "Rejected",
     "Remat",
+    "Schedule",
+    "SearchResult",
     "ShardedOperation",
     "ShardingRooflineError",
     "ShardingSpec",
@@ -159,6 +179,7 @@ __all__ = [
     "Tensor",
     "Topology",
     "TopologyError",
+    "Training",
     "UnknownNameError",
     "ValidationError",
     "build_layer",
@@ -170,11 +191,14 @@ __all__ = [
     "estimate",
     "evaluate",
     "list_presets",
+    "load_model_config",
     "load_preset",
     "max_model_parallel",
     "named_strategies",
     "place",
     "plan",
+    "plan_model",
     "search",
+    "search_model",
     "training",
 ]

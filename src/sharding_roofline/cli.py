@@ -251,6 +251,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "model":
         from .program.model_cli import run_model  # noqa: PLC0415
 
+        if args.strategy and not args.mesh and args.topology:
+            from .topology import Topology, default_mesh_text  # noqa: PLC0415
+
+            topo = Topology.build(
+                load_preset(args.hardware), args.topology, num_slices=args.num_slices
+            )
+            args.mesh = default_mesh_text(topo)
         mesh = make_mesh(args) if args.mesh else None
         data, text = run_model(args, mesh)
         _emit(args, data, text)

@@ -5,10 +5,13 @@ grows in proportion to ``n``; each collective's bandwidth term grows with ``n`` 
 array has that letter and stays put otherwise, and its latency term never moves. The
 crossover is the ``n`` at which communication time equals compute time.
 
-``comm(n) = Σ max(latency_i, bandwidth_i(n))`` is convex and ``compute(n)`` linear, so when
-compute grows faster than communication there is exactly one crossover and the strategy is
-communication-bound below it (the book's ``B > C/W`` rules: ``B > 2550`` for an all-gather of
-the weights on v5p); when communication grows at least as fast, there is none.
+Each collective's time is ``combine_terms_s`` of its two terms: ``max(latency_i,
+bandwidth_i(n))`` on TPU links (the book's), ``latency_i + bandwidth_i(n)`` on GPU links
+(NCCL's); collectives on disjoint links overlap (the busiest link counts). Either way
+``comm(n)`` is convex and ``compute(n)`` linear, so when compute grows faster than
+communication there is exactly one crossover and the strategy is communication-bound below
+it (the book's ``B > C/W`` rules: ``B > 2550`` for an all-gather of the weights on v5p);
+when communication grows at least as fast, there is none.
 """
 
 from __future__ import annotations
@@ -105,12 +108,21 @@ def terms_comm_s(terms: Sequence[ScaledTerm], scale: float) -> float:
 
 
 def terms_regime(terms: Sequence[ScaledTerm], scale: float) -> str:
-    """Whether the collectives are latency- or bandwidth-bound at ``scale``."""
-    latency = sum(1 for t in terms if t.latency_s > t.bandwidth_s * (scale if t.scales else 1.0))
-    bandwidth = len(terms) - latency
-    if latency and bandwidth:
-        return "mixed"
-    return "latency" if latency else "bandwidth"
+    """Whether the collectives' time at ``scale`` is latency's or bandwidth's: ``latency``
+    when latency makes at least 90% of it, ``bandwidth`` when at most 10%, else ``mixed``
+    (weighted by time, so a tiny latency-bound gather beside large bandwidth-bound ones
+    does not make the batch "latency-bound")."""
+    total = latency = 0.0
+    for t in terms:
+        bandwidth_s = t.bandwidth_s * (scale if t.scales else 1.0)
+        seconds = combine_terms_s(t.kind, bandwidth_s, t.latency_s, t.combine)
+        summed = seconds > max(bandwidth_s, t.latency_s)  # the terms add (NCCL, a permute)
+        total += seconds
+        latency += t.latency_s if summed else (seconds if t.latency_s > bandwidth_s else 0.0)
+    share = latency / total if total else 0.0
+    if share >= 0.9:
+        return "latency"
+    return "bandwidth" if share <= 0.1 else "mixed"
 
 
 def comm_and_compute_s(plan: Plan, dimension: str, size: float) -> tuple[float, float]:

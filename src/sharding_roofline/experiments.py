@@ -13,6 +13,7 @@ written atomically; an existing file is replaced only with ``force``.
 from __future__ import annotations
 
 import json
+import shlex
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,34 @@ class PlanJob:
             )
 
 
+#: The commands a ``[[command]]`` job may run (they print a report and take ``--json``).
+COMMANDS = ("plan", "estimate", "layer", "model", "crossover", "collective")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandJob:
+    """One CLI command, as it is typed after ``sharding-roofline`` (``layer``, ``model``,
+    ...): its report goes into the experiment's, its JSON into ``results.json``."""
+
+    args: tuple[str, ...]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", printable(self.label))
+        if not self.args or self.args[0] not in COMMANDS:
+            first = self.args[0] if self.args else "(nothing)"
+            raise ConfigError(
+                f"command {self.label or first!r}: args must start with one of "
+                f"{', '.join(COMMANDS)}, got {first!r}; write e.g. "
+                'args = ["model", "--config", "configs/models/llama3-8b.toml", ...]'
+            )
+        if "--json" in self.args or any(a in ("--plot", "--out-dir") for a in self.args):
+            raise ConfigError(
+                f"command {self.label or self.args[0]!r}: leave out --json, --plot and "
+                "--out-dir (the experiment writes the report, results.json and figures)"
+            )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Experiment:
     title: str = ""
@@ -126,6 +155,7 @@ class Experiment:
     hardware: tuple[str, ...] = ()
     collective: tuple[CollectiveJob, ...] = ()
     plan: tuple[PlanJob, ...] = ()
+    command: tuple[CommandJob, ...] = ()
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -190,6 +220,31 @@ def run_plan(job: PlanJob) -> Any:
         overlap=Overlap(job.overlap),
     )
     return planner.search(top=job.top)
+
+
+def run_command(job: CommandJob) -> tuple[str, Any]:
+    """The command's text report and its JSON, as ``sharding-roofline ARGS [--json]``
+    prints them; an error is raised as the command would report it."""
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from .cli import main  # noqa: PLC0415 (the CLI imports this module lazily too)
+
+    outputs = []
+    for extra in (("--json",), ()):  # JSON first: an error comes back as {error, fix}
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main([*job.args, *extra])
+        outputs.append(buffer.getvalue())
+        if code != 0:
+            detail = outputs[-1].strip()
+            if extra:
+                detail = json.loads(detail).get("error", detail)
+            raise ConfigError(
+                f"command {job.label or job.args[0]!r} ({' '.join(job.args)}) failed: "
+                f"{detail or 'see its message above'}"
+            )
+    return outputs[1].rstrip(), json.loads(outputs[0])
 
 
 def _validate(jobs: list[tuple[PlanJob, tuple[Any, ...]]], results: dict[str, Any]) -> str:
@@ -263,6 +318,15 @@ def run_config(path: str | Path, out_dir: str | Path, *, force: bool = False) ->
         )
         sections.append(
             f"## Plan: {plan_job.name}\n\n" + format_ranking(ranking, crossover_dim=cross)
+        )
+    if experiment.command:
+        results["commands"] = []
+    for command_job in experiment.command:
+        text, data = run_command(command_job)
+        title = command_job.label or command_job.args[0]
+        results["commands"].append({"label": title, "args": list(command_job.args), **data})
+        sections.append(
+            f"## {title}\n\n    sharding-roofline {shlex.join(command_job.args)}\n\n{text}"
         )
     to_validate = [
         (job, rankings[job.name].strategies[: job.validate])

@@ -159,14 +159,6 @@ class DeviceMesh:
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise TopologyError(f"mesh {self.spec_text}: axis {repeated[0]!r} is named twice")
-        active = [axis.name for axis in self.axes if axis.size > 1]
-        if len(active) > MAX_MESH_AXES:
-            raise TopologyError(
-                f"mesh {self.spec_text} has {len(active)} axes of size > 1, more than the "
-                f"{MAX_MESH_AXES} we plan over: the planner tries every assignment of axes to "
-                "letters, (letters + 1) ** axes of them (8 axes: minutes and gigabytes). Merge "
-                "axes that shard together into one (x=2,y=2 -> x=4), or drop size-1 axes"
-            )
         total = math.prod(axis.size for axis in self.axes)
         if total != self.topology.num_devices:
             raise TopologyError(
@@ -216,6 +208,19 @@ class DeviceMesh:
             topology = default_shape(hardware, shape)
         topo = Topology.build(hardware, topology, num_slices=num_slices)
         return cls(topology=topo, axes=axes)
+
+    def check_searchable(self) -> None:
+        """Refuse a mesh with more axes than a search over every assignment can take: the
+        einsum planner and the layer search try (letters + 1) ** axes assignments (8 axes:
+        minutes and gigabytes). Evaluating a given strategy has no such limit."""
+        active = [axis.name for axis in self.axes if axis.size > 1]
+        if len(active) > MAX_MESH_AXES:
+            raise TopologyError(
+                f"mesh {self.spec_text} has {len(active)} axes of size > 1, more than the "
+                f"{MAX_MESH_AXES} we plan over: the planner tries every assignment of axes to "
+                "letters, (letters + 1) ** axes of them (8 axes: minutes and gigabytes). Merge "
+                "axes that shard together into one (x=2,y=2 -> x=4), or drop size-1 axes"
+            )
 
     # -- basic facts ------------------------------------------------------------------------
 

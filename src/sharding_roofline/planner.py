@@ -309,6 +309,7 @@ class Planner:
         gathers over idle replicated axes; ``axes`` lists the only mesh axes collectives may
         run over (``"x"``: everything else is rejected, with the reason)."""
         self.einsum = einsum
+        mesh.check_searchable()
         self.mesh = mesh
         self.overlap = overlap
         self.check_memory = check_memory

@@ -36,6 +36,7 @@ def collective_dict(
         "latency_s": cost.latency_s,
         "bound": cost.bound.value,
         "link": cost.link,
+        "combine": cost.combine.value,
     }
     if operand is not None:
         out = {"operand": operand, **out}
@@ -178,6 +179,7 @@ def hardware_dict(spec: HardwareSpec) -> dict[str, Any]:
         "chip": {
             "name": chip.name,
             "peak_flops_per_s": dict(chip.peak_flops_per_s),
+            "vector_flops_per_s": dict(chip.vector_flops_per_s),
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
             "hbm_capacity_bytes": chip.hbm_capacity_bytes,
             "critical_intensity_flops_per_byte": {
@@ -208,6 +210,7 @@ def hardware_dict(spec: HardwareSpec) -> dict[str, Any]:
             "max_shape": list(ici.max_shape),
             "wraparound": ici.wraparound.value,
             "hop_latency_s": ici.hop_latency_s,
+            "max_cubes": ici.max_cubes,
             "source": ici.source,
         }
     if spec.nvlink is not None:
@@ -216,6 +219,7 @@ def hardware_dict(spec: HardwareSpec) -> dict[str, Any]:
             "gpus_per_domain": nv.gpus_per_domain,
             "bytes_per_s_per_gpu_per_direction": nv.bytes_per_s_per_gpu_per_direction,
             "latency_s": nv.latency_s,
+            "ring_base_latency_s": nv.ring_base_latency_s,
             "source": nv.source,
         }
     return out
@@ -388,6 +392,8 @@ def format_hardware(spec: HardwareSpec) -> str:
             f"  {dtype:<14} {format_rate(peak, 'FLOP')}  critical intensity "
             f"{chip.critical_intensity_flops_per_byte(dtype):.4g} FLOP/B"
         )
+    for dtype, rate in chip.vector_flops_per_s.items():
+        lines.append(f"  {dtype:<14} {format_rate(rate, 'FLOP')} on the vector units")
     lines.append(
         f"  HBM {format_bytes(chip.hbm_capacity_bytes)} at {format_rate(chip.hbm_bytes_per_s)}"
     )
@@ -400,6 +406,7 @@ def format_hardware(spec: HardwareSpec) -> str:
             f"({format_rate(ici.link_bytes_per_s_bidirectional)} bidirectional), "
             f"{format_seconds(ici.hop_latency_s)}/hop; pod {'x'.join(map(str, ici.max_shape))}; "
             f"wraparound: {ici.wraparound.value}"
+            + (f"; slices of up to {ici.max_cubes} 4x4x4 cubes" if ici.max_cubes else "")
         )
         lines.append(f"  source: {ici.source}")
     if spec.nvlink is not None:
@@ -408,6 +415,11 @@ def format_hardware(spec: HardwareSpec) -> str:
             f"NVLink: {nv.gpus_per_domain} GPUs per domain at "
             f"{format_rate(nv.bytes_per_s_per_gpu_per_direction)} per GPU each way, "
             f"{format_seconds(nv.latency_s)}/step"
+            + (
+                f" plus {format_seconds(nv.ring_base_latency_s)} once per ring collective"
+                if nv.ring_base_latency_s
+                else ""
+            )
         )
         lines.append(f"  source: {nv.source}")
     for level in spec.scale_out:

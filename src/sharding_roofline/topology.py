@@ -117,6 +117,12 @@ class Topology:
     def shape(self) -> tuple[int, ...]:
         return tuple(dim.size for dim in self.dims)
 
+    @property
+    def num_slices(self) -> int:
+        """TPU slices joined over DCN (the leading ``slice`` dimension), else 1."""
+        first = self.dims[0]
+        return first.size if first.name == "slice" else 1
+
     def describe(self) -> str:
         """``4x4 torus (ici: no wraparound)`` or ``16 nodes x 8 GPUs (nvlink, leaf)``."""
         parts = []
@@ -165,6 +171,15 @@ def default_shape(hardware: HardwareSpec, mesh_shape: tuple[int, ...]) -> tuple[
             f"{math.ceil(total / per_domain)}x{per_domain} with a mesh of that many devices)"
         )
     return (total // per_domain, per_domain)
+
+
+def default_mesh_text(topology: Topology) -> str:
+    """The mesh a bare ``--topology`` means: one axis per physical dimension of a TPU slice
+    (``x=16,y=16,z=8``, plus ``slice=N`` first over DCN), ``node=N,gpu=G`` for GPUs."""
+    if topology.hardware.kind is HardwareKind.GPU:
+        gpus = topology.dims[-1].size
+        return f"node={topology.num_devices // gpus},gpu={gpus}"
+    return ",".join(f"{d.name.removeprefix('ici_')}={d.size}" for d in topology.dims)
 
 
 def _nvlink(hardware: HardwareSpec) -> NvlinkSpec:

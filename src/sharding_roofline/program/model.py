@@ -212,6 +212,10 @@ class ModelPlan:
     model_flops: float  # per step, all chips: 6·params·tokens + attention (no remat)
     grad_reduction_s: float  # data-parallel gradient reductions, once per step
     comm: tuple[CommTerm, ...] = ()
+    #: per part, one microbatch's forward and backward passes without the data-parallel
+    #: gradient reductions (those and the optimizer's update run once per step)
+    microbatch_costs: tuple[tuple[str, Cost], ...] = ()
+    optimizer_s: float = 0.0  # the optimizer's update, once per step (lower bound)
 
     @property
     def name(self) -> str:
@@ -428,6 +432,7 @@ def _compose(
     grads: list[CommTerm] = []
     optimizer = Cost.zero()
     repeated: list[tuple[str, ProgramPlan]] = []
+    microbatch_costs: list[tuple[str, Cost]] = []
     memory_parts: list[MemoryBreakdown] = []
     for name, plan, count in parts:
         stack = plan.repeat(count) if count > 1 else plan
@@ -441,6 +446,7 @@ def _compose(
             grads += scaled
         backward = backward + back
         optimizer = optimizer + stack.pass_cost("optimizer")
+        microbatch_costs.append((name, stack.pass_cost("forward").then(back)))
         memory_parts.append(stack.memory)
     pipeline: Pipeline | None = None
     permute_s = 0.0
@@ -494,6 +500,8 @@ def _compose(
         model_flops=model_flops(config, training_),
         grad_reduction_s=grad_reduction.comm_s,
         comm=forward.comm + backward.comm + tuple(grads) + optimizer.comm,
+        microbatch_costs=tuple(microbatch_costs),
+        optimizer_s=optimizer.lower_bound_s,
     )
 
 

@@ -33,7 +33,8 @@ def add_model_parser(sub: Any, mesh_args: Any) -> None:
     mode = model.add_mutually_exclusive_group()
     mode.add_argument(
         "--strategy",
-        help="e.g. fsdp=x+y,sp=z or dp=slice,fsdp=x,tp=y,pp=z,mb=16 (needs --mesh)",
+        help="e.g. fsdp=x+y,tp=z or dp=slice,fsdp=x,tp=y,pp=z,mb=16 (axes of --mesh; "
+        "without it, of the topology: x,y,z on a TPU slice, slice over DCN, node,gpu on GPUs)",
     )
     mode.add_argument("--search", action="store_true", help="search parallelism layouts")
     model.add_argument("--top", type=int, default=5, help="search results to show (default 5)")
@@ -86,21 +87,37 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
 
     config = load_model_config(args.config)
     if args.search:
+        from ..presets import load_preset  # noqa: PLC0415
+        from ..topology import Topology  # noqa: PLC0415
         from .model_search import search_model  # noqa: PLC0415
 
         if args.top < 1:
             raise SpecError(f"--top {args.top} must be at least 1")
+        if args.topology:
+            topology = Topology.build(
+                load_preset(args.hardware), args.topology, num_slices=args.num_slices
+            )
+        elif mesh is not None:
+            topology = mesh.topology
+        else:
+            raise SpecError("model --search needs --topology (e.g. 16x16x16, or 64x8 GPU nodes)")
         result = search_model(
             config,
-            args,
-            mesh=mesh,
+            topology,
+            batch_tokens=args.batch_tokens,
+            seq_len=args.seq_len,
             top=args.top,
+            master_weights=args.master_weights != "none",
+            idle_axes=not args.no_idle_axes,
         )
         return model_dict(config, result.plans, args, search=result), format_model_plans(
             config, result.plans, args, search=result
         )
     if mesh is None:
-        raise SpecError("model --strategy needs --mesh (named axes, e.g. x=16,y=16,z=8)")
+        raise SpecError(
+            "model --strategy needs --mesh (named axes, e.g. x=16,y=16,z=8) or --topology "
+            "(whose dimensions are then the axes)"
+        )
     if not args.strategy:
         raise SpecError("model needs --strategy (e.g. fsdp=x+y,sp=z) or --search (to find one)")
     strategy = Strategy.parse(args.strategy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..estimate import Cost
 from ..report import mesh_dict, table
 from ..units import format_bytes, format_count, format_seconds
 from .analysis import critical_batch
@@ -39,16 +40,18 @@ def plan_dict(plan: ModelPlan) -> dict[str, Any]:
         "components": {
             name: {
                 "layers": part.layers,
+                # one microbatch's forward and backward passes, without the gradient
+                # reductions and the optimizer update (once per step)
                 "time_s": {
-                    "lower_bound": part.cost.lower_bound_s,
-                    "upper_bound": part.cost.upper_bound_s,
-                    "compute": part.cost.compute_s,
-                    "comm": part.cost.comm_s,
+                    "lower_bound": cost.lower_bound_s,
+                    "upper_bound": cost.upper_bound_s,
+                    "compute": cost.compute_s,
+                    "comm": cost.comm_s,
                 },
-                "comm_s_by_axes": part.cost.comm_s_by_axes(),
+                "comm_s_by_axes": cost.comm_s_by_axes(),
                 "memory_per_chip_bytes": part.memory.as_dict(),
             }
-            for name, part in plan.parts
+            for (name, part), (_, cost) in zip(plan.parts, _costs(plan), strict=True)
         },
     }
     if plan.pipeline is not None:
@@ -147,6 +150,8 @@ def format_model_plans(
     lines.append(table(rows, header))
     if plans:
         lines += ["", "best: " + describe(plans[0])]
+        if search is not None and search.best_reason:
+            lines.append(f"  why it wins: {search.best_reason}")
         if getattr(args, "train_tokens", None):
             steps = args.train_tokens / args.batch_tokens
             days = steps * plans[0].step_lower_s / 86400
@@ -155,6 +160,10 @@ def format_model_plans(
                 f"this step time ({plans[0].mfu:.1%} MFU)"
             )
     return "\n".join(lines)
+
+
+def _costs(plan: ModelPlan) -> tuple[tuple[str, Cost], ...]:
+    return plan.microbatch_costs or tuple((name, part.cost) for name, part in plan.parts)
 
 
 def describe(plan: ModelPlan) -> str:
@@ -170,13 +179,18 @@ def describe(plan: ModelPlan) -> str:
         f"{format_bytes(memory.activations)}, transient {format_bytes(memory.transient)} = "
         f"{format_bytes(memory.peak)} of "
         f"{format_bytes(plan.mesh.hardware.chip.hbm_capacity_bytes)}",
+        "  mesh axes: "
+        + "; ".join(plan.mesh.describe_axis(axis.name) for axis in plan.mesh.axes if axis.size > 1),
     ]
-    for name, part in plan.parts:
+    where = " per stage" if plan.pipeline is not None else ""
+    for (name, part), (_, cost) in zip(plan.parts, _costs(plan), strict=True):
         lines.append(
-            f"  {name} x{part.layers}: {format_seconds(part.cost.lower_bound_s)} per microbatch "
-            f"(compute {format_seconds(part.cost.compute_s)}, "
-            f"comm {format_seconds(part.cost.comm_s)})"
+            f"  {name} x{part.layers}{where}: {format_seconds(cost.lower_bound_s)} per "
+            f"microbatch, forward and backward (compute {format_seconds(cost.compute_s)}, "
+            f"comm {format_seconds(cost.comm_s)})"
         )
+    if plan.optimizer_s:
+        lines.append(f"  optimizer update once per step: {format_seconds(plan.optimizer_s)}")
     if plan.pipeline is not None:
         p = plan.pipeline
         lines.append(

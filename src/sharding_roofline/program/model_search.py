@@ -29,7 +29,6 @@ Two steps, so that ``10^5`` layouts rank in seconds:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
@@ -41,7 +40,6 @@ from ..collectives import Collective, rate
 from ..errors import PlanError, SpecError
 from ..mesh import DeviceMesh
 from ..plans import Rejected
-from ..presets import load_preset
 from ..topology import Topology, parse_shape
 from .autodiff import OptimizerSpec, Remat, training
 from .config import ModelConfig
@@ -94,6 +92,9 @@ class _Profile:
     hbm: tuple[float, float] = (0.0, 0.0)  # (A, B): bytes per token = A + B / tp
     saved: tuple[float, float] = (0.0, 0.0)
     transient: tuple[float, float] = (0.0, 0.0)
+    #: parameters per block: each is gathered and its gradient reduced by its own
+    #: collective, so their count multiplies the collectives' latency
+    params: int = 0
 
 
 def _profile(config: ModelConfig, seq: int, remat: Remat, hardware: Any) -> _Profile:
@@ -107,7 +108,7 @@ def _profile(config: ModelConfig, seq: int, remat: Remat, hardware: Any) -> _Pro
         forward = build_layer(block_spec(config, tokens, seq))
     program = training(forward, remat=remat)
     sizes = program.sizes
-    profile = _Profile()
+    profile = _Profile(params=len(program.params))
     for op in program.ops:
         if op.kind is not OpKind.EINSUM:
             continue
@@ -195,25 +196,30 @@ def _bits(n: int) -> int | None:
 
 def search_model(
     config: ModelConfig,
-    args: argparse.Namespace,
+    topology: Topology,
     *,
-    mesh: DeviceMesh | None = None,
+    batch_tokens: int,
+    seq_len: int | None = None,
     top: int = 5,
+    master_weights: bool = True,
+    idle_axes: bool = True,
     recost: int = 48,
     microbatch_options: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
     remats: tuple[Remat, ...] = (Remat.NONE, Remat.FULL),
 ) -> SearchResult:
-    """Search layouts of ``config`` on ``--hardware``/``--topology``/``--num-slices``."""
+    """Every layout of ``config`` on ``topology`` (degrees of pp, dp, fsdp, cp and tp laid
+    over the physical dimensions in that order, outermost first, so tp takes the fastest
+    links and pp/dp the slowest; ep over the data axes; microbatches, remat, schedule,
+    ZeRO-1), screened by a closed form, the best ``recost`` re-costed exactly by
+    ``plan_model``; the ``top`` that fit, fastest first.
+
+    ``search_model(load_model_config("configs/models/llama3-70b.toml"),
+    Topology.build(load_preset("tpu-v5p"), "16x16x16"), batch_tokens=2**21, seq_len=2048)``
+    """
     start = time.process_time()
-    hardware = load_preset(args.hardware)
-    shape = parse_shape(args.topology) if args.topology else None
-    if shape is None:
-        if mesh is None:
-            raise SpecError("model --search needs --topology (e.g. 16x16x16, or 64x8 GPU nodes)")
-        shape = mesh.topology.shape
-        if args.num_slices > 1:
-            shape = shape[1:]
-    topology = Topology.build(hardware, shape, num_slices=args.num_slices)
+    hardware = topology.hardware
+    num_slices = topology.num_slices
+    shape = parse_shape(topology.shape_text.rsplit(" ", 1)[-1])  # one slice's, or NODESxGPUS
     chips = topology.num_devices
     total_bits = _bits(chips)
     if total_bits is None:
@@ -221,21 +227,21 @@ def search_model(
             f"the layout search needs a power-of-two chip count; {chips} chips is not one "
             "(give --strategy with an explicit --mesh instead)"
         )
-    seq = args.seq_len or config.seq_len
+    seq = seq_len or config.seq_len
     if not seq:
         raise SpecError(f"model {config.name} has no seq_len; pass --seq-len")
-    batch = args.batch_tokens
+    batch = batch_tokens
     if batch % seq:
         raise SpecError(f"--batch-tokens {batch} is not a whole number of {seq}-token sequences")
     sequences = batch // seq
     chip = hardware.chip
     peak = chip.peak_flops_per_s_for(config.dtype)
     capacity = chip.hbm_capacity_bytes
-    optimizer = OptimizerSpec(master_dtype="" if args.master_weights == "none" else "float32")
+    optimizer = OptimizerSpec(master_dtype="float32" if master_weights else "")
     # a mesh with one axis per bit: every role's group is a set of these axes (rates cached)
     bit_mesh = DeviceMesh.create(
         hardware, ",".join(f"b{i}=2" for i in range(total_bits)) or "b0=1", shape,
-        num_slices=args.num_slices,
+        num_slices=num_slices,
     )  # fmt: skip
     profiles = {remat: _profile(config, seq, remat, hardware) for remat in remats}
     params = config.params()
@@ -305,7 +311,7 @@ def search_model(
         layout_mesh = meshes.get(text)
         if layout_mesh is None:
             layout_mesh = meshes[text] = DeviceMesh.create(
-                hardware, text, shape, num_slices=args.num_slices
+                hardware, text, shape, num_slices=num_slices
             )
         training_ = Training(
             batch_tokens=batch,
@@ -318,7 +324,7 @@ def search_model(
         )
         plan = plan_model(
             config, layout_mesh, layout.strategy(), training_,
-            idle_axes=not args.no_idle_axes, cache=cache,
+            idle_axes=idle_axes, cache=cache,
         )  # fmt: skip
         recosted += 1
         if isinstance(plan, Rejected):
@@ -443,9 +449,10 @@ def _screen(
     expert_weights = expert_params * itemsize / (tp * ep)
     weights = dense_weights + expert_weights
     fsdp_axes = (*groups["fsdp"], *groups["cp"])
-    add(Collective.ALL_GATHER, fsdp_axes, weights, layers, "forward")
-    add(Collective.ALL_GATHER, fsdp_axes, weights, layers, "backward")
-    add(Collective.REDUCE_SCATTER, fsdp_axes, weights, layers, "backward")
+    n = max(profile.params, 1)  # one collective per parameter (their latencies add)
+    add(Collective.ALL_GATHER, fsdp_axes, weights / n, layers * n, "forward")
+    add(Collective.ALL_GATHER, fsdp_axes, weights / n, layers * n, "backward")
+    add(Collective.REDUCE_SCATTER, fsdp_axes, weights / n, layers * n, "backward")
     # EP: dispatch and combine, forward and backward
     if layout.ep and config.is_moe:
         slots = tokens * config.top_k * config.capacity_factor * d * itemsize
@@ -462,8 +469,8 @@ def _screen(
     # once per step: DP's gradient reduction (ZeRO-1: reduce-scatter + gather of weights)
     grads = weights / fsdp
     once: dict[int, float] = {}
-    if dp > 1:
-        seconds = rate(mesh, Collective.ALL_REDUCE, groups["dp"]).time_s(grads * layers)
+    if dp > 1:  # each parameter's gradient reduced by its own collective
+        seconds = rate(mesh, Collective.ALL_REDUCE, groups["dp"]).time_s(grads / n) * n * layers
         for resource in mesh.link_resources(groups["dp"]):
             once[resource] = once.get(resource, 0.0) + seconds
     bubble = 0.0
@@ -509,5 +516,17 @@ def _why(plans: list[ModelPlan]) -> str:
             parts.append(f"{label} {b - a:.3g} s less")
     if best.pipeline is None and runner.pipeline is not None:
         parts.append(f"no pipeline bubble (the next loses {runner.pipeline.bubble_fraction:.0%})")
+    elif best.pipeline is not None and runner.pipeline is not None:
+        ours, theirs = best.pipeline.bubble_fraction, runner.pipeline.bubble_fraction
+        if abs(theirs - ours) > 0.005:
+            parts.append(f"pipeline bubble {ours:.1%} against {theirs:.1%}")
+    if runner.grad_reduction_s > best.grad_reduction_s * 1.02:
+        parts.append(
+            f"gradient reductions {runner.grad_reduction_s - best.grad_reduction_s:.3g} s less"
+        )
+    if not parts and best.memory.peak < runner.memory.peak * 0.98:
+        parts.append(
+            f"as fast, with {(runner.memory.peak - best.memory.peak) / 2**30:.3g} GiB less per chip"
+        )
     detail = "; ".join(parts) or "nearly the same costs"
     return f"{gap:.1%} faster than {runner.name} on ({runner.mesh.spec_text}): {detail}"

@@ -246,6 +246,7 @@ def search(
 ) -> ProgramRanking:
     """The best placements over every stage's own layout (see the module docstring);
     ``layers`` copies of the program per step, as in ``compare``."""
+    mesh.check_searchable()
     start = time.perf_counter()
     spec = optimizer or OptimizerSpec()
     evaluation = Evaluation(program, mesh, spec, overlap)

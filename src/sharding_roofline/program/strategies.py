@@ -24,6 +24,7 @@ The strategy's ``name`` is canonical and parses back to the same strategy.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -346,8 +347,9 @@ def place(
                 else:
                     if hidden:
                         notes.append(
-                            f"tp axis {axis} splits no letter of stage {stage} (sizes "
-                            f"{', '.join(f'{c}={sizes[c]}' for c in hidden)}): replicated there"
+                            f"tp axis {axis} ({axis_size[axis]}) splits no letter of stage "
+                            f"{stage} (sizes {', '.join(f'{c}={sizes[c]}' for c in hidden)}): "
+                            f"replicated there{_factor_hint(axis, axis_size[axis], hidden, sizes)}"
                         )
         maps[stage] = sigma
     known = {s for s, _ in program.stages}
@@ -411,8 +413,12 @@ def build_placement(
             for c in param.letters
         ]
         stored = _shard_over(param.letters, at, fsdp, roles.model, sizes, axis_size, mesh)
-        if fsdp and stored == at:
-            remarks.append(f"{param.name} is too small to shard over {'+'.join(fsdp)}")
+        whole = [a for a in fsdp if a not in {x for d in stored for x in d}]
+        if whole:
+            remarks.append(
+                f"{param.name} {list(param.letters)} does not divide over "
+                f"{'+'.join(whole)}: whole over {'it' if len(whole) == 1 else 'them'}"
+            )
         opt = stored
         if dp and zero >= 1:
             opt = _shard_over(param.letters, stored, dp, roles.model, sizes, axis_size, mesh)
@@ -443,6 +449,22 @@ def build_placement(
     )
 
 
+def _factor_hint(axis: str, size: int, letters: list[str], sizes: dict[str, int]) -> str:
+    """How to split ``letters`` ``size`` ways anyway: one mesh axis shards one letter, so
+    factor the axis into one factor per letter (``z=16`` over ``k=8, g=8``: ``z1=8,z2=2``)."""
+    remaining, factors = size, []
+    for c in letters:
+        factor = math.gcd(remaining, sizes[c])
+        if factor > 1:
+            factors.append(factor)
+            remaining //= factor
+    if remaining != 1 or len(factors) < 2:
+        return ""
+    names = [f"{axis}{i + 1}" for i in range(len(factors))]
+    mesh = ",".join(f"{n}={f}" for n, f in zip(names, factors, strict=True))
+    return f"; to split it {size} ways, factor the axis: --mesh ...,{mesh} and tp={'+'.join(names)}"
+
+
 def _pieces(axes: Iterable[str], axis_size: dict[str, int]) -> int:
     n = 1
     for a in axes:
@@ -463,8 +485,11 @@ def _shard_over(  # noqa: PLR0917 (the layout, then what to add and the sizes)
     axis_size: dict[str, int],
     mesh: DeviceMesh,
 ) -> list[list[str]]:
-    """``layout`` with ``axes`` added on the model letter (or else the largest letter they
-    divide), as FSDP and ZeRO shard a parameter; unchanged when nothing divides."""
+    """``layout`` with ``axes`` added as FSDP and ZeRO shard a parameter: all of them on the
+    model letter when they divide it, else axis by axis (major first) on the model letter
+    or the largest letter each still divides (``d = 5120`` over 4096 chips: ``x+y`` on
+    ``d``, ``z`` on ``f``); an axis that divides no letter leaves the parameter whole over
+    it."""
     if not axes:
         return layout
     used = {a for d in layout for a in d}
@@ -472,10 +497,14 @@ def _shard_over(  # noqa: PLR0917 (the layout, then what to add and the sizes)
     if not extra:
         return layout
     order = sorted(range(len(letters)), key=lambda i: (letters[i] != model, -sizes[letters[i]]))
-    for i in order:
-        pieces = _pieces(layout[i], axis_size) * _pieces(extra, axis_size)
-        if sizes[letters[i]] % pieces == 0:
-            out = [list(d) for d in layout]
-            out[i] = out[i] + extra
+    out = [list(d) for d in layout]
+    for i in order:  # every axis on one letter, the model letter first
+        if sizes[letters[i]] % (_pieces(out[i], axis_size) * _pieces(extra, axis_size)) == 0:
+            out[i] += extra
             return out
-    return layout
+    for axis in extra:
+        for i in order:
+            if sizes[letters[i]] % (_pieces(out[i], axis_size) * axis_size[axis]) == 0:
+                out[i].append(axis)
+                break
+    return out
