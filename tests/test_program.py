@@ -123,9 +123,14 @@ def test_training_flops_are_three_times_forward_and_remat_adds_a_forward(
     remat: Remat, factor: int
 ) -> None:
     """Backward costs twice the forward (6·params·tokens in all); block remat recomputes
-    the forward (8·params·tokens); saving the matmul outputs recomputes no matmul."""
+    the forward (8·params·tokens) but for the last matmul, whose result the backward never
+    reads (jax.checkpoint does not recompute it either); saving the matmul outputs
+    recomputes no matmul."""
     forward = block()
-    assert _global_flops(training(forward, remat=remat)) == factor * _global_flops(forward)
+    not_recomputed = 2 * 64 * 64 * BLOCK["f"] * BLOCK["d"] if remat is Remat.FULL else 0
+    assert _global_flops(training(forward, remat=remat)) == (
+        factor * _global_flops(forward) - not_recomputed
+    )
 
 
 def test_flash_attention_keeps_scores_on_chip_and_recomputes_them() -> None:

@@ -20,11 +20,13 @@ from sharding_roofline.xla.hlo import (
     dedupe_and_weight,
     dot_flops,
     groups_to_axes,
+    op_name,
     pairs_to_axes,
     parse_collectives,
     parse_replica_groups,
     read_collectives,
     reclassify_reduce_scatters,
+    split_combined,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hlo"
@@ -637,3 +639,32 @@ def test_ops_sharing_a_channel_id_in_one_computation_stay_distinct() -> None:
     first, second = read_collectives(text)
     assert first.groups == ((0, 1), (2, 3))
     assert second.groups == ((0, 2), (1, 3))
+
+
+def test_split_combined_gives_one_op_per_leaf_and_remembers_where_it_was() -> None:
+    # (A @ B, A @ C) with K over y: one tuple all-reduce of two leaves
+    text = fixture_text("combined_all_reduce_f32")
+    (combined,) = read_collectives(text)
+    leaves = split_combined([combined])
+    assert [(c.kind, c.result_types, c.leaf_indices) for c in leaves] == [
+        ("all-reduce", (("f32", (256, 512)),), (0,)),
+        ("all-reduce", (("f32", (256, 256)),), (1,)),
+    ]
+    assert op_name(text, combined) == "jit(two_matmuls)/dot_general"
+
+
+def test_split_combined_keeps_leaf_positions_through_reclassification() -> None:
+    # the same op with only A @ B (its first leaf) sliced: a reduce-scatter of leaf 0 and
+    # an all-reduce of leaf 1, each still naming its leaf of the printed op
+    text = fixture_text("combined_mixed_f32")
+    split = split_combined(read_collectives(text))
+    assert sorted((c.kind, c.leaf_indices) for c in split) == [
+        ("all-reduce", (1,)),
+        ("reduce-scatter", (0,)),
+    ]
+
+
+def test_split_combined_leaves_a_tuple_all_to_all_whole() -> None:
+    text = fixture_text("all_to_all_bf16")
+    colls = read_collectives(text)
+    assert split_combined(colls) == colls

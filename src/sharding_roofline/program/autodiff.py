@@ -9,16 +9,20 @@ Reverse-mode, op by op, last op first (transformers.md; no per-layer hand-writte
 * ``add`` passes its gradient to both inputs; ``mul`` multiplies it by the other input;
   ``silu``/``gelu`` by the derivative (reading the saved input); a softmax's gradient reads
   its saved output; an RMSNorm's reads its input and scale, and its scale's gradient is a
-  vector contraction over the tokens (``REDUCE``);
+  vector contraction over the tokens (``REDUCE``) of the incoming gradient with the
+  normalised input (``x / rms(x)``: the norm's letter stays whole there, as at the norm);
 * a tensor read by several ops gets one gradient contribution from each, summed by ``add``
   ops; gradients of renamed reads (``xn`` read as ``[b, s, d]``) are summed by position.
 
 What the backward reads from the forward pass depends on the remat policy (``Remat``):
 ``NONE`` saves every activation the backward needs, as laid out at the op that read it
 (gathered activations stay gathered: no second gather); ``FULL`` saves only the layer's
-input and recomputes the whole forward pass before the backward (the book's "block remat",
-``8 × params × tokens`` FLOPs); ``DOTS`` saves the einsums' outputs and recomputes the
-memory-bound ops. Parameters are never saved: the backward reads them from where they are
+input and recomputes the forward pass before the backward (the book's "block remat", about
+``8 × params × tokens`` FLOPs: every op but those whose results the backward does not read,
+such as the last matmul, which ``jax.checkpoint`` does not recompute either); ``DOTS`` saves
+the einsums' outputs and recomputes the memory-bound ops (an einsum's backward reads a
+recomputed input from where it is recomputed, moving it again if the einsum needs it
+elsewhere). Parameters are never saved: the backward reads them from where they are
 stored (FSDP gathers them again, as ZeRO-3 does).
 
 ``training(program)`` returns the forward+backward program (and, with ``optimizer=True``,
@@ -28,7 +32,7 @@ one AdamW update per parameter at the end, in the optimizer state's layout).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import SpecError
 from .graph import Op, OpInput, OpKind, Phase, Program, Tensor, TensorKind
@@ -119,6 +123,10 @@ class _Backward:
             return OpInput(tensor=tensor, letters=letters)  # read from where it is stored
         name = self.saved_name.get(tensor, tensor)
         producer = self.recomputed_at.get(at.name, at.name)
+        if name != tensor and producer == at.name:
+            # recomputed, but ``at`` is not (an einsum under DOTS): nothing moved the fresh
+            # copy to ``at``'s layout, so it is read from its home (and moved there)
+            return OpInput(tensor=name, letters=letters)
         return OpInput(tensor=name, letters=letters, saved_at=producer)
 
     def grad_input(self, tensor: str) -> OpInput:
@@ -236,6 +244,40 @@ class _Backward:
             self.backward_of(op)
         for tensor in list(self.contributions):
             self.finish(tensor, self._stage_of(tensor), "")
+        self.prune_recompute()
+
+    def prune_recompute(self) -> None:
+        """Drop recomputed ops whose results nothing reads (under FULL, the last op of the
+        layer: its output is not needed by the backward pass, and ``jax.checkpoint`` never
+        recomputes it); a backward op that read its input as laid out at a dropped op reads
+        it from its home instead (and moves it there itself)."""
+        dropped: set[str] = set()
+        while True:
+            read = {item.tensor for op in self.ops for item in op.inputs}
+            dead = {
+                op.name for op in self.ops if op.phase is Phase.RECOMPUTE and op.output not in read
+            }
+            if not dead:
+                break
+            for op in self.ops:
+                if op.name in dead:
+                    del self.tensors[op.output]
+            self.ops = [op for op in self.ops if op.name not in dead]
+            dropped |= dead
+        if not dropped:
+            return
+        self.ops = [
+            replace(
+                op,
+                inputs=tuple(
+                    replace(item, saved_at="") if item.saved_at in dropped else item
+                    for item in op.inputs
+                ),
+            )
+            if any(item.saved_at in dropped for item in op.inputs)
+            else op
+            for op in self.ops
+        ]
 
     def _stage_of(self, tensor: str) -> str:
         for op, _ in self.fwd.consumers(tensor):
@@ -373,6 +415,9 @@ class _Backward:
                     output=dscale,
                     out_letters=scale.letters,
                     fn="reduce",
+                    # sum(dz * x / rms(x)) over the tokens: rms(x) reduces over the norm's
+                    # letter, which must therefore be whole at this op too
+                    reduce_letters=op.reduce_letters,
                     **common,  # type: ignore[arg-type]
                 )
             )

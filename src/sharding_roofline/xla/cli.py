@@ -19,22 +19,28 @@ from sharding_roofline.dtypes import dtype_bytes
 from sharding_roofline.errors import ValidationError
 from sharding_roofline.limits import MAX_SIMULATED_DEVICES
 from sharding_roofline.plans import Plan
+from sharding_roofline.program.evaluate import ProgramPlan
 from sharding_roofline.report import table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
     from .compare import Validation
+    from .program_compare import ProgramValidation
 
 __all__ = [
     "EXECUTE_BUDGET_BYTES",
     "Progress",
     "add_validate_arguments",
     "check_execute_memory",
+    "check_program_execute_memory",
     "execute_bytes",
+    "format_program_validation",
     "format_validation",
     "format_validations",
+    "program_execute_bytes",
     "run_validate",
     "run_validate_many",
+    "run_validate_program",
     "validate_many",
 ]
 
@@ -64,7 +70,7 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
+def _start_devices(args: argparse.Namespace, plans: Sequence[Plan | ProgramPlan]) -> None:
     from .devices import ensure_devices  # noqa: PLC0415 (imports JAX)
 
     needed = max(plan.mesh.num_devices for plan in plans)
@@ -82,7 +88,10 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan]) -> None:
         )
     if getattr(args, "execute", False):
         for plan in plans:
-            check_execute_memory(plan)
+            if isinstance(plan, ProgramPlan):
+                check_program_execute_memory(plan)
+            else:
+                check_execute_memory(plan)
     if asked is not None and asked < needed:
         raise ValidationError(
             f"--devices {asked} is fewer than the {needed} devices of the mesh "
@@ -111,6 +120,30 @@ def execute_bytes(plan: Plan) -> int:
     )
     devices = plan.mesh.num_devices * local * max(itemsize, dtype_bytes(einsum.accum_dtype)) * 3
     return int(host + devices)
+
+
+def program_execute_bytes(plan: ProgramPlan) -> int:
+    """An estimate of the host memory ``execute=True`` needs for a program plan: every
+    tensor of the program in float32 three times (the reference, and the jit and shard_map
+    programs across the simulated devices, resharded copies included, about the global
+    size), and each result again as float64 for the comparison."""
+    program = plan.program
+    every = sum(program.elements(t.name) for t in program.tensors)
+    results = sum(program.elements(name) for name in program.outputs)
+    return int(every * 4 * 3 + results * 8 * 3)
+
+
+def check_program_execute_memory(
+    plan: ProgramPlan, budget_bytes: int = EXECUTE_BUDGET_BYTES
+) -> None:
+    """Refuse ``--execute`` of a program plan that would need more than ``budget_bytes``."""
+    need = program_execute_bytes(plan)
+    if need > budget_bytes:
+        raise ValidationError(
+            f"--execute on {plan.program.name} would need about {format_bytes(need)} of host "
+            f"memory, more than the {format_bytes(budget_bytes)} it may use; drop --execute "
+            "(compiling needs no data) or validate smaller sizes with the same strategy"
+        )
 
 
 def check_execute_memory(plan: Plan, budget_bytes: int = EXECUTE_BUDGET_BYTES) -> None:
@@ -143,6 +176,16 @@ def run_validate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
     execute = bool(getattr(args, "execute", False))
     return validate_plan(plan, execute=execute, unguided=True).as_dict()
+
+
+def run_validate_program(args: argparse.Namespace, plan: ProgramPlan) -> dict[str, Any]:
+    """Validate one program plan (``layer --validate``: ``--devices``, ``--execute``); its
+    JSON object (:meth:`ProgramValidation.as_dict`). Call it before anything in the process
+    runs a JAX operation (it sets the simulated device count)."""
+    _start_devices(args, [plan])
+    from .program_compare import validate_program  # noqa: PLC0415 (imports JAX)
+
+    return validate_program(plan, execute=bool(getattr(args, "execute", False))).as_dict()
 
 
 def run_validate_many(
@@ -378,6 +421,60 @@ def format_validations(validations: Sequence[Validation | dict[str, Any]]) -> st
         counts[d["verdict"]] = counts.get(d["verdict"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     return table(rows, header) + f"\n{len(dicts)} validated: {summary}"
+
+
+def format_program_validation(v: ProgramValidation | dict[str, Any]) -> str:
+    """A program validation (or its ``as_dict()``) for people: the verdict and why, the
+    collectives op by op (plan and XLA side by side), communication time, matmul FLOPs per
+    chip and, when executed, the numbers."""
+    d = v if isinstance(v, dict) else v.as_dict()
+    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items())
+    lines = [
+        f"{d['strategy']}   ({d['program']} on {d['hardware']} {mesh}, {d['num_ops']} ops)",
+        f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
+    ]
+    lines += [f"  - {reason}" for reason in d["reasons"]]
+    rows = []
+    for op in d["per_op"]:
+        same = op["agrees"]
+        rows.append(
+            [
+                op["op"] or "?",
+                op["pass"] or "?",
+                ", ".join(op["predicted"]) or "-",
+                "same" if same else ", ".join(op["observed"]) or "-",
+            ]
+        )
+    lines.append("")
+    if rows:
+        lines.append("collectives per op (elements in->out per chip):")
+        lines.append(_indent(table(rows, ["op", "pass", "plan", "XLA's jit program"])))
+    else:
+        lines.append("collectives: none (neither the plan nor XLA communicates)")
+    lines.append("")
+    lines.append(
+        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
+        f"XLA {_time(d['xla_time_s'])}"
+    )
+    f = d["flops"]
+    sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
+    lines.append(
+        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, plan's program {sm_flops}, "
+        f"XLA {format_count(f['jit'])}"
+        + ("" if f["ok"] else "  <- the plan's program differs")
+        + ("" if f["jit_agrees"] else "  (XLA's differ)")
+    )
+    n = d.get("numerics")
+    if n is not None:
+        lines.append(
+            f"numerics ({n['dtype']}, against jax.vjp unsharded): "
+            f"{'ok' if n['ok'] else 'WRONG'}: max relative error plan's program "
+            f"{n['shard_map_max_rel_error']:.3g}, XLA's {n['jit_max_rel_error']:.3g} "
+            f"(tolerance {n['tolerance']:g})"
+        )
+    for warning in d["warnings"]:
+        lines.append(f"XLA warning: {warning[:300]}")
+    return "\n".join(lines)
 
 
 def _indent(text: str, prefix: str = "  ") -> str:

@@ -27,12 +27,13 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sharding_roofline.collectives import Collective, bytes_sent_per_chip, collective_cost
 from sharding_roofline.dtypes import dtype_bytes
+from sharding_roofline.mesh import DeviceMesh
 from sharding_roofline.plans import Plan
 from sharding_roofline.report import collective_dict
 
@@ -51,9 +52,13 @@ __all__ = [
     "Validation",
     "Verdict",
     "agreement",
+    "difference_lines",
+    "hlo_records",
+    "multiset",
     "observed_collectives",
     "plan_key",
     "predicted_collectives",
+    "total_time_s",
     "validate_plan",
 ]
 
@@ -186,15 +191,17 @@ def _operand_of(
     return None, einsum.dtype
 
 
-def observed_collectives(
-    plan: Plan, text: str, predicted: Sequence[CollectiveRecord] = ()
+def hlo_records(
+    mesh: DeviceMesh,
+    colls: Iterable[HloCollective],
+    describe: Callable[[HloCollective, tuple[Any, ...]], tuple[str | None, str]],
 ) -> tuple[CollectiveRecord, ...]:
-    """The collectives of a compiled program (``compiled.as_text()``) as records, costed on
-    the plan's target hardware. Ops whose groups are single devices move nothing and are
-    dropped (the planner drops size-1 groups too)."""
-    mesh = plan.mesh
+    """Compiled collectives as records, costed on ``mesh``'s target hardware. ``describe``
+    names the array each one moves and the dtype a real chip would use, given the op and its
+    key (kind, axes, elements in and out per chip). Ops whose groups are single devices move
+    nothing and are dropped (the planner drops size-1 groups too)."""
     out: list[CollectiveRecord] = []
-    for coll in read_collectives(text):
+    for coll in colls:
         if coll.groups is not None:
             axes = groups_to_axes(coll.groups, mesh.shape, mesh.axis_names)
         elif coll.pairs is not None:
@@ -212,7 +219,7 @@ def observed_collectives(
         else:
             elements_in = elements_out
         key = (coll.kind, axes, elements_in, elements_out)
-        operand, dtype = _operand_of(plan, coll, key, predicted)
+        operand, dtype = describe(coll, key)
         detail: dict[str, Any] | None = None
         time_s: float | None = None
         if coll.kind in _KINDS:
@@ -244,14 +251,27 @@ def observed_collectives(
     return tuple(out)
 
 
-def _multiset(records: Iterable[CollectiveRecord]) -> Counter[tuple[Any, ...]]:
+def observed_collectives(
+    plan: Plan, text: str, predicted: Sequence[CollectiveRecord] = ()
+) -> tuple[CollectiveRecord, ...]:
+    """The collectives of a compiled program (``compiled.as_text()``) as records, costed on
+    the plan's target hardware. Ops whose groups are single devices move nothing and are
+    dropped (the planner drops size-1 groups too)."""
+    return hlo_records(
+        plan.mesh,
+        read_collectives(text),
+        lambda coll, key: _operand_of(plan, coll, key, predicted),
+    )
+
+
+def multiset(records: Iterable[CollectiveRecord]) -> Counter[tuple[Any, ...]]:
     counts: Counter[tuple[Any, ...]] = Counter()
     for record in records:
         counts[record.key] += record.count
     return counts
 
 
-def _difference(
+def difference_lines(
     want: Counter[tuple[Any, ...]], got: Counter[tuple[Any, ...]], what: str
 ) -> list[str]:
     def text(key: tuple[Any, ...], n: int) -> str:
@@ -270,7 +290,7 @@ def _difference(
     return lines
 
 
-def _total_time(records: Sequence[CollectiveRecord]) -> float | None:
+def total_time_s(records: Sequence[CollectiveRecord]) -> float | None:
     """Seconds of all records on the target hardware; ``None`` if one cannot be costed."""
     total = 0.0
     for record in records:
@@ -401,8 +421,8 @@ class Validation:
         """What XLA's jit program lacks (``-``) and adds (``+``) against the plan, by kind and
         axes (element counts left out): ``-reduce-scatter[x] +all-reduce[x]``; empty on a
         match. Stable across sizes, so reports can key on it."""
-        want = _multiset(self.predicted)
-        got = _multiset(self.observed)
+        want = multiset(self.predicted)
+        got = multiset(self.observed)
         parts: list[str] = []
         for sign, diff in (("-", want - got), ("+", got - want)):
             for (kind, axes, _, _), n in sorted(diff.items(), key=lambda kv: str(kv[0])):
@@ -418,7 +438,7 @@ class Validation:
     @property
     def xla_time_s(self) -> float | None:
         """XLA's collectives' time on the same hardware (``None``: one cannot be costed)."""
-        return _total_time(self.observed)
+        return total_time_s(self.observed)
 
     def as_dict(self) -> dict[str, Any]:
         plan = self.plan
@@ -479,15 +499,15 @@ def validate_plan(
     predicted = predicted_collectives(plan)
     compiled: CompiledPlan = compile_plan(plan, with_shard_map=prove or execute)
     observed = observed_collectives(plan, compiled.jit_text, predicted)
-    want = _multiset(predicted)
-    jit_agrees = _multiset(observed) == want
+    want = multiset(predicted)
+    jit_agrees = multiset(observed) == want
     if compiled.shard_map_text is None and not jit_agrees:
         compiled = compile_plan(plan, with_shard_map=True)
     proof: tuple[CollectiveRecord, ...] | None = None
     reasons: list[str] = []
     if compiled.shard_map_text is not None:
         proof = observed_collectives(plan, compiled.shard_map_text, predicted)
-        reasons += _difference(want, _multiset(proof), "the plan's shard_map program")
+        reasons += difference_lines(want, multiset(proof), "the plan's shard_map program")
     flops = FlopsCheck(
         plan=plan.cost.flops,
         shard_map=None if compiled.shard_map_text is None else dot_flops(compiled.shard_map_text),
@@ -531,7 +551,7 @@ def validate_plan(
         verdict = Verdict.MATCH
     else:
         verdict = Verdict.XLA_DIFFERS
-        reasons += _difference(want, _multiset(observed), "XLA's jit program")
+        reasons += difference_lines(want, multiset(observed), "XLA's jit program")
     return Validation(
         plan=plan,
         verdict=verdict,

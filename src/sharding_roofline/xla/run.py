@@ -47,10 +47,13 @@ from .hlo import dot_flops
 __all__ = [
     "CompiledPlan",
     "Execution",
+    "apply_step",
+    "block_index",
     "capture_stderr",
     "clear_cache",
     "compile_plan",
     "execute_plan",
+    "interesting_lines",
     "jit_program",
     "shard_map_program",
     "tolerance",
@@ -91,7 +94,8 @@ def capture_stderr() -> Iterator[list[str]]:
             lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _interesting(lines: list[str]) -> tuple[str, ...]:
+def interesting_lines(lines: list[str]) -> tuple[str, ...]:
+    """The lines of XLA's captured stderr worth reporting (warnings and errors)."""
     return tuple(line for line in lines if _WARNING_RE.search(line))
 
 
@@ -155,7 +159,7 @@ def _changed_dims(step: Step) -> tuple[list[int], list[int]]:
     return lost, gained
 
 
-def _block_index(axes: tuple[str, ...], axis_size: dict[str, int]) -> jax.Array:
+def block_index(axes: tuple[str, ...], axis_size: dict[str, int]) -> jax.Array:
     """This device's linear index over ``axes`` (major first), as a traced scalar."""
     index: Any = jnp.int32(0)
     for axis in axes:
@@ -163,8 +167,10 @@ def _block_index(axes: tuple[str, ...], axis_size: dict[str, int]) -> jax.Array:
     return cast(jax.Array, index)
 
 
-def _apply_step(x: jax.Array, step: Step, axis_size: dict[str, int]) -> jax.Array:
-    """One plan step on this device's block, exactly as the planner defines it."""
+def apply_step(x: jax.Array, step: Step, axis_size: dict[str, int]) -> jax.Array:
+    """One plan step on this device's block, exactly as the planner defines it (the step's
+    layouts say which dimension it gathers, slices or scatters; its operand's name is not
+    used, so a program's named tensors replay through the same code)."""
     lost, gained = _changed_dims(step)
     axes = step.axes
     name: str | tuple[str, ...] = axes[0] if len(axes) == 1 else axes
@@ -173,7 +179,7 @@ def _apply_step(x: jax.Array, step: Step, axis_size: dict[str, int]) -> jax.Arra
         (d,) = gained
         pieces = math.prod(axis_size[a] for a in axes)
         size = x.shape[d] // pieces
-        start = _block_index(axes, axis_size) * size
+        start = block_index(axes, axis_size) * size
         return cast(jax.Array, _lax.dynamic_slice_in_dim(x, start, size, axis=d))
     if step.kind is Collective.ALL_GATHER:
         (d,) = lost
@@ -200,12 +206,12 @@ def shard_map_program(plan: Plan, mesh: Mesh | None = None) -> Program:
 
     def body(a: jax.Array, b: jax.Array) -> jax.Array:
         for step in pre["lhs"]:
-            a = _apply_step(a, step, axis_size)
+            a = apply_step(a, step, axis_size)
         for step in pre["rhs"]:
-            b = _apply_step(b, step, axis_size)
+            b = apply_step(b, step, axis_size)
         c = local(a, b)
         for step in post:
-            c = _apply_step(c, step, axis_size)
+            c = apply_step(c, step, axis_size)
         return c
 
     mapped = jax.shard_map(
@@ -316,7 +322,7 @@ def _compile(program: Program) -> _Entry:
             text = str(lowered.compile().as_text())
         except Exception as exc:  # JAX and XLA raise many types; wrap them with the context
             raise ValidationError(f"{type(exc).__name__}: {exc}") from exc
-    return _Entry(text=text, warnings=_interesting(lines), written_flops=written)
+    return _Entry(text=text, warnings=interesting_lines(lines), written_flops=written)
 
 
 def compile_plan(plan: Plan, *, with_shard_map: bool = True) -> CompiledPlan:

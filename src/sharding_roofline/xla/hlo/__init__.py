@@ -30,9 +30,11 @@ from ._text import COLLECTIVE_KINDS as COLLECTIVE_KINDS
 from ._text import Leaf as Leaf
 from .collectives import HloCollective as HloCollective
 from .collectives import dedupe_and_weight as dedupe_and_weight
+from .collectives import op_name as op_name
 from .collectives import parse_collectives as parse_collectives
 from .collectives import read_collectives as read_collectives
 from .collectives import reclassify_reduce_scatters as reclassify_reduce_scatters
+from .collectives import split_combined as split_combined
 from .flops import dot_flops as dot_flops
 from .groups import Groups as Groups
 from .groups import groups_to_axes as groups_to_axes
@@ -47,9 +49,11 @@ __all__ = [
     "dedupe_and_weight",
     "dot_flops",
     "groups_to_axes",
+    "op_name",
     "pairs_to_axes",
     "parse_collectives",
     "parse_replica_groups",
     "read_collectives",
     "reclassify_reduce_scatters",
+    "split_combined",
 ]

@@ -30,9 +30,11 @@ from .groups import Groups, _take_replica_groups, parse_replica_groups
 __all__ = [
     "HloCollective",
     "dedupe_and_weight",
+    "op_name",
     "parse_collectives",
     "read_collectives",
     "reclassify_reduce_scatters",
+    "split_combined",
 ]
 
 _COLLECTIVE_OP_RE = re.compile(
@@ -61,6 +63,9 @@ class HloCollective:
     computation: str
     name: str
     count: int = 1
+    #: which result leaves of the printed op these are (``None``: all, in order); set when
+    #: a combined op is split, so each leaf can be traced to the op it was combined from
+    leaf_indices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in COLLECTIVE_KINDS:
@@ -301,6 +306,9 @@ def reclassify_reduce_scatters(
             ):
                 sliced = [root.type]
         kept = tuple(leaf for leaf, s in zip(coll.result_types, sliced, strict=True) if s is None)
+        indices = coll.leaf_indices or tuple(range(len(coll.result_types)))
+        kept_at = tuple(i for i, s in zip(indices, sliced, strict=True) if s is None)
+        scattered_at = tuple(i for i, s in zip(indices, sliced, strict=True) if s is not None)
         scattered = tuple(
             (leaf, s) for leaf, s in zip(coll.result_types, sliced, strict=True) if s is not None
         )
@@ -308,7 +316,7 @@ def reclassify_reduce_scatters(
             out.append(coll)
             continue
         if kept:
-            out.append(replace(coll, result_types=kept))
+            out.append(replace(coll, result_types=kept, leaf_indices=kept_at))
         dims = {d for leaf, s in scattered for d in _scatter_dims(leaf[1], s.dims)}
         out.append(
             replace(
@@ -316,6 +324,7 @@ def reclassify_reduce_scatters(
                 kind="reduce-scatter",
                 result_types=tuple((leaf[0], s.dims) for leaf, s in scattered),
                 dimensions=tuple(sorted(dims)),
+                leaf_indices=scattered_at,
             )
         )
     return tuple(out)
@@ -365,3 +374,42 @@ def dedupe_and_weight(colls: Sequence[HloCollective], text: str) -> tuple[HloCol
 def read_collectives(text: str) -> tuple[HloCollective, ...]:
     """The collectives a compiled program runs per step: parse, reclassify, dedupe, weight."""
     return dedupe_and_weight(reclassify_reduce_scatters(parse_collectives(text), text), text)
+
+
+# --------------------------------------------------------------------------------------
+# Combined ops and their origin
+
+#: Kinds whose tuple form is several ops combined into one (XLA's combiner passes); a tuple
+#: all-to-all is one op, with one operand per peer (its leaves add up).
+_COMBINABLE = frozenset({"all-reduce", "reduce-scatter", "all-gather", "collective-permute"})
+
+
+def split_combined(colls: Sequence[HloCollective]) -> tuple[HloCollective, ...]:
+    """One op per result leaf of a combined (tuple) collective: the CPU's all-reduce and
+    all-gather combiners batch independent collectives into one op (a scheduling choice that
+    saves latency, not another algorithm), so a program's collectives are compared leaf by
+    leaf. Tuple all-to-alls stay whole (their leaves are the pieces for each peer)."""
+    out: list[HloCollective] = []
+    for coll in colls:
+        if coll.kind not in _COMBINABLE or len(coll.result_types) <= 1:
+            out.append(coll)
+            continue
+        indices = coll.leaf_indices or tuple(range(len(coll.result_types)))
+        out.extend(
+            replace(coll, result_types=(leaf,), leaf_indices=(i,))
+            for leaf, i in zip(coll.result_types, indices, strict=True)
+        )
+    return tuple(out)
+
+
+_OP_NAME_RE = re.compile(r'\bop_name="((?:[^"\\]|\\.)*)"')
+
+
+def op_name(text: str, coll: HloCollective) -> str:
+    """The ``metadata={op_name=...}`` JAX gave the op (its named scopes and primitive, e.g.
+    ``jit(train)/jvp(gate)/sharding_constraint``); empty when none is printed."""
+    instr = _module(text).instr(coll.computation, coll.name)
+    if instr is None:
+        return ""
+    match = _OP_NAME_RE.search(instr.attrs)
+    return match.group(1) if match else ""

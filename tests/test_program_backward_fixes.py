@@ -1,0 +1,77 @@
+"""Regressions in the mechanical backward pass found by the program validator
+(tests/xla/test_xla_programs.py replays each plan in shard_map and compares it with
+``jax.vjp``); these check the planner side without JAX."""
+
+from __future__ import annotations
+
+from sharding_roofline.mesh import DeviceMesh
+from sharding_roofline.presets import load_preset
+from sharding_roofline.program.autodiff import training
+from sharding_roofline.program.evaluate import evaluate
+from sharding_roofline.program.graph import OpKind, Phase
+from sharding_roofline.program.layers import LayerSpec, build_layer
+from sharding_roofline.program.strategies import place
+
+SIZES = {"d": 64, "f": 128, "n": 8, "k": 4, "h": 8, "t": 16}
+
+
+def _mesh() -> DeviceMesh:
+    return DeviceMesh.create(load_preset("tpu-v5e"), "x=2,y=4", "2x4")
+
+
+def _layer(kind: str) -> LayerSpec:
+    return LayerSpec.from_dims(kind, SIZES, batch_tokens=256)
+
+
+def test_full_remat_does_not_recompute_what_the_backward_never_reads() -> None:
+    # Before: remat=full recomputed the layer's last matmul (re_down) and, under TP, its
+    # all-reduce; nothing read the result, and jax.checkpoint never recomputes it.
+    forward = build_layer(_layer("gated-mlp"))
+    program = training(forward, remat="full")
+    recomputed = [op.of for op in program.ops if op.phase is Phase.RECOMPUTE]
+    assert recomputed == ["gate", "up", "act", "gating"]
+    names = {op.name for op in program.ops}
+    assert all(item.saved_at in names for op in program.ops for item in op.inputs if item.saved_at)
+    # down's backward reads the recomputed hidden from its home (no op moved it elsewhere)
+    (down_grad,) = (op for op in program.ops if op.name == "down_grad_w_down")
+    assert (down_grad.inputs[0].tensor, down_grad.inputs[0].saved_at) == ("re_hidden", "")
+    # the matmul FLOPs: the forward, the recomputation of 2 of its 3 matmuls, the backward
+    mesh = _mesh()
+    plan = evaluate(program, mesh, place(program, mesh, "dp=x,tp=y"))
+    per_matmul = 2 * 256 * 64 * 128 / 8
+    assert plan.cost.flops == (3 + 2 + 6) * per_matmul
+    assert not [s for s in plan.collectives if s.operand == "re_mlp_out"]
+
+
+def test_dots_remat_moves_a_recomputed_input_to_the_einsum_that_reads_it() -> None:
+    # Before: under remat=dots the backward of an einsum that is not recomputed read the
+    # recomputed re_xn2 as laid out at the forward op (gathered over the sequence under sp),
+    # though only its home copy (split over y) existed: a gather the plan did not count.
+    program = training(build_layer(_layer("block")), remat="dots")
+    mesh = _mesh()
+    plan = evaluate(program, mesh, place(program, mesh, "fsdp=x,sp=y"))
+    reads = [(item.tensor, item.saved_at) for item in program.op("up_grad_w_up").inputs]
+    assert reads[0] == ("re_xn2", "")
+    gathers = [
+        s
+        for s in plan.collectives
+        if s.operand == "re_xn2" and s.kind is not None and s.kind.value == "all-gather"
+    ]
+    assert len(gathers) == 1  # once in the backward pass, by its first reader ...
+    assert gathers[0] in plan.op("up_grad_w_up").steps_in
+    reuser = plan.op("gate_grad_w_gate")  # ... and reused by the next
+    assert reuser.op.inputs[0].tensor == "re_xn2"
+    assert all(s.operand != "re_xn2" for s in reuser.steps_in)
+
+
+def test_norm_scale_gradient_keeps_the_normalised_letter_whole() -> None:
+    # Before: the scale's gradient sum(dz * x / rms(x)) ran with d split when a pin split d
+    # in the boundary stage, and rms(x) needs every d (the plan's program computed wrong
+    # numbers). Now the op keeps d whole, as the norm does.
+    program = training(build_layer(_layer("block")))
+    reduce_ops = [op for op in program.ops if op.kind is OpKind.REDUCE]
+    assert [op.reduce_letters for op in reduce_ops] == ["d", "d"]
+    mesh = _mesh()
+    plan = evaluate(program, mesh, place(program, mesh, "fsdp=x,tp=y,io.d=y"))
+    for op in reduce_ops:
+        assert "d" not in dict(plan.op(op.name).sigma)
