@@ -135,6 +135,16 @@ def add_layer_parser(sub: Any, mesh_args: Any) -> None:
         help="rank by full overlap (each pass's max, default) or none (sums)",
     )
     layer.add_argument("--details", action="store_true", help="also print the best plan op by op")
+    layer.add_argument(
+        "--validate",
+        action="store_true",
+        help="compile the best plan's program (forward, and backward with --backward) on JAX's "
+        "simulated CPU devices and compare its collectives, FLOPs (and with --execute its "
+        "numbers) with the plan",
+    )
+    from ..xla.cli import add_validate_arguments  # noqa: PLC0415 (imports no JAX)
+
+    add_validate_arguments(layer)
 
 
 def layer_spec(args: argparse.Namespace) -> LayerSpec:
@@ -245,4 +255,15 @@ def run_layer(args: argparse.Namespace, mesh: DeviceMesh) -> tuple[dict[str, Any
         mode = "compare"
     data = ranking_dict(ranking, mode=mode)
     text = format_ranking(ranking, mode=mode, details=args.details or mode == "strategy")
+    if getattr(args, "validate", False):
+        if layers != 1:
+            raise SpecError(
+                f"--validate compiles one layer; drop --layers {layers} (a stack of identical "
+                "layers repeats the same collectives)"
+            )
+        from ..xla.cli import format_program_validation, run_validate_program  # noqa: PLC0415
+
+        result = run_validate_program(args, ranking.best)
+        data["validation"] = result
+        text += "\n\nvalidation against XLA of the best plan:\n" + format_program_validation(result)
     return data, text

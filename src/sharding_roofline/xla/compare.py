@@ -364,8 +364,8 @@ class Unguided:
         warnings: tuple[str, ...] = (),
     ) -> Unguided:
         plan_s = sum(r.time_s or 0.0 for r in predicted)
-        xla_s = _total_time(observed)
-        if _multiset(observed) == _multiset(predicted):
+        xla_s = total_time_s(observed)
+        if multiset(observed) == multiset(predicted):
             verdict = "match"
         elif xla_s is None:
             verdict = "uncosted"
