@@ -560,14 +560,20 @@ class _Evaluator:
         comm: list[CommTerm] = []
         hbm_bytes = 0.0
         transient = 0.0
+        read: set[tuple[str, Dims]] = set()
         for item, src, dst, was in zip(op.inputs, srcs, dsts, reused, strict=True):
             tensor = self.program.tensor(item.tensor)
             shape = tuple(self.sizes[c] for c in item.letters)
-            path = EMPTY if was else self.paths.path(shape, tensor.dtype, src, dst)
+            # an op reading one tensor twice in one layout (x·x) moves and reads it once
+            again = (item.tensor, dst) in read
+            read.add((item.tensor, dst))
+            path = EMPTY if was or again else self.paths.path(shape, tensor.dtype, src, dst)
             if path is None:
                 return self._indivisible(op, item.tensor, src, dst)
             at_op.append((item.tensor, dst))
-            local_bytes = 0 if tensor.on_chip else self.paths.elements(shape, dst) * tensor.itemsize
+            local_bytes = (
+                0 if tensor.on_chip or again else self.paths.elements(shape, dst) * tensor.itemsize
+            )
             if op.kind is OpKind.GATHER and tensor.kind is TensorKind.PARAM:
                 # a lookup reads the rows it gathers, not the whole table
                 out_shape_ = tuple(self.sizes[c] for c in op.out_letters)

@@ -26,9 +26,10 @@ which in every serving einsum is an activation): int8 weights with bf16 compute 
 byte per weight and multiply at the bf16 peak, the book's ``B_crit = 120`` on v5e.
 
 Norms in the decode programs are written as what a sharded norm does: a vector reduction of
-the squares over ``d`` (``REDUCE``: a partial sum wherever ``d`` is split, all-reduced as a
-``[b]`` vector) and the elementwise scale; so a layout that splits ``d`` between blocks
-(2D weight-stationary) pays a tiny all-reduce, not a gather of the activations.
+the squares over ``d`` (``REDUCE`` of ``x·x``: a partial sum wherever ``d`` is split,
+all-reduced as a ``[b]`` vector) and the elementwise scale (``rmsnorm_apply``); so a layout
+that splits ``d`` between blocks (2D weight-stationary) pays a tiny all-reduce, not a gather
+of the activations.
 
 Each part of a model (``serving_parts``): the dense block, the mixture-of-experts block
 (``decode_moe_block``; prefill uses ``moe.moe_block``), each repeated its number of layers,
@@ -154,8 +155,9 @@ def _decode_builder(config: ModelConfig, serving: Serving) -> _Builder:
 
 
 def _norm(builder: _Builder, name: str, x: str, *, scale: str, out: str, stage: str) -> str:
-    """RMSNorm as a sharded norm computes it: the per-token sum of squares over ``d`` (a
-    vector contraction: a partial sum over any axes splitting ``d``), then the scale."""
+    """RMSNorm as a sharded norm computes it: the per-token sum of squares over ``d``
+    (``x·x``, a vector contraction reading ``x`` once: a partial sum over any axes splitting
+    ``d``), then the scale."""
     compute = builder.spec.dtype
     builder.tensors[scale] = Tensor(name=scale, letters="d", dtype=compute, kind=TensorKind.PARAM)
     letters = builder.tensors[x].letters
@@ -165,7 +167,7 @@ def _norm(builder: _Builder, name: str, x: str, *, scale: str, out: str, stage: 
         Op(
             name=name + "_ss",
             kind=OpKind.REDUCE,
-            inputs=(OpInput(tensor=x, letters=letters),),
+            inputs=(OpInput(tensor=x, letters=letters), OpInput(tensor=x, letters=letters)),
             output=stats,
             out_letters=tokens,
             stage=stage,

@@ -172,6 +172,14 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: OpContext) -> jax.Array:
         axis_letter = _reduced_letter(op)
         x, scale = aligned
         return (_rmsnorm_hat(x, out.index(axis_letter)) * scale).astype(out_dtype)
+    if fn == "rmsnorm_apply":
+        # a sharded norm's second half (program/serving.py): given the sum of squares over
+        # the model letter (a REDUCE of x·x), x / rms(x) · scale with the letter's global size
+        x, squares, scale = (v.astype(jnp.float32) for v in aligned)
+        width = ctx.program.size(roles.model)
+        return cast(
+            jax.Array, (x * _lax.rsqrt(squares / width + _RMS_EPS) * scale).astype(out_dtype)
+        )
     if fn == "rmsnorm_grad":
         axis_letter = _reduced_letter(op)
         x, scale, dz = aligned
@@ -181,7 +189,7 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: OpContext) -> jax.Array:
     raise ValidationError(
         f"op {op.name!r}: the validator has no JAX code for function {fn!r} "
         f"({op.kind.value}); supported: add, mul, silu, gelu, softmax, causal_softmax, "
-        "rmsnorm (and their _grad), adamw, reduce"
+        "rmsnorm (and their _grad), rmsnorm_apply, adamw, reduce"
     )
 
 
