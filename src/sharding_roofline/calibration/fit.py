@@ -371,7 +371,9 @@ STEP_PARAMETERS = (
     "fixed_step_s",
     "vector_time_factor",
 )
-#: Their boxes (linear units); a fit that ends on a lower bound of 1e-9 is reported as 0.
+#: Their boxes (linear units); a fitted value below ``STEP_ZERO`` (at the lower bound of
+#: 1e-9) is reported as 0.
+STEP_ZERO = 1e-8
 STEP_BOUNDS = (
     (1e-9, 1.0),
     (1e-9, 1.0),
@@ -432,8 +434,8 @@ def training_step_predict(params: Sequence[float] | FloatArray, rows: StepRows) 
 
 def fit_training_step(rows: StepRows, *, huber_scale: float | None = None) -> FitResult:
     """Fit ``STEP_PARAMETERS`` to measured step times (log-time residuals, each parameter
-    in its ``STEP_BOUNDS`` box); parameters that end on a lower bound of 1e-9 come back
-    as 0."""
+    in its ``STEP_BOUNDS`` box); parameters that end below ``STEP_ZERO`` (on a lower bound
+    of 1e-9) come back as 0."""
 
     def residuals(theta: FloatArray) -> FloatArray:
         out: FloatArray = np.log(training_step_predict(np.exp(theta), rows)) - np.log(rows.time_s)
@@ -451,7 +453,7 @@ def fit_training_step(rows: StepRows, *, huber_scale: float | None = None) -> Fi
     )
     values = [float(x) for x in np.exp(theta)]
     params = tuple(
-        0.0 if low_bound == 1e-9 and value <= low_bound * (1 + 1e-6) else value
+        0.0 if low_bound < STEP_ZERO and value < STEP_ZERO else value
         for value, (low_bound, _) in zip(values, STEP_BOUNDS, strict=True)
     )
     predicted = training_step_predict(params, rows)

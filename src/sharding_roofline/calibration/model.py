@@ -203,6 +203,40 @@ def matmul_bytes(fit: MatmulFit, *, m: int, n: int, k: int, batch: int = 1) -> f
     )
 
 
+def matmul_terms_s(
+    fit: MatmulFit,
+    *,
+    m: int,
+    n: int,
+    k: int,
+    batch: int = 1,
+    peak_flops_per_s: float,
+    hbm_bytes_per_s: float,
+    hbm_bytes: float | None = None,
+) -> tuple[float, float, float]:
+    """``(launch_floor_s, compute_s, hbm_s)`` of the module docstring's formula, whose
+    time is ``launch_floor_s + max(compute_s, hbm_s)``. ``hbm_bytes`` overrides the bytes
+    the kernel moves (default: each operand once, ``matmul_bytes``); a fused kernel that
+    keeps a tensor on chip (flash attention's scores) moves fewer."""
+    for name, value in (("m", m), ("n", n), ("k", k), ("batch", batch)):
+        if value < 1:
+            raise SpecError(f"matmul dimension {name} must be >= 1, got {value}")
+    m_tiled = _round_up(m, fit.tile_m)
+    n_tiled = _round_up(n, fit.tile_n)
+    k_tiled = _round_up(k, fit.tile_k)
+    compute_s = (
+        2.0
+        * batch
+        * m_tiled
+        * n_tiled
+        * (k_tiled + fit.k_overhead_elements)
+        / (fit.compute_efficiency * peak_flops_per_s)
+    )
+    moved = matmul_bytes(fit, m=m, n=n, k=k, batch=batch) if hbm_bytes is None else hbm_bytes
+    hbm_s = moved / (fit.hbm_efficiency * hbm_bytes_per_s)
+    return fit.launch_floor_s, compute_s, hbm_s
+
+
 def matmul_time_s(
     fit: MatmulFit,
     *,
@@ -218,22 +252,16 @@ def matmul_time_s(
     ``peak_flops_per_s`` and ``hbm_bytes_per_s`` are the preset's datasheet figures for the
     fit's dtype (``ChipSpec.peak_flops_per_s_for``, ``ChipSpec.hbm_bytes_per_s``).
     """
-    for name, value in (("m", m), ("n", n), ("k", k), ("batch", batch)):
-        if value < 1:
-            raise SpecError(f"matmul dimension {name} must be >= 1, got {value}")
-    m_tiled = _round_up(m, fit.tile_m)
-    n_tiled = _round_up(n, fit.tile_n)
-    k_tiled = _round_up(k, fit.tile_k)
-    compute_s = (
-        2.0
-        * batch
-        * m_tiled
-        * n_tiled
-        * (k_tiled + fit.k_overhead_elements)
-        / (fit.compute_efficiency * peak_flops_per_s)
+    floor_s, compute_s, hbm_s = matmul_terms_s(
+        fit,
+        m=m,
+        n=n,
+        k=k,
+        batch=batch,
+        peak_flops_per_s=peak_flops_per_s,
+        hbm_bytes_per_s=hbm_bytes_per_s,
     )
-    hbm_s = matmul_bytes(fit, m=m, n=n, k=k, batch=batch) / (fit.hbm_efficiency * hbm_bytes_per_s)
-    return fit.launch_floor_s + max(compute_s, hbm_s)
+    return floor_s + max(compute_s, hbm_s)
 
 
 # -- collectives -----------------------------------------------------------------------------

@@ -30,10 +30,17 @@ from ..collectives import Collective
 from ..dtypes import canonical_dtype, dtype_bytes
 from ..errors import SpecError
 from ..mesh import DeviceMesh
-from ..program.graph import Op, OpKind, Phase, TensorKind
+from ..program.evaluate import OpPlan
+from ..program.graph import Op, OpKind, Phase, Program, TensorKind
 from ..units import format_bytes, format_seconds
-from .apply import SHIPPED, _resolve, _Shipped, calibrated_collective, calibrated_matmul
-from .model import Calibration, MemoryOverheadFit, RatioInterval, TrainingStepFit
+from .apply import SHIPPED, _resolve, _Shipped, calibrated_collective
+from .model import (
+    Calibration,
+    MemoryOverheadFit,
+    RatioInterval,
+    TrainingStepFit,
+    matmul_terms_s,
+)
 
 if TYPE_CHECKING:
     from ..program.model import ModelPlan
@@ -86,7 +93,7 @@ class _Rates:
     the calibration's ``id``; ``owners`` keeps each calibration alive so that no id is
     reused while its entries exist."""
 
-    matmul: dict[tuple[object, ...], float | None] = field(default_factory=dict)
+    matmul: dict[tuple[object, ...], float] = field(default_factory=dict)
     collective: dict[tuple[object, ...], tuple[float, bool]] = field(default_factory=dict)
     owners: dict[int, object] = field(default_factory=dict)
 
@@ -115,6 +122,44 @@ def _gemm(
     n = math.prod(local[c] for c in rhs if c in out and c not in lhs)
     k = math.prod(local[c] for c in lhs if c in rhs and c not in out)
     return batch, m, n, k
+
+
+def _matmul_s(
+    op_plan: OpPlan,
+    program: Program,
+    sizes: dict[str, int],
+    mesh: DeviceMesh,
+    calibration: Calibration | None,
+) -> float | None:
+    """Calibrated seconds of one einsum op at its local shapes, moving the HBM bytes the
+    planner counts for it (flash attention keeps its scores on chip) and doing
+    ``flops_scale`` of the GEMM's FLOPs (a causal kernel skips the masked half); None
+    without a GEMM fit for its dtypes."""
+    op = op_plan.op
+    lhs = program.tensor(op.inputs[0].tensor).dtype
+    rhs = program.tensor(op.inputs[1].tensor).dtype
+    fit = calibration.matmul_fit(lhs, rhs) if calibration is not None else None
+    if fit is None:
+        return None
+    batch, m, n, k = _gemm(op, sizes, dict(op_plan.sigma), mesh)
+    hbm_bytes = op_plan.cost.hbm_bytes
+    key = (_RATES.owner(calibration), mesh.hardware.name, batch, m, n, k, lhs, rhs, hbm_bytes)
+    found = _RATES.matmul.get(key)
+    if found is None:
+        chip = mesh.hardware.chip
+        floor_s, compute_s, hbm_s = matmul_terms_s(
+            fit,
+            m=m,
+            n=n,
+            k=k,
+            batch=batch,
+            peak_flops_per_s=min(chip.peak_flops_per_s_for(lhs), chip.peak_flops_per_s_for(rhs)),
+            hbm_bytes_per_s=chip.hbm_bytes_per_s,
+            hbm_bytes=hbm_bytes,
+        )
+        found = floor_s + max(op.flops_scale * compute_s, hbm_s)
+        _RATES.matmul[key] = found
+    return found
 
 
 def _collective_s(
@@ -163,7 +208,6 @@ def step_features(
     in-flight activations shrink to ``min(m, P)`` microbatches.
     """
     mesh = plan.mesh
-    hardware = mesh.hardware
     strategy = plan.strategy
     fsdp = set(strategy.fsdp)
     reduce_dtype = canonical_dtype(gradient_reduce_dtype) if gradient_reduce_dtype else ""
@@ -183,21 +227,13 @@ def step_features(
             if op.phase is Phase.OPTIMIZER:
                 optimizer_s += count * op_plan.cost.local_s
             elif op.kind is OpKind.EINSUM:
-                dims = _gemm(op, sizes, dict(op_plan.sigma), mesh)
-                dtype = program.tensor(op.inputs[0].tensor).dtype
-                key = (_RATES.owner(calibration), hardware.name, dims, dtype)
-                if key not in _RATES.matmul:
-                    batch, m, n, k = dims
-                    figure = calibrated_matmul(
-                        hardware, m=m, n=n, k=k, batch=batch, dtype=dtype, calibration=calibration
-                    )
-                    _RATES.matmul[key] = figure.calibrated_s
-                seconds = _RATES.matmul[key]
+                seconds = _matmul_s(op_plan, program, sizes, mesh, calibration)
                 if seconds is None:
+                    dtype = program.tensor(op.inputs[0].tensor).dtype
                     missing[f"{dtype} matmuls"] = None
                     matmul_s += count * op_plan.cost.local_s
                 else:
-                    matmul_s += count * seconds * op.flops_scale
+                    matmul_s += count * seconds
             else:
                 vector_s += count * op_plan.cost.local_s
             for step in op_plan.collectives:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import dtype_bytes
+from ..errors import ConfigError
 from ..plans import Rejected
 from ..presets import load_preset
 from ..program.model import ModelPlan
@@ -196,7 +197,10 @@ def fit_playbook(runs: list[PlannedRun]) -> PlaybookFit:
     """Fit the training step and memory on ``runs`` (the calibration split; anything else
     is an error)."""
     if any(r.split is not sd.Split.CALIBRATION for r in runs):
-        raise ValueError("fit_playbook fits calibration runs only")  # the split is fixed
+        raise ConfigError(
+            "fit_playbook fits the calibration split only (1B and 8B on 1-8 nodes); "
+            f"got {sum(r.split is not sd.Split.CALIBRATION for r in runs)} held-out runs"
+        )
     steps = step_rows(runs)
     cv: dict[str, Any] = {}
     oof: dict[str, np.ndarray] = {}
