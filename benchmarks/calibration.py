@@ -1193,7 +1193,8 @@ def evaluate_playbook(data_dir: Path) -> dict[str, Any]:
     oom_calls = []
     predicted_gb = []
     for f in oom_rows:
-        assert f.plan is not None
+        if f.plan is None:  # pragma: no cover - oom_rows are the planned ones
+            continue
         figure = calibrate_model_plan(
             f.plan, calibration=calibration, microbatches=f.layout.microbatches
         )

@@ -41,7 +41,7 @@ from sharding_roofline.calibration.fit import (
 from sharding_roofline.calibration.runs import PlaybookRun, TorchtitanRun, spearman
 from sharding_roofline.calibration.step import memory_bytes, step_time_s
 from sharding_roofline.cli import main
-from sharding_roofline.errors import ConfigError
+from sharding_roofline.errors import ConfigError, SpecError
 from sharding_roofline.program.config import ModelConfig
 from sharding_roofline.program.graph import OpKind, Phase
 from sharding_roofline.program.model import ModelPlan, Schedule, Training, plan_model
@@ -604,3 +604,8 @@ def test_model_calibrated_on_a_tpu_says_so(
     assert calibrated["step_time_s"] is None
     assert calibrated["roofline"]["step_time_s"] > 0
     assert "roofline only" in calibrated["source"]
+
+
+def test_zero_microbatches_is_an_error() -> None:
+    with pytest.raises(SpecError, match="microbatches=0 must be at least 1"):
+        calibrate_model_plan(_tiny_plan(), microbatches=0)

@@ -464,6 +464,8 @@ def calibrate_model_plan(
     ``load_calibration(path)``) or None (roofline only). ``microbatches`` runs fewer
     microbatches than the plan (see ``step_features``).
     """
+    if microbatches is not None and microbatches < 1:
+        raise SpecError(f"microbatches={microbatches} must be at least 1")
     hardware = plan.mesh.hardware
     chips = plan.mesh.num_devices
     m_plan = plan.training.microbatches

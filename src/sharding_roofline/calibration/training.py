@@ -136,7 +136,7 @@ def step_rows(runs: list[PlannedRun]) -> StepRows:
     features = [r.features for r in runs if r.features is not None]
     times = [r.run.measured_step_s for r in runs if r.features is not None]
     if len(features) != len(runs) or any(t is None for t in times):
-        raise ValueError("step_rows needs planned runs with measurements")  # a bug
+        raise ConfigError("step_rows needs planned runs with a measured step time")
     return StepRows(
         matmul_s=np.array([f.matmul_s for f in features]),
         vector_s=np.array([f.vector_s for f in features]),
@@ -155,7 +155,7 @@ def memory_rows(runs: list[PlannedRun]) -> MemoryRows:
     features = [r.features for r in runs if r.features is not None]
     measured = [r.run.memory_bytes for r in runs if r.features is not None]
     if len(features) != len(runs) or any(m is None for m in measured):
-        raise ValueError("memory_rows needs planned runs with measurements")  # a bug
+        raise ConfigError("memory_rows needs planned runs with a measured memory")
     return MemoryRows(
         persistent_bytes=np.array(
             [
