@@ -30,8 +30,10 @@ files just written, so they are the shipped files' errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
+import math
 import subprocess
 import sys
 from collections import defaultdict
@@ -50,9 +52,11 @@ from sharding_roofline.calibration import (
     CollectiveInterval,
     MatmulFit,
     RatioInterval,
+    calibrate_model_plan,
     calibrated_collective,
     calibrated_matmul,
     load_calibration,
+    training,
     write_calibration,
 )
 from sharding_roofline.calibration import data as sd
@@ -72,9 +76,11 @@ from sharding_roofline.calibration.model import (
     LARGE_MESSAGE_BYTES,
     DataFile,
 )
+from sharding_roofline.calibration.runs import RunPlanner, TorchtitanRun, spearman
 from sharding_roofline.collectives import Collective
 from sharding_roofline.dtypes import canonical_dtype, dtype_bytes
 from sharding_roofline.hardware import HardwareSpec, LinkKind
+from sharding_roofline.plans import Rejected
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "calibration.json"
@@ -988,6 +994,336 @@ def evaluate_cross_node(rows: list[PlaybookRow]) -> dict[str, Any]:
     return summary
 
 
+# == the whole training step (Playbook runs, H100) and torchtitan ===========================
+
+
+def step_error(predicted_step_s: float, measured_step_s: float) -> float:
+    """|predicted - measured| / measured of tokens/s (the same as measured/predicted step
+    time minus one, in absolute value)."""
+    return abs(measured_step_s / predicted_step_s - 1.0)
+
+
+def fit_training_step_part(
+    data_dir: Path, calibration: Calibration
+) -> tuple[Calibration, dict[str, Any]]:
+    """The h100 calibration with its ``step`` and ``memory`` parts fitted on the calibration
+    split's Playbook runs (``calibration.training.fit_playbook``)."""
+    print("\n== Training step and memory: fitted on the Playbook's 1B/8B runs on 1-8 nodes ==")
+    runs = training.plan_calibration_runs(data_dir, calibration)
+    result = training.fit_playbook(runs)
+    report = result.report
+    cv = report["loss_selection"]["cross_validation"]
+    for name, stats in cv.items():
+        print(
+            f"   {name:14} {training.NUM_FOLDS}-fold CV tokens/s error: median "
+            f"{pct(stats['cv_median_error'])}, mean {pct(stats['cv_mape'])}"
+        )
+    print(f"   chosen: {report['loss_selection']['chosen']!r} ({len(runs)} calibration runs)")
+    for name, value in report["step_parameters"].items():
+        print(f"   {name:36} {value:.6g}")
+    for name, value in report["memory_parameters"].items():
+        print(f"   memory {name:29} {value:.6g}")
+    step, memory = result.step, result.memory
+    print(
+        f"   step interval (out of fold, p10-p90 of measured/predicted): "
+        f"{step.interval.low_ratio:.3f}-{step.interval.high_ratio:.3f}; memory "
+        f"{memory.interval.low_ratio:.3f}-{memory.interval.high_ratio:.3f}"
+    )
+    names = [f.name for f in calibration.source.data_files]
+    names += [sd.PLAYBOOK_RUNS_FILE, sd.PLAYBOOK_MODELS_FILE]
+    source = dataclasses.replace(
+        calibration.source,
+        data_files=data_files(data_dir, names),
+        split=calibration.source.split
+        + f"; the 1B and 8B runs on 1-8 nodes of {sd.PLAYBOOK_RUNS_FILE} (3B, 80B and "
+        "16-64 nodes held out)",
+        notes=(
+            "Fitted parameters only; the measurements stay in the shared data folder. The "
+            "training step and memory describe nanotron as the Playbook ran it."
+        ),
+    )
+    fitted = dataclasses.replace(calibration, source=source, step=step, memory=memory)
+    return fitted, report
+
+
+def _group_metrics(members: list[tuple[float, float]]) -> dict[str, Any]:
+    """(predicted, measured) tokens/s of one (model, nodes) group."""
+    predicted = [p for p, _ in members]
+    measured = [m for _, m in members]
+    errors = [abs(p - m) / m for p, m in members]
+    best_measured = max(measured)
+    chosen = max(range(len(members)), key=lambda i: predicted[i])
+    rho = spearman(predicted, measured)
+    return {
+        "runs": len(members),
+        "mape": float(np.mean(errors)),
+        "median_error": float(np.median(errors)),
+        "spearman": None if math.isnan(rho) else rho,
+        "best_within_10pct": measured[chosen] >= 0.9 * best_measured,
+    }
+
+
+def evaluate_playbook(data_dir: Path) -> dict[str, Any]:
+    """Every Playbook run through ``calibrate_model_plan`` with the shipped h100 file."""
+    calibration = load_calibration("h100")
+    if calibration is None or calibration.step is None or calibration.memory is None:
+        raise SystemExit("h100.json has no training-step calibration")
+    data = training.plan_playbook(data_dir, calibration)
+    capacity = calibration.memory.capacity_bytes
+    print(
+        "\n== Playbook runs: held-out tokens/s per GPU (3B, 80B, and 1B/8B on 16-64 nodes) and "
+        "the fit / out-of-memory call =="
+    )
+    unmapped = [r for r in data.runs if r.plan is None]
+    for reason in sorted({r.rejected for r in unmapped}):
+        count = sum(r.rejected == reason for r in unmapped)
+        print(f"   not mappable ({count} runs): {reason}")
+    rows: dict[str, list[dict[str, Any]]] = {"calibration": [], "heldout": []}
+    for planned in data.runs:
+        if planned.plan is None:
+            continue
+        figure = calibrate_model_plan(
+            planned.plan, calibration=calibration, microbatches=planned.layout.microbatches
+        )
+        if figure.step_s is None or figure.tokens_per_s_per_chip is None:
+            raise SystemExit(f"run {planned.run.run_id}: {figure.source}")
+        run = planned.run
+        measured = run.tokens_per_s_per_gpu or 0.0
+        measured_step = run.measured_step_s or 0.0
+        low, high = figure.tokens_per_s_interval or (0.0, 0.0)
+        slots = planned.features.slots if planned.features else 1
+        rows[planned.split.value].append(
+            {
+                "run_id": run.run_id,
+                "row_index": run.index,
+                "model": run.model,
+                "nodes": run.nodes,
+                "config": planned.layout.strategy
+                + f",mbs={run.micro_batch_size},ga={run.grad_accum_steps}",
+                "measured_tps": measured,
+                "predicted_tps": figure.tokens_per_s_per_chip,
+                "roofline_tps": figure.roofline_tokens_per_s_per_chip,
+                "error": abs(figure.tokens_per_s_per_chip - measured) / measured,
+                "roofline_error": abs(figure.roofline_tokens_per_s_per_chip - measured) / measured,
+                "in_interval": low <= measured <= high,
+                "excess_per_slot_s": (measured_step - figure.step_s) / slots,
+                "measured_memory": run.memory_bytes,
+                "predicted_memory": figure.memory_per_chip_bytes,
+                "fits": figure.fits,
+                "status": run.status,
+            }
+        )
+    out: dict[str, Any] = {
+        "unmapped_runs": {
+            "count": len(unmapped),
+            "reasons": sorted({r.rejected for r in unmapped}),
+            "run_ids": [r.run.run_id for r in unmapped],
+        }
+    }
+    for side, members in rows.items():
+        errors = np.array([r["error"] for r in members])
+        roof = np.array([r["roofline_error"] for r in members])
+        inside = np.mean([r["in_interval"] for r in members])
+        print(
+            f"   {side:11} {len(members):5d} runs: tokens/s MAPE {pct(float(errors.mean()))}, "
+            f"median {pct(float(np.median(errors)))}, p90 {pct(float(np.percentile(errors, 90)))}, "
+            f"within 15% {pct(float(np.mean(errors <= 0.15)))}; roofline MAPE "
+            f"{pct(float(roof.mean()))}, median {pct(float(np.median(roof)))}; in interval {pct(float(inside))}"
+        )
+        out[f"{side}_runs"] = len(members)
+        out[f"{side}_mape"] = float(errors.mean())
+        out[f"{side}_median_error"] = float(np.median(errors))
+        out[f"{side}_p90_error"] = float(np.percentile(errors, 90))
+        out[f"{side}_within_15pct_share"] = float(np.mean(errors <= 0.15))
+        out[f"{side}_roofline_mape"] = float(roof.mean())
+        out[f"{side}_roofline_median_error"] = float(np.median(roof))
+        out[f"{side}_interval_coverage"] = float(inside)
+    held = rows["heldout"]
+    # The stall: a run measured at least 2x slower than predicted, by 0.3-2 s per
+    # microbatch slot (the ~1 s per slot the data show); not used in any fit.
+    stalled = [r for r in held if r["measured_tps"] * 2 <= r["predicted_tps"]]
+    stall_like = [r for r in stalled if 0.3 <= r["excess_per_slot_s"] <= 2.0]
+    rest = [r for r in held if r["measured_tps"] * 2 > r["predicted_tps"]]
+    rest_errors = np.array([r["error"] for r in rest])
+    print(
+        f"   held-out runs measured >= 2x slower than predicted: {len(stalled)} "
+        f"({pct(len(stalled) / len(held))}), {len(stall_like)} of them by 0.3-2 s per microbatch "
+        f"slot; the other {len(rest)}: MAPE {pct(float(rest_errors.mean()))}, median "
+        f"{pct(float(np.median(rest_errors)))}"
+    )
+    out["heldout_slower_2x"] = {
+        "runs": len(stalled),
+        "share": len(stalled) / len(held),
+        "by_0p3_to_2s_per_slot": len(stall_like),
+        "others_mape": float(rest_errors.mean()),
+        "others_median_error": float(np.median(rest_errors)),
+        "others_runs": len(rest),
+    }
+    # per (model, nodes) group
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in held:
+        groups[r["model"], r["nodes"]].append(r)
+    per_group: dict[str, Any] = {}
+    print(
+        f"\n   {'group':12} {'runs':>5} {'MAPE':>8} {'median':>8} {'Spearman':>9}  best within 10%"
+    )
+    for (model, nodes), members in sorted(
+        groups.items(), key=lambda item: (item[0][0], item[0][1])
+    ):
+        metrics = _group_metrics([(r["predicted_tps"], r["measured_tps"]) for r in members])
+        per_group[f"{model}/{nodes}"] = metrics
+        rho = metrics["spearman"]
+        print(
+            f"   {model + ' x' + str(nodes):12} {metrics['runs']:5d} {pct(metrics['mape']):>8} "
+            f"{pct(metrics['median_error']):>8} {'-' if rho is None else f'{rho:9.3f}':>9}  "
+            f"{'yes' if metrics['best_within_10pct'] else 'no'}"
+        )
+    rhos = [
+        g["spearman"] for g in per_group.values() if g["spearman"] is not None and g["runs"] >= 3
+    ]
+    best = [g["best_within_10pct"] for g in per_group.values()]
+    # the fit / out-of-memory call
+    fit_right = [r["fits"] for r in held]
+    fit_right_cal = [r["fits"] for r in rows["calibration"]]
+    failed = [f for f in data.failed if f.plan is not None]
+    failed_unmapped = [f for f in data.failed if f.plan is None]
+    labelled = [f for f in failed if f.run.status == "crashed_or_oom"]
+    twins = [f for f in labelled if f.run.n_measured_same_config > 0]
+    oom_rows = [f for f in labelled if f.run.n_measured_same_config == 0]
+    oom_calls = []
+    predicted_gb = []
+    for f in oom_rows:
+        if f.plan is None:  # pragma: no cover - oom_rows are the planned ones
+            continue
+        figure = calibrate_model_plan(
+            f.plan, calibration=calibration, microbatches=f.layout.microbatches
+        )
+        oom_calls.append(figure.fits is False)
+        predicted_gb.append((figure.memory_per_chip_bytes or 0.0) / capacity)
+    correct = sum(fit_right) + sum(oom_calls)
+    total = len(fit_right) + len(oom_calls)
+    accuracy = correct / total
+    far = sum(1 for x in predicted_gb if x < 0.5)
+    mem_errors = np.array(
+        [abs(r["predicted_memory"] - r["measured_memory"]) / r["measured_memory"] for r in held]
+    )
+    print(
+        f"\n   memory (held out): MAPE {pct(float(mem_errors.mean()))}, median {pct(float(np.median(mem_errors)))}"
+    )
+    print(
+        f"   fit / OOM call at {capacity / 1e9:.0f} GB: {correct}/{total} = {pct(accuracy)} right "
+        f"(held-out measured runs called fitting: {pct(float(np.mean(fit_right)))} of "
+        f"{len(fit_right)}; failed runs called out of memory: {pct(float(np.mean(oom_calls)))} of "
+        f"{len(oom_calls)}, of which {far} are predicted under half the limit; calibration runs "
+        f"called fitting: {pct(float(np.mean(fit_right_cal)))})"
+    )
+    print(
+        f"   left out of the call: {len(twins)} failed rows whose configuration also has a "
+        f"measured run, {len(failed_unmapped)} failed rows the planner cannot map"
+    )
+    out.update(
+        {
+            "heldout_mape": out["heldout_mape"],
+            "spearman_median": float(np.median(rhos)),
+            "spearman_groups": len(rhos),
+            "best_within_10pct_share": float(np.mean(best)),
+            "memory_call_accuracy": accuracy,
+            "memory_call": {
+                "capacity_bytes": capacity,
+                "heldout_measured_called_fit": float(np.mean(fit_right)),
+                "heldout_measured_runs": len(fit_right),
+                "failed_called_oom": float(np.mean(oom_calls)),
+                "failed_runs": len(oom_calls),
+                "failed_predicted_under_half_capacity": far,
+                "failed_with_measured_twin_left_out": len(twins),
+                "failed_unmappable_left_out": len(failed_unmapped),
+                "calibration_measured_called_fit": float(np.mean(fit_right_cal)),
+            },
+            "heldout_memory_mape": float(mem_errors.mean()),
+            "heldout_memory_median_error": float(np.median(mem_errors)),
+            "groups": per_group,
+        }
+    )
+    print(
+        f"\n   headline: held-out MAPE {pct(out['heldout_mape'])} (goal <= 15%), Spearman median "
+        f"{out['spearman_median']:.3f} over {len(rhos)} groups (goal >= 0.8), best within 10% in "
+        f"{pct(out['best_within_10pct_share'])} of {len(best)} groups, memory call {pct(accuracy)} "
+        "(goal >= 95%)"
+    )
+    return out
+
+
+def evaluate_torchtitan(data_dir: Path) -> dict[str, Any]:
+    """Every torchtitan row, predicted with the shipped h100 file (never fitted)."""
+    print("\n== torchtitan H100 (never fitted): predicted tokens/s per GPU and memory ==")
+    calibration = load_calibration("h100")
+    planner = RunPlanner(load_preset("h100"), {})
+    out_rows = []
+    tps_errors: list[float] = []
+    mem_errors: list[float] = []
+    print(
+        f"   {'row':52} {'measured':>9} {'calibrated':>10} {'roofline':>9} {'error':>7} {'mem meas':>9} {'mem pred':>9}  not modelled"
+    )
+    for row in sd.read_rows(data_dir, sd.TORCHTITAN_FILE):
+        run = TorchtitanRun.from_row(row)
+        layout = run.layout()
+        plan = planner.plan(layout)
+        if isinstance(plan, Rejected):
+            print(f"   {run.label[:52]:52} not mappable: {plan.reason}")
+            out_rows.append({"row_index": run.index, "label": run.label, "unmapped": plan.reason})
+            continue
+        figure = calibrate_model_plan(plan, calibration=calibration)
+        if figure.tokens_per_s_per_chip is None or figure.memory_per_chip_bytes is None:
+            raise SystemExit(f"torchtitan row {run.index}: {figure.source}")
+        error = (
+            abs(figure.tokens_per_s_per_chip - run.tokens_per_s_per_gpu) / run.tokens_per_s_per_gpu
+        )
+        tps_errors.append(error)
+        mem_error = None
+        if run.memory_bytes:
+            mem_error = abs(figure.memory_per_chip_bytes - run.memory_bytes) / run.memory_bytes
+            mem_errors.append(mem_error)
+        print(
+            f"   {run.label[:52]:52} {run.tokens_per_s_per_gpu:9,.0f} {figure.tokens_per_s_per_chip:10,.0f} "
+            f"{figure.roofline_tokens_per_s_per_chip:9,.0f} {pct(error)} "
+            f"{(run.memory_bytes or 0) / 2**30:8.1f}G {figure.memory_per_chip_bytes / 2**30:8.1f}G  "
+            f"{', '.join(run.not_modelled) or '-'}"
+        )
+        out_rows.append(
+            {
+                "row_index": run.index,
+                "label": run.label,
+                "model": run.model,
+                "strategy": layout.strategy,
+                "mesh": layout.mesh_spec,
+                "measured_tps": run.tokens_per_s_per_gpu,
+                "predicted_tps": figure.tokens_per_s_per_chip,
+                "roofline_tps": figure.roofline_tokens_per_s_per_chip,
+                "error": error,
+                "measured_memory_bytes": run.memory_bytes,
+                "predicted_memory_bytes": figure.memory_per_chip_bytes,
+                "memory_error": mem_error,
+                "not_modelled": list(run.not_modelled),
+            }
+        )
+    result = {
+        "mape_tps": float(np.mean(tps_errors)),
+        "median_error_tps": float(np.median(tps_errors)),
+        "rows_tps": len(tps_errors),
+        "mape_memory": float(np.mean(mem_errors)),
+        "median_error_memory": float(np.median(mem_errors)),
+        "rows_memory": len(mem_errors),
+        "memory_units": "measured GiB x 2^30 against the calibrated bytes",
+        "rows": out_rows,
+    }
+    print(
+        f"   tokens/s MAPE {pct(result['mape_tps'])} (median {pct(result['median_error_tps'])}) over "
+        f"{len(tps_errors)} rows; memory MAPE {pct(result['mape_memory'])} (median "
+        f"{pct(result['median_error_memory'])}) over {len(mem_errors)} rows"
+    )
+    return result
+
+
 # == files ====================================================================================
 
 
@@ -1048,7 +1384,7 @@ def build_calibrations(
                     fitted_on=today,
                     notes=(
                         "Fitted parameters only; the measurements stay in the shared data "
-                        "folder. Overlap and memory overheads: not fitted yet (Playbook fit)."
+                        "folder. No training-step or memory fit: the Playbook runs are H100 only."
                     ),
                 ),
                 matmul=matmul.get(preset, ()),
@@ -1084,6 +1420,10 @@ def main(argv: list[str] | None = None) -> int:
     playbook = load_playbook(data_dir)
     cross = fit_cross_node(playbook)
     calibrations = build_calibrations(data_dir, matmul, in_node, cross)
+    step_report: dict[str, Any] = {}
+    for i, calibration in enumerate(calibrations):
+        if calibration.preset == "h100":
+            calibrations[i], step_report = fit_training_step_part(data_dir, calibration)
     if args.no_write:
         print("\n(--no-write: evaluating the shipped files, not the fit just made)")
     else:
@@ -1113,6 +1453,9 @@ def main(argv: list[str] | None = None) -> int:
     results["collective_loss_selection"] = loss_selection
     results["collectives"] = evaluate_in_node(collective_rows)
     results["collectives_cross_node"] = evaluate_cross_node(playbook)
+    results["training_step_fit"] = step_report
+    results["playbook"] = evaluate_playbook(data_dir)
+    results["torchtitan"] = evaluate_torchtitan(data_dir)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     print(

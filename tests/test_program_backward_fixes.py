@@ -75,3 +75,24 @@ def test_norm_scale_gradient_keeps_the_normalised_letter_whole() -> None:
     plan = evaluate(program, mesh, place(program, mesh, "fsdp=x,tp=y,io.d=y"))
     for op in reduce_ops:
         assert "d" not in dict(plan.op(op.name).sigma)
+
+
+def test_a_recomputed_dispatch_runs_at_the_forward_dispatch_layout() -> None:
+    """Before: remat=full copied a MoE block's dispatch without its slot-as-token relabel,
+    so the recomputed dispatch wrote every expert's every slot on each chip (a transient of
+    448 GiB per chip for a DeepSeek-V3-like block on 1,024 H100s)."""
+    from sharding_roofline.program.config import ModelConfig  # noqa: PLC0415
+    from sharding_roofline.program.moe import moe_block  # noqa: PLC0415
+
+    config = ModelConfig(
+        name="tiny-moe", d=64, f=128, n=8, k=4, h=8, layers=2, vocab=256, experts=8, top_k=2,
+        expert_f=32, seq_len=16,
+    )  # fmt: skip
+    program = training(moe_block(config, 256, 16), remat="full")
+    mesh = _mesh()
+    plan = evaluate(program, mesh, place(program, mesh, "fsdp=x+y,ep=y"))
+    ops = {op.op.name: op for op in plan.ops}
+    forward, again = ops["dispatch"], ops["re_dispatch"]
+    assert again.op.relabel == forward.op.relabel != ()
+    assert again.out_local == forward.out_local  # the same layout of x_e
+    assert again.cost.peak_memory_bytes == forward.cost.peak_memory_bytes

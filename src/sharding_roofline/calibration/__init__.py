@@ -9,6 +9,9 @@ TPU) say so and keep the roofline. Pure Python and numpy; no JAX. See docs/calib
 * ``calibrated_matmul`` / ``calibrated_einsum`` / ``achieved_matmul_flops_per_s``: one
   chip's matmul.
 * ``calibrated_collective``: one collective over mesh axes (mirrors ``collective_cost``).
+* ``calibrate_model_plan``: a model plan's training step, tokens/s, MFU and memory
+  (``CalibratedModelTime``), from the GEMM and collective fits and the training-step and
+  memory fits of the Playbook runs.
 * ``load_calibration``: a preset's fitted parameters (None: roofline only).
 * ``model``: the types and the two formulas; ``fit``: the least squares;
   ``data``: the shared CSVs and the fixed split.
@@ -32,13 +35,18 @@ from .model import CollectiveFit as CollectiveFit
 from .model import CollectiveInterval as CollectiveInterval
 from .model import MatmulFit as MatmulFit
 from .model import MemoryOverheadFit as MemoryOverheadFit
-from .model import OverlapFit as OverlapFit
 from .model import RatioInterval as RatioInterval
+from .model import TrainingStepFit as TrainingStepFit
 from .model import collective_time_s as collective_time_s
 from .model import matmul_time_s as matmul_time_s
+from .step import CalibratedModelTime as CalibratedModelTime
+from .step import StepFeatures as StepFeatures
+from .step import calibrate_model_plan as calibrate_model_plan
+from .step import step_features as step_features
 
 __all__ = [
     "SHIPPED",
+    "CalibratedModelTime",
     "CalibratedTime",
     "Calibration",
     "CalibrationSource",
@@ -46,9 +54,11 @@ __all__ = [
     "CollectiveInterval",
     "MatmulFit",
     "MemoryOverheadFit",
-    "OverlapFit",
     "RatioInterval",
+    "StepFeatures",
+    "TrainingStepFit",
     "achieved_matmul_flops_per_s",
+    "calibrate_model_plan",
     "calibrated_collective",
     "calibrated_einsum",
     "calibrated_matmul",
@@ -59,5 +69,6 @@ __all__ = [
     "list_calibrations",
     "load_calibration",
     "matmul_time_s",
+    "step_features",
     "write_calibration",
 ]

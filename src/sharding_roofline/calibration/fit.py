@@ -357,3 +357,159 @@ def fit_collective_ring(rows: CollectiveRows, *, max_bus_bytes_per_s: float) -> 
         ratios=tuple(float(x) for x in rows.time_s / predicted),
         rms_log_error=float(np.sqrt(np.mean(log_error**2))),
     )
+
+
+# -- the training step -----------------------------------------------------------------------
+
+#: ``TrainingStepFit``'s fitted parameters, in the order ``training_step_predict`` takes.
+STEP_PARAMETERS = (
+    "hidden_fraction",
+    "gradient_hidden_fraction",
+    "host_floor_per_layer_s",
+    "pipeline_tp_floor_per_layer_step_s",
+    "pipeline_send_s",
+    "fixed_step_s",
+    "vector_time_factor",
+)
+#: Their boxes (linear units); a fitted value below ``STEP_ZERO`` (at the lower bound of
+#: 1e-9) is reported as 0.
+STEP_ZERO = 1e-8
+STEP_BOUNDS = (
+    (1e-9, 1.0),
+    (1e-9, 1.0),
+    (1e-9, 1.0),
+    (1e-9, 1.0),
+    (1e-9, 10.0),
+    (1e-9, 100.0),
+    (1.0, 10.0),
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRows:
+    """``step.StepFeatures`` of many runs as arrays, with their measured step times."""
+
+    matmul_s: FloatArray
+    vector_s: FloatArray
+    comm_s: FloatArray
+    layers: FloatArray
+    tp_ring_steps: FloatArray
+    gradient_s: FloatArray
+    optimizer_s: FloatArray
+    stages: FloatArray
+    microbatches: FloatArray
+    time_s: FloatArray
+
+    def subset(self, keep: NDArray[np.bool_]) -> StepRows:
+        """The rows where ``keep`` is true (for cross-validation)."""
+        return StepRows(
+            matmul_s=self.matmul_s[keep],
+            vector_s=self.vector_s[keep],
+            comm_s=self.comm_s[keep],
+            layers=self.layers[keep],
+            tp_ring_steps=self.tp_ring_steps[keep],
+            gradient_s=self.gradient_s[keep],
+            optimizer_s=self.optimizer_s[keep],
+            stages=self.stages[keep],
+            microbatches=self.microbatches[keep],
+            time_s=self.time_s[keep],
+        )
+
+
+def training_step_predict(params: Sequence[float] | FloatArray, rows: StepRows) -> FloatArray:
+    """``step.step_time_s`` vectorised over rows; ``params`` in ``STEP_PARAMETERS`` order."""
+    hidden, grad_hidden, host, pp_tp, send, fixed, vector = params
+    pipelined = rows.stages > 1
+    device = rows.matmul_s + vector * rows.vector_s
+    comm = rows.comm_s
+    exposed = device + comm - hidden * np.minimum(device, comm)
+    per_layer = host + np.where(pipelined, pp_tp * rows.tp_ring_steps, 0.0)
+    slot = np.maximum(exposed, rows.layers * per_layer) + np.where(pipelined, send, 0.0)
+    slots = rows.microbatches + rows.stages - 1
+    result: FloatArray = (
+        slots * slot + (1.0 - grad_hidden) * rows.gradient_s + rows.optimizer_s + fixed
+    )
+    return result
+
+
+def fit_training_step(rows: StepRows, *, huber_scale: float | None = None) -> FitResult:
+    """Fit ``STEP_PARAMETERS`` to measured step times (log-time residuals, each parameter
+    in its ``STEP_BOUNDS`` box); parameters that end below ``STEP_ZERO`` (on a lower bound
+    of 1e-9) come back as 0."""
+
+    def residuals(theta: FloatArray) -> FloatArray:
+        out: FloatArray = np.log(training_step_predict(np.exp(theta), rows)) - np.log(rows.time_s)
+        return out
+
+    low = [float(np.log(a)) for a, _ in STEP_BOUNDS]
+    high = [float(np.log(b)) for _, b in STEP_BOUNDS]
+    starts = [
+        [float(np.log(x)) for x in (0.3, 0.3, 4e-3, 3e-3, 3e-3, 0.05, 1.3)],
+        [float(np.log(x)) for x in (0.05, 0.05, 1e-3, 1e-3, 1e-3, 0.01, 1.0)],
+        [float(np.log(x)) for x in (0.7, 0.7, 1e-2, 1e-2, 1e-2, 0.2, 2.0)],
+    ]
+    theta = least_squares_log(
+        residuals, starts, log_low=low, log_high=high, huber_scale=huber_scale
+    )
+    values = [float(x) for x in np.exp(theta)]
+    params = tuple(
+        0.0 if low_bound < STEP_ZERO and value < STEP_ZERO else value
+        for value, (low_bound, _) in zip(values, STEP_BOUNDS, strict=True)
+    )
+    predicted = training_step_predict(params, rows)
+    log_error = np.log(predicted) - np.log(rows.time_s)
+    return FitResult(
+        params=params,
+        ratios=tuple(float(x) for x in rows.time_s / predicted),
+        rms_log_error=float(np.sqrt(np.mean(log_error**2))),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryRows:
+    """Memory terms of many runs (``step.StepFeatures``, with the accumulation buffer
+    already in ``persistent_bytes``) and their measured memory."""
+
+    persistent_bytes: FloatArray
+    moving_bytes: FloatArray  # activations + transient
+    measured_bytes: FloatArray
+
+    def subset(self, keep: NDArray[np.bool_]) -> MemoryRows:
+        return MemoryRows(
+            persistent_bytes=self.persistent_bytes[keep],
+            moving_bytes=self.moving_bytes[keep],
+            measured_bytes=self.measured_bytes[keep],
+        )
+
+
+def memory_predict(params: Sequence[float] | FloatArray, rows: MemoryRows) -> FloatArray:
+    """``step.memory_bytes`` vectorised: (persistent_factor, activation_factor,
+    workspace_bytes)."""
+    persistent, activation, workspace = params
+    result: FloatArray = persistent * rows.persistent_bytes + activation * rows.moving_bytes
+    return result + workspace
+
+
+def fit_memory(rows: MemoryRows) -> FitResult:
+    """Fit (persistent_factor, activation_factor, workspace_bytes) by least squares on
+    log memory; factors within 0.05-20, the workspace within 1 MB-20 GB."""
+
+    def residuals(theta: FloatArray) -> FloatArray:
+        out: FloatArray = np.log(memory_predict(np.exp(theta), rows)) - np.log(rows.measured_bytes)
+        return out
+
+    def logs(*values: float) -> list[float]:
+        return [float(np.log(v)) for v in values]
+
+    starts = [logs(1.0, 1.0, 1e9), logs(1.3, 0.5, 3e9), logs(0.8, 1.5, 1e8)]
+    theta = least_squares_log(
+        residuals, starts, log_low=logs(0.05, 0.05, 1e6), log_high=logs(20.0, 20.0, 2e10)
+    )
+    params = tuple(float(x) for x in np.exp(theta))
+    predicted = memory_predict(params, rows)
+    log_error = np.log(predicted) - np.log(rows.measured_bytes)
+    return FitResult(
+        params=params,
+        ratios=tuple(float(x) for x in rows.measured_bytes / predicted),
+        rms_log_error=float(np.sqrt(np.mean(log_error**2))),
+    )

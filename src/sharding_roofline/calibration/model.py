@@ -203,6 +203,40 @@ def matmul_bytes(fit: MatmulFit, *, m: int, n: int, k: int, batch: int = 1) -> f
     )
 
 
+def matmul_terms_s(
+    fit: MatmulFit,
+    *,
+    m: int,
+    n: int,
+    k: int,
+    batch: int = 1,
+    peak_flops_per_s: float,
+    hbm_bytes_per_s: float,
+    hbm_bytes: float | None = None,
+) -> tuple[float, float, float]:
+    """``(launch_floor_s, compute_s, hbm_s)`` of the module docstring's formula, whose
+    time is ``launch_floor_s + max(compute_s, hbm_s)``. ``hbm_bytes`` overrides the bytes
+    the kernel moves (default: each operand once, ``matmul_bytes``); a fused kernel that
+    keeps a tensor on chip (flash attention's scores) moves fewer."""
+    for name, value in (("m", m), ("n", n), ("k", k), ("batch", batch)):
+        if value < 1:
+            raise SpecError(f"matmul dimension {name} must be >= 1, got {value}")
+    m_tiled = _round_up(m, fit.tile_m)
+    n_tiled = _round_up(n, fit.tile_n)
+    k_tiled = _round_up(k, fit.tile_k)
+    compute_s = (
+        2.0
+        * batch
+        * m_tiled
+        * n_tiled
+        * (k_tiled + fit.k_overhead_elements)
+        / (fit.compute_efficiency * peak_flops_per_s)
+    )
+    moved = matmul_bytes(fit, m=m, n=n, k=k, batch=batch) if hbm_bytes is None else hbm_bytes
+    hbm_s = moved / (fit.hbm_efficiency * hbm_bytes_per_s)
+    return fit.launch_floor_s, compute_s, hbm_s
+
+
 def matmul_time_s(
     fit: MatmulFit,
     *,
@@ -218,22 +252,16 @@ def matmul_time_s(
     ``peak_flops_per_s`` and ``hbm_bytes_per_s`` are the preset's datasheet figures for the
     fit's dtype (``ChipSpec.peak_flops_per_s_for``, ``ChipSpec.hbm_bytes_per_s``).
     """
-    for name, value in (("m", m), ("n", n), ("k", k), ("batch", batch)):
-        if value < 1:
-            raise SpecError(f"matmul dimension {name} must be >= 1, got {value}")
-    m_tiled = _round_up(m, fit.tile_m)
-    n_tiled = _round_up(n, fit.tile_n)
-    k_tiled = _round_up(k, fit.tile_k)
-    compute_s = (
-        2.0
-        * batch
-        * m_tiled
-        * n_tiled
-        * (k_tiled + fit.k_overhead_elements)
-        / (fit.compute_efficiency * peak_flops_per_s)
+    floor_s, compute_s, hbm_s = matmul_terms_s(
+        fit,
+        m=m,
+        n=n,
+        k=k,
+        batch=batch,
+        peak_flops_per_s=peak_flops_per_s,
+        hbm_bytes_per_s=hbm_bytes_per_s,
     )
-    hbm_s = matmul_bytes(fit, m=m, n=n, k=k, batch=batch) / (fit.hbm_efficiency * hbm_bytes_per_s)
-    return fit.launch_floor_s + max(compute_s, hbm_s)
+    return floor_s + max(compute_s, hbm_s)
 
 
 # -- collectives -----------------------------------------------------------------------------
@@ -385,37 +413,121 @@ def collective_time_s(fit: CollectiveFit, *, message_bytes: float, group_size: i
     return fit.latency_s + steps * fit.latency_per_step_s + pipelined
 
 
-# -- what the Playbook fit will add ----------------------------------------------------------
+# -- the whole training step (fitted on the Playbook runs) ----------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OverlapFit:
-    """How much communication a training step hides behind compute (not fitted yet: the
-    Playbook fit will fill it). ``hidden_fraction``: the fraction of communication time
-    that overlaps compute, between 0 (``Overlap.NONE``) and 1 (``Overlap.FULL``)."""
+class TrainingStepFit:
+    """How a training framework turns the calibrated matmuls and collectives of one step
+    into its measured step time (docs/calibration.md, "Training step model").
 
+    Per microbatch slot of the slowest pipeline stage::
+
+        device_s  = matmul_s + vector_time_factor·vector_s
+        exposed_s = device_s + comm_s - hidden_fraction·min(device_s, comm_s)
+        floor_s   = layers·(host_floor_per_layer_s
+                            + [P>1]·pipeline_tp_floor_per_layer_step_s·tp_ring_steps)
+        slot_s    = max(exposed_s, floor_s) + [P>1]·pipeline_send_s
+        step_s    = (m + P - 1)·slot_s + (1 - gradient_hidden_fraction)·gradient_s
+                    + optimizer_s + fixed_step_s
+
+    * ``hidden_fraction``: the share of the per-microbatch communication (tensor-parallel
+      gathers and reductions, FSDP gathers) that runs under compute (0: none, 1: as much
+      as the compute time covers).
+    * ``gradient_hidden_fraction``: the share of the once-per-step gradient reductions
+      hidden under the last backward pass.
+    * ``host_floor_per_layer_s``: the host's time to issue one layer's kernels for one
+      microbatch, forward and backward; the device cannot run faster than the host feeds it.
+    * ``pipeline_tp_floor_per_layer_step_s``: in a pipelined step, the extra floor per layer
+      and per ring step of its tensor-parallel group (the stage-to-stage traffic serialises
+      with the tensor-parallel collectives); an empirical term, see the docs.
+    * ``pipeline_send_s``: per microbatch slot of a pipelined step, the stage-boundary send
+      and receive that the schedule does not hide.
+    * ``fixed_step_s``: per step (optimizer bookkeeping, logging, data loading).
+    * ``vector_time_factor``: the memory-bound ops' (norms, activations, softmax, the loss)
+      time over their HBM roofline (at least 1: unfused kernels re-read their inputs).
+    * ``gradient_reduce_dtype``: the dtype the framework reduces gradients in (nanotron
+      accumulates and reduces them in float32); assumed, not fitted.
+    * ``framework``: which framework and settings the fit describes.
+    """
+
+    framework: str
+    gradient_reduce_dtype: str
     hidden_fraction: float
+    gradient_hidden_fraction: float
+    host_floor_per_layer_s: float
+    pipeline_tp_floor_per_layer_step_s: float
+    pipeline_send_s: float
+    fixed_step_s: float
+    vector_time_factor: float
     interval: RatioInterval
+    num_calibration_rows: int
     data_source: str
 
     def __post_init__(self) -> None:
-        _finite("overlap", "hidden_fraction", self.hidden_fraction, high=1.0)
+        owner = "training step"
+        if not self.framework.strip():
+            raise ConfigError(f"{owner}: framework is empty; say which framework was measured")
+        try:
+            canonical = canonical_dtype(self.gradient_reduce_dtype)
+        except UnknownNameError as exc:
+            raise ConfigError(f"{owner}: gradient_reduce_dtype: {exc}") from None
+        if canonical != self.gradient_reduce_dtype:
+            raise ConfigError(
+                f"{owner}: gradient_reduce_dtype {self.gradient_reduce_dtype!r} is an alias; "
+                f"write {canonical!r}"
+            )
+        _finite(owner, "hidden_fraction", self.hidden_fraction, high=1.0)
+        _finite(owner, "gradient_hidden_fraction", self.gradient_hidden_fraction, high=1.0)
+        for name in (
+            "host_floor_per_layer_s",
+            "pipeline_tp_floor_per_layer_step_s",
+            "pipeline_send_s",
+            "fixed_step_s",
+        ):
+            _finite(owner, name, getattr(self, name))
+        _finite(owner, "vector_time_factor", self.vector_time_factor, low=1.0)
+        if self.num_calibration_rows < 1:
+            raise ConfigError(f"{owner}: num_calibration_rows must be >= 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryOverheadFit:
-    """Memory the framework takes beyond the arrays (not fitted yet: the Playbook fit will
-    fill it). ``allocator_factor``: reserved over allocated bytes (fragmentation, at least
-    1); ``workspace_bytes``: fixed bytes per GPU (CUDA context, NCCL and cuBLAS workspaces)."""
+    """Measured memory per GPU from the planner's memory breakdown::
 
-    allocator_factor: float
+        memory = persistent_factor·(params + grads + optimizer
+                                    + grad_accumulation_bytes_per_param·local_params)
+                 + activation_factor·(activations + transient) + workspace_bytes
+
+    * ``persistent_factor``: allocator rounding and fragmentation over the persistent
+      buffers (at least 1 when the accounting is complete).
+    * ``activation_factor``: the framework's saved activations and transients over the
+      planner's count (below 1 when it frees or shards more than the planner assumes).
+    * ``workspace_bytes``: fixed bytes per GPU (CUDA context, NCCL and cuBLAS workspaces).
+    * ``grad_accumulation_bytes_per_param``: a gradient-accumulation buffer per local
+      parameter beside the gradients (nanotron: float32, 4 bytes); assumed, not fitted.
+    * ``capacity_bytes``: the memory above which a run is called out of memory (the
+      Playbook's 80 GB, in its own units).
+    """
+
+    persistent_factor: float
+    activation_factor: float
     workspace_bytes: float
+    grad_accumulation_bytes_per_param: float
+    capacity_bytes: float
     interval: RatioInterval
+    num_calibration_rows: int
     data_source: str
 
     def __post_init__(self) -> None:
-        _finite("memory", "allocator_factor", self.allocator_factor, low=1.0)
-        _finite("memory", "workspace_bytes", self.workspace_bytes)
+        owner = "memory"
+        _finite(owner, "persistent_factor", self.persistent_factor, strict_low=True)
+        _finite(owner, "activation_factor", self.activation_factor, strict_low=True)
+        _finite(owner, "workspace_bytes", self.workspace_bytes)
+        _finite(owner, "grad_accumulation_bytes_per_param", self.grad_accumulation_bytes_per_param)
+        _finite(owner, "capacity_bytes", self.capacity_bytes, strict_low=True)
+        if self.num_calibration_rows < 1:
+            raise ConfigError(f"{owner}: num_calibration_rows must be >= 1")
 
 
 # -- one preset's calibration ----------------------------------------------------------------
@@ -425,8 +537,8 @@ class MemoryOverheadFit:
 class Calibration:
     """Every fitted parameter for one hardware preset (``preset``: its name, e.g.
     ``h100``). Parts without calibration data are empty (no matmul fits for a GPU whose
-    GEMMs were not measured) or ``None`` (the overlap and memory fits, until the Playbook
-    fit)."""
+    GEMMs were not measured) or ``None`` (the training-step and memory fits, which only the
+    H100's Playbook runs provide)."""
 
     preset: str
     description: str
@@ -434,7 +546,7 @@ class Calibration:
     matmul: tuple[MatmulFit, ...] = ()
     collectives: tuple[CollectiveFit, ...] = ()
     collective_intervals: tuple[CollectiveInterval, ...] = ()
-    overlap: OverlapFit | None = None
+    step: TrainingStepFit | None = None
     memory: MemoryOverheadFit | None = None
     path: str = field(default="", compare=False)
 

@@ -207,20 +207,10 @@ class _Backward:
             )
             renamed[op.output] = out
             name = "re_" + op.name
+            # the forward op itself, renamed (every other field, e.g. a dispatch's relabel
+            # of slots as tokens, carries over: the recomputed op runs at the same layout)
             self.emit(
-                Op(
-                    name=name,
-                    kind=op.kind,
-                    inputs=inputs,
-                    output=out,
-                    out_letters=op.out_letters,
-                    fn=op.fn,
-                    reduce_letters=op.reduce_letters,
-                    stage=op.stage,
-                    phase=Phase.RECOMPUTE,
-                    of=op.name,
-                    flops_scale=op.flops_scale,
-                )
+                replace(op, name=name, inputs=inputs, output=out, phase=Phase.RECOMPUTE, of=op.name)
             )
             self.recomputed_at[op.name] = name
         self.saved_name = renamed

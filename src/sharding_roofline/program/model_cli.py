@@ -55,6 +55,12 @@ def add_model_parser(sub: Any, mesh_args: Any) -> None:
         help="also print how many days training this many tokens takes",
     )
     model.add_argument("--no-idle-axes", action="store_true", help="no widening over idle axes")
+    model.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="also print the calibrated step, tokens/s, MFU and memory (fitted to public "
+        "measurements; presets without data say so) beside the roofline",
+    )
 
 
 def _training(args: argparse.Namespace, config: Any, strategy: Any) -> Any:

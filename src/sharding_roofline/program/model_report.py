@@ -78,6 +78,10 @@ def model_dict(
     params = config.params()
     training_ = plans[0].training if plans else None
     tokens = training_.batch_tokens if training_ else args.batch_tokens
+    strategies = [plan_dict(plan) for plan in plans]
+    if getattr(args, "calibrated", False):
+        for data, figure in zip(strategies, _calibrated(plans), strict=True):
+            data["calibrated"] = figure.as_dict()
     out: dict[str, Any] = {
         "model": {
             "name": config.name,
@@ -92,7 +96,7 @@ def model_dict(
         },
         "batch_tokens": tokens,
         "seq_len": training_.seq_len if training_ else args.seq_len,
-        "strategies": [plan_dict(plan) for plan in plans],
+        "strategies": strategies,
     }
     if plans:
         out.update(mesh_dict(plans[0].mesh))
@@ -152,6 +156,8 @@ def format_model_plans(
         lines += ["", "best: " + describe(plans[0])]
         if search is not None and search.best_reason:
             lines.append(f"  why it wins: {search.best_reason}")
+        if getattr(args, "calibrated", False):
+            lines += ["  " + line for line in _calibrated(plans[:1])[0].describe()]
         if getattr(args, "train_tokens", None):
             steps = args.train_tokens / args.batch_tokens
             days = steps * plans[0].step_lower_s / 86400
@@ -164,6 +170,13 @@ def format_model_plans(
 
 def _costs(plan: ModelPlan) -> tuple[tuple[str, Cost], ...]:
     return plan.microbatch_costs or tuple((name, part.cost) for name, part in plan.parts)
+
+
+def _calibrated(plans: list[ModelPlan]) -> list[Any]:
+    """``calibration.calibrate_model_plan`` of each plan (imported only with --calibrated)."""
+    from ..calibration import calibrate_model_plan  # noqa: PLC0415
+
+    return [calibrate_model_plan(plan) for plan in plans]
 
 
 def describe(plan: ModelPlan) -> str:
