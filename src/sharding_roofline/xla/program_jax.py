@@ -611,12 +611,18 @@ def forward_function(
     dtype: str | None = None,
     pins: Pins | None = None,
     groups: Mapping[str, SlotGroups] | None = None,
+    ops: Sequence[Op] | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> Callable[[Arrays, Arrays], Arrays]:
     """The program's forward ops as ``f(params, inputs) -> {output: array}``. Each op runs
     under ``jax.named_scope(op.name)``, so the compiled HLO's ``op_name`` metadata names it
-    (in the backward pass too: ``transpose(jvp(...))/.../gate/...``)."""
-    ops = [op for op in program.ops if op.phase is Phase.FORWARD]
-    outputs = forward_outputs(program)
+    (in the backward pass too: ``transpose(jvp(...))/.../gate/...``). ``ops`` and
+    ``outputs`` select a part of the forward pass (a model runs its embedding, its blocks
+    and its head apart)."""
+    if ops is None:
+        ops = [op for op in program.ops if op.phase is Phase.FORWARD]
+    if outputs is None:
+        outputs = forward_outputs(program)
     hooks = pins or Pins()
     ctx = OpContext(program=program, dtype=dtype, groups=groups, residual=hooks.residual)
 

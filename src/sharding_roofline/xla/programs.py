@@ -157,7 +157,7 @@ def _sharding(mesh: Mesh, dims: Dims) -> NamedSharding:
     return named_sharding(mesh, ShardingSpec(dims))
 
 
-class _PlanPins(Pins):
+class PlanPins(Pins):
     """The jit program's pins: inputs at their layout at the op, results at their local
     layout (when it is reduced) and then at their home; saved activations named."""
 
@@ -193,7 +193,7 @@ class _PlanPins(Pins):
         return value
 
 
-def _policy(program: Program) -> Any:
+def checkpoint_policy(program: Program) -> Any:
     names = [checkpoint_label(at, tensor) for at, tensor in saved_activations(program)]
     if not names:
         return _policies.nothing_saveable
@@ -205,7 +205,7 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
     collectives; the plan's layouts are pinned as the module docstring says)."""
     mesh = jax_mesh(plan.mesh)
     program = plan.program
-    pins = _PlanPins(plan, mesh)
+    pins = PlanPins(plan, mesh)
     forward = forward_function(program, dtype=dtype, pins=pins, groups=slot_groups(plan))
     if program.has_backward:
         opt = {
@@ -218,7 +218,7 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
             grad = _lax.with_sharding_constraint(grad, _sharding(mesh, op_plan.at_op[1][1]))
             return adamw(param, grad)
 
-        body = training_function(program, forward, policy=_policy(program), optimizer=optimizer)
+        body = training_function(program, forward, policy=checkpoint_policy(program), optimizer=optimizer)
     else:
 
         def body(params: Arrays, inputs: Arrays, seeds: Arrays) -> Arrays:
@@ -231,7 +231,7 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
 # -- the shard_map program --------------------------------------------------------------------
 
 
-class _Replay:
+class Replay:
     """The plan's ops on this device's blocks (inside ``shard_map``)."""
 
     def __init__(self, plan: ProgramPlan, dtype: str | None) -> None:
@@ -254,9 +254,13 @@ class _Replay:
             return tuple(sigma.get(c, ()) for c in item.letters)
         return self.plan.home(item.tensor)
 
-    def run(self, homes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def start(self) -> None:
+        """Forget what a previous run left: which results are partial sums, the stash."""
         self.partial: dict[str, tuple[str, ...]] = {}
         self.stash: dict[str, jax.Array] = {}
+
+    def run(self, homes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.start()
         copies: dict[tuple[str, Dims], jax.Array] = {}
         for name, value in homes.items():
             copies[(name, self.plan.home(name))] = value
@@ -431,7 +435,7 @@ def shard_map_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProg
     """The plan as a per-device program (see the module docstring)."""
     mesh = jax_mesh(plan.mesh)
     program = plan.program
-    replay = _Replay(plan, dtype)
+    replay = Replay(plan, dtype)
     params, inputs, seeds = _arg_names(program)
     results = _result_names(program)
 
