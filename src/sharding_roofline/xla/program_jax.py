@@ -89,6 +89,29 @@ def _softmax(x: jax.Array, axis: int) -> jax.Array:
     return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
 
 
+def _saved_softmax(axis: int, dtype: Any, name: Callable[[jax.Array], jax.Array]) -> Any:
+    """A softmax whose gradient reads its saved output, ``y · (dy - Σ dy·y)``: JAX's own
+    derivative reads the output before the cast, which a checkpoint policy cannot name, so
+    a ``jax.checkpoint``-ed scan would recompute the scores for it (``name`` marks the
+    output saved, as the plan saves it)."""
+
+    @jax.custom_vjp
+    def f(x: jax.Array) -> jax.Array:
+        return _softmax(x, axis).astype(dtype)
+
+    def fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array]]:
+        y = name(_softmax(x, axis).astype(dtype))
+        return y, (y,)
+
+    def bwd(res: tuple[jax.Array], g: jax.Array) -> tuple[jax.Array]:
+        y = res[0].astype(jnp.float32)
+        g32 = g.astype(jnp.float32)
+        return ((y * (g32 - jnp.sum(g32 * y, axis=axis, keepdims=True))).astype(g.dtype),)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def _rmsnorm_hat(x: jax.Array, axis: int) -> jax.Array:
     """``x / rms(x)`` over ``axis`` (in float32, returned in x's dtype)."""
     x32 = x.astype(jnp.float32)
@@ -217,7 +240,11 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: OpContext) -> jax.Array:
                 out, x.shape, roles.sequence, roles.kv_sequence or axis_letter, offsets
             )
             x = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype))
-        return _softmax(x, out.index(axis_letter)).astype(out_dtype)
+        residual = ctx.residual
+        named = _saved_softmax(out.index(axis_letter), out_dtype, lambda v: residual(op, v))
+        if residual is None:
+            return _softmax(x, out.index(axis_letter)).astype(out_dtype)
+        return cast(jax.Array, named(x))
     if fn in ("softmax_grad", "causal_softmax_grad"):
         axis_letter = _reduced_letter(op)
         y, dz = (v.astype(jnp.float32) for v in aligned)
