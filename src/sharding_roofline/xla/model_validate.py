@@ -47,13 +47,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from sharding_roofline.errors import ValidationError
 from sharding_roofline.program.evaluate import OpPlan, ProgramPlan
-from sharding_roofline.program.graph import Op, Phase, Program, TensorKind
+from sharding_roofline.program.graph import Phase, Program
 from sharding_roofline.program.model import ModelPlan
 from sharding_roofline.reshard import Dims
 from sharding_roofline.sharding import ShardingSpec
@@ -70,7 +69,6 @@ from .compare import (
 from .devices import jax_mesh, named_sharding, partition_spec
 from .hlo import dot_flops, op_name, read_collectives, split_combined
 from .program_compare import (
-    Origin,
     ProgramValidation,
     _members,
     _origin_of_path,
@@ -82,10 +80,10 @@ from .program_jax import Arrays, adamw, forward_function
 from .programs import (
     _RTOL,
     FAST_COMPILE_OPTIONS,
-    _random_args,
-    checkpoint_policy,
     PlanPins,
     Replay,
+    _random_args,
+    checkpoint_policy,
     slot_groups,
     value_dtype,
 )
@@ -428,14 +426,16 @@ def _step_function(
 
         layers[part] = jax.checkpoint(layer, policy=checkpoint_policy(program))
 
-    def forward(params: Params, inputs: Arrays) -> jax.Array:
+    def forward(params: Params, inputs: Arrays) -> Any:
         with jax.named_scope(ENDS):
             x = embed_c(params[ENDS], inputs)
         for segment in parts.segments:
             layer = layers[segment.part]
             if scan:
                 with jax.named_scope(segment.scope):
-                    x, _ = _lax.scan(lambda x, p, f=layer: (f(p, x), None), x, params[segment.scope])
+                    x, _ = _lax.scan(
+                        lambda x, p, f=layer: (f(p, x), None), x, params[segment.scope]
+                    )
             else:
                 for i in range(segment.layers):
                     with jax.named_scope(parts.scope(segment.start + i)):
@@ -443,7 +443,7 @@ def _step_function(
         with jax.named_scope(ENDS):
             return head_c(params[ENDS], x)
 
-    def update(plan: ProgramPlan, name: str, new: str, p: jax.Array, g: jax.Array, stack: bool):
+    def update(plan: ProgramPlan, new: str, p: jax.Array, g: jax.Array, stack: bool) -> Any:
         op_plan = plan.op(next(o.name for o in plan.program.ops if o.output == new))
         if mesh is not None:
             (_, at_p), (_, at_g) = op_plan.at_op
@@ -462,21 +462,21 @@ def _step_function(
             for name, grad, new in parts.updated(ENDS):
                 g = grads[ENDS][name]
                 out[f"{ENDS}/{grad}"] = g
-                out[f"{ENDS}/{new}"] = update(ends, name, new, params[ENDS][name], g, False)
+                out[f"{ENDS}/{new}"] = update(ends, new, params[ENDS][name], g, False)
         for segment in parts.segments:
             plan = parts.parts[segment.part]
             for name, grad, new in parts.updated(segment.part):
                 if scan:
                     g = grads[segment.scope][name]
                     with jax.named_scope(segment.scope):
-                        value = update(plan, name, new, params[segment.scope][name], g, True)
+                        value = update(plan, new, params[segment.scope][name], g, True)
                     out[f"{segment.scope}/{grad}"] = g
                     out[f"{segment.scope}/{new}"] = value
                     continue
                 for i in range(segment.layers):
                     g = grads[segment.scope][i][name]
                     with jax.named_scope(parts.scope(segment.start + i)):
-                        value = update(plan, name, new, params[segment.scope][i][name], g, False)
+                        value = update(plan, new, params[segment.scope][i][name], g, False)
                     out[f"layer{segment.start + i}/{grad}"] = g
                     out[f"layer{segment.start + i}/{new}"] = value
         return out
@@ -491,7 +491,11 @@ def jit_model(
     step = _step_function(parts, mesh, dtype, scan)
     out = {k: _sharding(mesh, d) for k, d in _result_layouts(parts, scan).items()}
     inputs, seeds = _ends_args(parts, mesh, dtype)
-    return jax.jit(step, out_shardings=out), (_param_layout(parts, mesh, dtype, scan), inputs, seeds)
+    return jax.jit(step, out_shardings=out), (
+        _param_layout(parts, mesh, dtype, scan),
+        inputs,
+        seeds,
+    )
 
 
 # -- the plan's own step (shard_map) --------------------------------------------------------------
@@ -540,9 +544,7 @@ def shard_map_model(
             if op_plan.op.phase in (Phase.RECOMPUTE, Phase.BACKWARD):
                 replays[part].run_op(op_plan, copies)
         d_x = _gradient(program, x_name)
-        grads = {
-            grad: copies[(grad, plan.home(grad))] for _, grad, _ in parts.updated(part)
-        }
+        grads = {grad: copies[(grad, plan.home(grad))] for _, grad, _ in parts.updated(part)}
         return copies[(d_x, plan.home(d_x))], grads
 
     def block_update(part: str, p: Arrays, grads: Arrays) -> Arrays:
@@ -569,7 +571,7 @@ def shard_map_model(
             if scan:
                 keys: list[Any] = []
 
-                def fwd(x: jax.Array, p: Arrays, part: str = part, keys: list[Any] = keys):
+                def fwd(x: jax.Array, p: Arrays, part: str = part, keys: list[Any] = keys) -> Any:
                     y, keep = block_forward(part, p, x)
                     keys[:] = list(keep)
                     return y, tuple(keep[k] for k in keys)
@@ -596,7 +598,7 @@ def shard_map_model(
             if scan:
                 keys, ys = saved[index]
 
-                def bwd(g: jax.Array, xs: Any, part: str = part, keys: list[Any] = keys):
+                def bwd(g: jax.Array, xs: Any, part: str = part, keys: list[Any] = keys) -> Any:
                     p, values = xs
                     return block_backward(part, p, dict(zip(keys, values, strict=True)), g)
 
@@ -650,9 +652,7 @@ def shard_map_model(
     out_specs = {
         k: partition_spec(ShardingSpec(d)) for k, d in _result_layouts(parts, scan).items()
     }
-    mapped = jax.shard_map(
-        body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-    )
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     return jax.jit(mapped), (param_args, inputs, seeds)
 
 
@@ -783,8 +783,11 @@ def _per_op(
         want = tuple(r for r, o in zip(predicted, predicted_origins, strict=True) if o == origin)
         got = tuple(r for r, o in zip(observed, origins, strict=True) if o == origin)
         if want or got:
-            rows.append(ModelOpAgreement(part=origin[0], op=origin[1], pass_name=origin[2],
-                                         predicted=want, observed=got))
+            rows.append(
+                ModelOpAgreement(
+                    part=origin[0], op=origin[1], pass_name=origin[2], predicted=want, observed=got
+                )
+            )
     return tuple(rows)
 
 
@@ -835,7 +838,7 @@ class ModelExecution:
         }
 
 
-def _random_params(parts: _Parts, dtype: str, scan: bool, seed: int) -> tuple[Params, Arrays, Arrays]:
+def _random_params(parts: _Parts, dtype: str, scan: bool, seed: int) -> tuple[Params, Any, Any]:
     e_params, e_inputs, e_seeds = _random_args(parts.ends.program, dtype, seed)
     params: Params = {ENDS: e_params}
     for segment in parts.segments:
@@ -868,7 +871,9 @@ def _execute(parts: _Parts, scan: bool, dtype: str, seed: int = 0) -> ModelExecu
         ):
             fn, args = build(parts, scan=scan, dtype=dtype)
             placed = jax.tree.map(
-                lambda value, arg: jax.device_put(value, arg.sharding), (params, inputs, seeds), args
+                lambda value, arg: jax.device_put(value, arg.sharding),
+                (params, inputs, seeds),
+                args,
             )
             try:
                 got = fn.lower(*args).compile(compiler_options=options)(*placed)

@@ -241,9 +241,9 @@ def apply_op(op: Op, values: Sequence[jax.Array], ctx: OpContext) -> jax.Array:
             )
             x = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype))
         residual = ctx.residual
-        named = _saved_softmax(out.index(axis_letter), out_dtype, lambda v: residual(op, v))
         if residual is None:
             return _softmax(x, out.index(axis_letter)).astype(out_dtype)
+        named = _saved_softmax(out.index(axis_letter), out_dtype, lambda v: residual(op, v))
         return cast(jax.Array, named(x))
     if fn in ("softmax_grad", "causal_softmax_grad"):
         axis_letter = _reduced_letter(op)

@@ -161,15 +161,23 @@ class PlanPins(Pins):
     """The jit program's pins: inputs at their layout at the op, results at their local
     layout (when it is reduced) and then at their home; saved activations named."""
 
-    def __init__(self, plan: ProgramPlan, mesh: Mesh) -> None:
+    def __init__(self, plan: ProgramPlan, mesh: Mesh | None) -> None:
+        """``mesh=None`` pins with bare ``PartitionSpec``s (inside a ``shard_map`` that is
+        manual over other axes: a pipeline's stages)."""
         self.mesh = mesh
         self.ops = {op_plan.op.name: op_plan for op_plan in plan.ops}
         self.saved = set(saved_activations(plan.program))
 
+    def _pin(self, value: jax.Array, dims: Dims) -> jax.Array:
+        where = (
+            partition_spec(ShardingSpec(dims)) if self.mesh is None else _sharding(self.mesh, dims)
+        )
+        return cast(jax.Array, _lax.with_sharding_constraint(value, where))
+
     def input(self, op: Op, index: int, value: jax.Array) -> jax.Array:
         op_plan = self.ops[op.name]
         tensor, dims = op_plan.at_op[index]
-        value = _lax.with_sharding_constraint(value, _sharding(self.mesh, dims))
+        value = self._pin(value, dims)
         if (op.name, tensor) in self.saved:
             value = _checkpoint_name(value, checkpoint_label(op.name, tensor))
         return value
@@ -177,10 +185,10 @@ class PlanPins(Pins):
     def output(self, op: Op, value: jax.Array) -> jax.Array:
         op_plan = self.ops[op.name]
         if not op_plan.unreduced and op_plan.out_local != op_plan.out_home:
-            value = _lax.with_sharding_constraint(value, _sharding(self.mesh, op_plan.out_local))
+            value = self._pin(value, op_plan.out_local)
             if (op.name, op.output) in self.saved:
                 value = _checkpoint_name(value, checkpoint_label(op.name, op.output))
-        value = _lax.with_sharding_constraint(value, _sharding(self.mesh, op_plan.out_home))
+        value = self._pin(value, op_plan.out_home)
         if (op.name, op.output) in self.saved and op_plan.out_local == op_plan.out_home:
             value = _checkpoint_name(value, checkpoint_label(op.name, op.output))
         if ("", op.output) in self.saved:
@@ -218,7 +226,9 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
             grad = _lax.with_sharding_constraint(grad, _sharding(mesh, op_plan.at_op[1][1]))
             return adamw(param, grad)
 
-        body = training_function(program, forward, policy=checkpoint_policy(program), optimizer=optimizer)
+        body = training_function(
+            program, forward, policy=checkpoint_policy(program), optimizer=optimizer
+        )
     else:
 
         def body(params: Arrays, inputs: Arrays, seeds: Arrays) -> Arrays:

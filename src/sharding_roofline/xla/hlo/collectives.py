@@ -238,7 +238,7 @@ def _slice_of(
     return found
 
 
-def _sliced_in_fusion(
+def _sliced_in_fusion(  # noqa: PLR0917 (as _slice_of, and the fusion)
     module: _Module, fusion: _Instr, value: _Instr, elements: int, group_size: int, hops: int
 ) -> _Type | None:
     """The 1/group_size slice the fused body makes of ``value`` (its one operand slot)."""
@@ -361,8 +361,9 @@ def dedupe_and_weight(colls: Sequence[HloCollective], text: str) -> tuple[HloCol
     half each hold a copy): async ops of one kind, one ``channel_id`` and one result type in
     different computations are one op (the first kept; ``is_async`` if any copy is); within
     one computation, or synchronous, they stay distinct ops (a shard_map program prints
-    ``channel_id=1`` on every collective, in a scan's body as in its entry). ``count`` becomes the number of times the op's
-    computation runs per step: the product of ``known_trip_count`` over the while loops
+    ``channel_id=1`` on every collective, in a scan's body as in its entry). ``count``
+    becomes the number of times the op's computation runs per step: the product of
+    ``known_trip_count`` over the while loops
     around it (nested loops multiply; a loop without a printed trip count counts once).
     """
     counts = _module(text).execution_counts()
