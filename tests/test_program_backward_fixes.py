@@ -96,3 +96,41 @@ def test_a_recomputed_dispatch_runs_at_the_forward_dispatch_layout() -> None:
     assert again.op.relabel == forward.op.relabel != ()
     assert again.out_local == forward.out_local  # the same layout of x_e
     assert again.cost.peak_memory_bytes == forward.cost.peak_memory_bytes
+
+
+def test_a_vocabulary_split_loss_all_reduces_its_statistics_first() -> None:
+    # Before: the loss split over v (tp on the head) was one all-reduce of the per-token
+    # loss, which no cross-entropy computes: log Σ exp needs the largest logit and the sum
+    # of exponentials whole first (both read again by the gradient), then the label's
+    # logit, a partial sum, is reduced into the loss's home (XLA's partitioner and
+    # Megatron's vocabulary-parallel loss issue the same; the shard_map replay needs them)
+    from sharding_roofline.collectives import Collective  # noqa: PLC0415
+    from sharding_roofline.program.config import ModelConfig  # noqa: PLC0415
+    from sharding_roofline.program.evaluate import LOSS_STATISTICS  # noqa: PLC0415
+    from sharding_roofline.program.model import ends_program  # noqa: PLC0415
+
+    config = ModelConfig(name="tiny", d=32, f=64, n=4, k=2, h=8, layers=2, vocab=64)
+    batch, seq = 8, 16
+    program = training(ends_program(config, batch * seq, seq))
+    mesh = _mesh()  # x=2, y=4
+    per_chip = batch // 2 * seq  # b over x, t whole at the loss
+    assert LOSS_STATISTICS == 2
+    for strategy, last in (
+        ("dp=x,tp=y", (Collective.ALL_REDUCE, per_chip)),  # the loss's home: [b_x, t]
+        ("dp=x,sp=y", (Collective.REDUCE_SCATTER, per_chip)),  # its home: [b_x, t_y]
+    ):
+        plan = evaluate(program, mesh, place(program, mesh, strategy))
+        loss = plan.op("loss")
+        assert loss.unreduced == ("y",)  # v over y: the loss itself is a partial sum
+        steps = [(s.kind, s.axes, s.cost.elements_in_per_chip) for s in loss.steps_out]
+        assert steps == [
+            (Collective.ALL_REDUCE, ("y",), per_chip),
+            (Collective.ALL_REDUCE, ("y",), per_chip),
+            (last[0], ("y",), last[1]),
+        ], strategy
+        # its gradient reads them saved: it moves only the incoming gradient (gathered
+        # from its sequence-parallel home under sp)
+        assert {s.operand for s in plan.op("loss_grad").collectives} <= {"d_loss"}
+    # the vocabulary whole at the loss (data parallelism only): nothing to reduce
+    plan = evaluate(program, mesh, place(program, mesh, "dp=x+y"))
+    assert plan.op("loss").steps_out == ()

@@ -668,3 +668,33 @@ def test_split_combined_leaves_a_tuple_all_to_all_whole() -> None:
     text = fixture_text("all_to_all_bf16")
     colls = read_collectives(text)
     assert split_combined(colls) == colls
+
+
+def test_synchronous_ops_sharing_a_channel_id_in_two_computations_stay_distinct() -> None:
+    """A shard_map program prints channel_id=1 on every collective: the psum in a scan's
+    body (3 trips) and the one in the entry are two ops, not two copies of one."""
+    text = fixture_text("scan_psum_shard_map_f32")
+    in_loop, entry = read_collectives(text)
+    assert (in_loop.kind, in_loop.result_types, in_loop.count) == (
+        "all-reduce",
+        (("f32", (4,)),),
+        3,
+    )
+    assert (entry.kind, entry.result_types, entry.count) == ("all-reduce", (("f32", (8,)),), 1)
+    assert in_loop.channel_id == entry.channel_id == 1
+    assert in_loop.computation != entry.computation
+    assert in_loop.groups == entry.groups == Y_GROUPS
+
+
+def test_a_scan_body_reduce_scatter_sliced_inside_the_stacking_fusion() -> None:
+    """The scan's body all-reduces [8, 4] over y (4 devices) and a dynamic-update-slice
+    fusion writes this device's [2, 4] quarter into the stacked result: a reduce-scatter,
+    3 times."""
+    text = fixture_text("scan_reduce_scatter_f32")
+    (coll,) = read_collectives(text)
+    assert (coll.kind, coll.result_types, coll.count) == (
+        "reduce-scatter",
+        (("f32", (8 // 4, 4)),),
+        3,
+    )
+    assert coll.groups == Y_GROUPS

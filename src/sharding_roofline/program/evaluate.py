@@ -43,6 +43,11 @@ from .paths import EMPTY, Path, TensorPaths
 LetterMap = tuple[tuple[str, tuple[str, ...]], ...]
 
 
+#: The all-reduces a vocabulary-split loss op issues before its result's own reduction
+#: (the largest logit, the sum of exponentials): the first steps of its ``steps_out``.
+LOSS_STATISTICS = 2
+
+
 def letter_map(mapping: Mapping[str, Iterable[str]]) -> LetterMap:
     return tuple((c, tuple(axes)) for c, axes in mapping.items() if tuple(axes))
 
@@ -588,6 +593,22 @@ class _Evaluator:
         out_shape = tuple(self.sizes[c] for c in op.out_letters)
         local = self.at_op(op, op.out_letters)
         unreduced = self.op_unreduced(op)
+        stats = EMPTY
+        if op.kind is OpKind.LOSS and unreduced:
+            # a vocabulary-split cross-entropy needs two statistics of every token whole on
+            # every chip of the split (its gradient's softmax reads them): the largest logit
+            # and the sum of exponentials, each all-reduced over the axes splitting the
+            # vocabulary (Megatron's vocabulary-parallel loss; XLA's partitioner issues the
+            # same); the label's logit, and so the loss, is then a partial sum, reduced into
+            # the loss's home like any other
+            reduce = self.paths.path(out_shape, out.dtype, local, local, unreduced)
+            if reduce is None:  # pragma: no cover - an all-reduce keeps the layout
+                return self._indivisible(op, op.output, local, local)
+            stats = Path(
+                LOSS_STATISTICS * reduce.steps,
+                LOSS_STATISTICS * reduce.time_s,
+                LOSS_STATISTICS * reduce.bytes_sent_per_chip,
+            )
         post = (
             EMPTY
             if home == local and unreduced == keep
@@ -595,6 +616,12 @@ class _Evaluator:
         )
         if post is None:
             return self._indivisible(op, op.output, local, home)
+        if stats.steps:
+            post = Path(
+                stats.steps + post.steps,
+                stats.time_s + post.time_s,
+                stats.bytes_sent_per_chip + post.bytes_sent_per_chip,
+            )
         out_bytes = 0 if out.on_chip else self.paths.elements(out_shape, local) * out.itemsize
         hbm_bytes += out_bytes
         transient += out_bytes

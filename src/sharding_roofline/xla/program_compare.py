@@ -409,8 +409,9 @@ def validate_program(
     if compiled.shard_map_text is not None:
         proof, _ = observed_program_collectives(plan, compiled.shard_map_text, predicted)
         reasons += difference_lines(want, multiset(proof), "the plan's shard_map program")
+    per_run = plan.cost.flops / plan.layers  # a repeated plan (a stack): one repetition
     flops = FlopsCheck(
-        plan=plan.cost.flops,
+        plan=per_run,
         shard_map=None if compiled.shard_map_text is None else dot_flops(compiled.shard_map_text),
         shard_map_written=compiled.shard_map_written_flops,
         jit=dot_flops(compiled.jit_text),
@@ -418,7 +419,7 @@ def validate_program(
     if not flops.ok:
         reasons.append(
             f"the plan's shard_map program does {flops.shard_map} matmul FLOPs per chip "
-            f"({flops.shard_map_written} as written), the plan says {plan.cost.flops:g}"
+            f"({flops.shard_map_written} as written), the plan says {per_run:g}"
         )
     numerics = None
     notes: list[str] = []

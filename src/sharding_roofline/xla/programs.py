@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,8 @@ from jax import ad_checkpoint
 from jax.sharding import Mesh, NamedSharding
 
 from sharding_roofline.errors import ValidationError
-from sharding_roofline.program.evaluate import OpPlan, ProgramPlan
-from sharding_roofline.program.graph import Op, Phase, Program, TensorKind
+from sharding_roofline.program.evaluate import LOSS_STATISTICS, OpPlan, ProgramPlan
+from sharding_roofline.program.graph import Op, OpKind, Phase, Program, TensorKind
 from sharding_roofline.reshard import Dims
 from sharding_roofline.sharding import ShardingSpec
 
@@ -55,6 +55,7 @@ from .program_jax import (
     Arrays,
     OpContext,
     Pins,
+    SlotGroups,
     adamw,
     apply_op,
     checkpoint_label,
@@ -112,7 +113,7 @@ def _args(
         {
             name: _ShapeDtypeStruct(
                 program.shape(name),
-                jnp.dtype(dtype or program.tensor(name).dtype),
+                value_dtype(program, name, dtype),
                 sharding=named_sharding(mesh, ShardingSpec(plan.home(name))),
             )
             for name in names
@@ -122,23 +123,61 @@ def _args(
     return out[0], out[1], out[2]
 
 
+def value_dtype(program: Program, name: str, dtype: str | None) -> Any:
+    """A tensor's dtype in a run: ``dtype`` overrides floating ones (numerics in float32);
+    integer tensors (token ids) keep theirs."""
+    own = jnp.dtype(program.tensor(name).dtype)
+    return own if jnp.issubdtype(own, jnp.integer) else jnp.dtype(dtype or own)
+
+
+def slot_groups(plan: ProgramPlan) -> dict[str, SlotGroups]:
+    """Each token <-> slot view's groups on global arrays (``program_jax.SlotGroups``): the
+    token letters' axes at the op and the slot letter's, as the plan lays them out."""
+    axis_size = dict(zip(plan.mesh.axis_names, plan.mesh.shape, strict=True))
+    out: dict[str, SlotGroups] = {}
+    for op_plan in plan.ops:
+        op = op_plan.op
+        if not op.relabel:
+            continue
+        dims: dict[str, tuple[str, ...]] = {}
+        for item, (_, layout) in zip(op.inputs, op_plan.at_op, strict=True):
+            dims.update(zip(item.letters, layout, strict=True))
+        dims.update(zip(op.out_letters, op_plan.out_local, strict=True))
+        ((slot, tokens),) = op.relabel
+        out[op.name] = SlotGroups(
+            token_axes=tuple(
+                (c, tuple((a, axis_size[a]) for a in dims.get(c, ()))) for c in tokens
+            ),
+            slot_axes=dims.get(slot, ()),
+        )
+    return out
+
+
 def _sharding(mesh: Mesh, dims: Dims) -> NamedSharding:
     return named_sharding(mesh, ShardingSpec(dims))
 
 
-class _PlanPins(Pins):
+class PlanPins(Pins):
     """The jit program's pins: inputs at their layout at the op, results at their local
     layout (when it is reduced) and then at their home; saved activations named."""
 
-    def __init__(self, plan: ProgramPlan, mesh: Mesh) -> None:
+    def __init__(self, plan: ProgramPlan, mesh: Mesh | None) -> None:
+        """``mesh=None`` pins with bare ``PartitionSpec``s (inside a ``shard_map`` that is
+        manual over other axes: a pipeline's stages)."""
         self.mesh = mesh
         self.ops = {op_plan.op.name: op_plan for op_plan in plan.ops}
         self.saved = set(saved_activations(plan.program))
 
+    def _pin(self, value: jax.Array, dims: Dims) -> jax.Array:
+        where = (
+            partition_spec(ShardingSpec(dims)) if self.mesh is None else _sharding(self.mesh, dims)
+        )
+        return cast(jax.Array, _lax.with_sharding_constraint(value, where))
+
     def input(self, op: Op, index: int, value: jax.Array) -> jax.Array:
         op_plan = self.ops[op.name]
         tensor, dims = op_plan.at_op[index]
-        value = _lax.with_sharding_constraint(value, _sharding(self.mesh, dims))
+        value = self._pin(value, dims)
         if (op.name, tensor) in self.saved:
             value = _checkpoint_name(value, checkpoint_label(op.name, tensor))
         return value
@@ -146,18 +185,23 @@ class _PlanPins(Pins):
     def output(self, op: Op, value: jax.Array) -> jax.Array:
         op_plan = self.ops[op.name]
         if not op_plan.unreduced and op_plan.out_local != op_plan.out_home:
-            value = _lax.with_sharding_constraint(value, _sharding(self.mesh, op_plan.out_local))
+            value = self._pin(value, op_plan.out_local)
             if (op.name, op.output) in self.saved:
                 value = _checkpoint_name(value, checkpoint_label(op.name, op.output))
-        value = _lax.with_sharding_constraint(value, _sharding(self.mesh, op_plan.out_home))
+        value = self._pin(value, op_plan.out_home)
         if (op.name, op.output) in self.saved and op_plan.out_local == op_plan.out_home:
             value = _checkpoint_name(value, checkpoint_label(op.name, op.output))
         if ("", op.output) in self.saved:
             value = _checkpoint_name(value, checkpoint_label("", op.output))
         return value
 
+    def residual(self, op: Op, value: jax.Array) -> jax.Array:
+        if (op.name, op.output) in self.saved:
+            value = _checkpoint_name(value, checkpoint_label(op.name, op.output))
+        return value
 
-def _policy(program: Program) -> Any:
+
+def checkpoint_policy(program: Program) -> Any:
     names = [checkpoint_label(at, tensor) for at, tensor in saved_activations(program)]
     if not names:
         return _policies.nothing_saveable
@@ -169,8 +213,8 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
     collectives; the plan's layouts are pinned as the module docstring says)."""
     mesh = jax_mesh(plan.mesh)
     program = plan.program
-    pins = _PlanPins(plan, mesh)
-    forward = forward_function(program, dtype=dtype, pins=pins)
+    pins = PlanPins(plan, mesh)
+    forward = forward_function(program, dtype=dtype, pins=pins, groups=slot_groups(plan))
     if program.has_backward:
         opt = {
             op_plan.op.name: op_plan for op_plan in plan.ops if op_plan.op.phase is Phase.OPTIMIZER
@@ -182,7 +226,9 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
             grad = _lax.with_sharding_constraint(grad, _sharding(mesh, op_plan.at_op[1][1]))
             return adamw(param, grad)
 
-        body = training_function(program, forward, policy=_policy(program), optimizer=optimizer)
+        body = training_function(
+            program, forward, policy=checkpoint_policy(program), optimizer=optimizer
+        )
     else:
 
         def body(params: Arrays, inputs: Arrays, seeds: Arrays) -> Arrays:
@@ -195,7 +241,7 @@ def jit_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProgram:
 # -- the shard_map program --------------------------------------------------------------------
 
 
-class _Replay:
+class Replay:
     """The plan's ops on this device's blocks (inside ``shard_map``)."""
 
     def __init__(self, plan: ProgramPlan, dtype: str | None) -> None:
@@ -218,8 +264,13 @@ class _Replay:
             return tuple(sigma.get(c, ()) for c in item.letters)
         return self.plan.home(item.tensor)
 
-    def run(self, homes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def start(self) -> None:
+        """Forget what a previous run left: which results are partial sums, the stash."""
         self.partial: dict[str, tuple[str, ...]] = {}
+        self.stash: dict[str, jax.Array] = {}
+
+    def run(self, homes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.start()
         copies: dict[tuple[str, Dims], jax.Array] = {}
         for name, value in homes.items():
             copies[(name, self.plan.home(name))] = value
@@ -296,8 +347,40 @@ class _Replay:
                     + ", ".join(f"{s.operand} {s.kind}" for s in pending)
                 )
             offsets = self._offsets(op_plan)
-            ctx = OpContext(program=self.program, dtype=self.dtype, offsets=offsets)
+            # a vocabulary-split loss: its leading result steps reduce its statistics
+            stats = (
+                list(op_plan.steps_out[:LOSS_STATISTICS])
+                if op.kind is OpKind.LOSS and op_plan.unreduced
+                else []
+            )
+            pending_stats = list(stats)
+
+            def reduce(value: jax.Array, how: str) -> jax.Array:
+                if not pending_stats:
+                    raise ValidationError(
+                        f"op {op.name}: the loss reduces more statistics over the axes "
+                        f"splitting the vocabulary than the plan's {len(stats)}"
+                    )
+                step = pending_stats.pop(0)
+                axes = step.axes[0] if len(step.axes) == 1 else step.axes
+                if how == "max":
+                    return cast(jax.Array, _lax.pmax(value, axes))
+                return cast(jax.Array, _lax.psum(value, axes))
+
+            ctx = OpContext(
+                program=self.program,
+                dtype=self.dtype,
+                offsets=offsets,
+                sizes=self.local_sizes(op_plan),
+                reduce=reduce,
+                stash=self.stash,
+            )
             out = apply_op(op, values, ctx)
+            if pending_stats:
+                raise ValidationError(
+                    f"op {op.name}: the plan reduces {len(stats)} statistics of the loss, "
+                    f"the cross-entropy {len(stats) - len(pending_stats)}"
+                )
             expected = self.local_shape(op.out_letters, op_plan.out_local)
             if tuple(out.shape) != expected:  # pragma: no cover - a validator bug guard
                 raise ValidationError(
@@ -305,10 +388,15 @@ class _Replay:
                 )
             if not op_plan.unreduced:
                 copies[(op.output, op_plan.out_local)] = out
-            for step in op_plan.steps_out:
+            elif stats:
+                # the loss is a partial sum at the op; what its gradient reads there, as the
+                # loss saved at its layout, is the statistics' log-sum-exp (whole)
+                copies[(op.output, op_plan.out_local)] = self.stash[op.name]
+            steps_out = op_plan.steps_out[len(stats) :]
+            for step in steps_out:
                 out = apply_step(out, step, self.axis_size)
             home = self.local_shape(op.out_letters, op_plan.out_home)
-            left = op_plan.steps_out[-1].unreduced_after if op_plan.steps_out else op_plan.unreduced
+            left = steps_out[-1].unreduced_after if steps_out else op_plan.unreduced
             if tuple(out.shape) != home:
                 raise ValidationError(
                     f"op {op.name}: its steps leave {op.output} as a {tuple(out.shape)} block"
@@ -321,13 +409,31 @@ class _Replay:
             self.partial[op.output] = left
             copies[(op.output, op_plan.out_home)] = out
 
-    def _offsets(self, op_plan: OpPlan) -> dict[str, Any]:
+    def local_sizes(self, op_plan: OpPlan) -> dict[str, int]:
+        """Every letter's size in this device's blocks at the op."""
         op = op_plan.op
-        if op.fn not in ("causal_softmax", "causal_softmax_grad"):
+        out: dict[str, int] = {}
+        pairs = [
+            (item.letters, dims) for item, (_, dims) in zip(op.inputs, op_plan.at_op, strict=True)
+        ]
+        pairs.append((op.out_letters, op_plan.out_local))
+        for letters, dims in pairs:
+            for c, axes in zip(letters, dims, strict=True):
+                out[c] = self.sizes[c] // math.prod(self.axis_size[a] for a in axes)
+        return out
+
+    def _offsets(self, op_plan: OpPlan) -> dict[str, Any]:
+        """This block's global offsets along the letters a causal mask, the loss's labels
+        or a vocabulary-split lookup depend on."""
+        op = op_plan.op
+        positional = op.fn in ("causal_softmax", "causal_softmax_grad", "xent_grad") or (
+            op.kind in (OpKind.LOSS, OpKind.GATHER, OpKind.SCATTER)
+        )
+        if not positional:
             return {}
         sigma = dict(op_plan.sigma)
         offsets: dict[str, Any] = {}
-        for letter in op.out_letters:
+        for letter in dict.fromkeys(op.letters):
             axes = sigma.get(letter, ())
             if axes:
                 local = self.sizes[letter] // math.prod(self.axis_size[a] for a in axes)
@@ -339,7 +445,7 @@ def shard_map_program(plan: ProgramPlan, *, dtype: str | None = None) -> JaxProg
     """The plan as a per-device program (see the module docstring)."""
     mesh = jax_mesh(plan.mesh)
     program = plan.program
-    replay = _Replay(plan, dtype)
+    replay = Replay(plan, dtype)
     params, inputs, seeds = _arg_names(program)
     results = _result_names(program)
 
@@ -558,6 +664,11 @@ def _random_args(
         arrays = {}
         for name in names:
             shape = program.shape(name)
+            if jnp.issubdtype(jnp.dtype(program.tensor(name).dtype), jnp.integer):
+                arrays[name] = rng.integers(0, _id_range(program, name), shape).astype(
+                    program.tensor(name).dtype
+                )
+                continue
             value = rng.standard_normal(shape)
             if program.tensor(name).kind is TensorKind.PARAM:
                 # weights that keep activations O(1); a vector parameter is a norm's scale
@@ -565,6 +676,16 @@ def _random_args(
             arrays[name] = np.asarray(value, dtype=jnp.dtype(dtype))
         out.append(arrays)
     return out[0], out[1], out[2]
+
+
+def _id_range(program: Program, name: str) -> int:
+    """Token ids index the table a lookup reads them with: below its vocabulary size."""
+    for op, item in program.consumers(name):
+        if op.kind is OpKind.GATHER:
+            table = next(i for i in op.inputs if i is not item)
+            vocab = next(c for c in table.letters if c not in op.out_letters)
+            return program.size(vocab)
+    return 2
 
 
 def execute_program_plan(
@@ -576,7 +697,8 @@ def execute_program_plan(
     program = plan.program
     params, inputs, seeds = _random_args(program, dtype, seed)
     start = time.perf_counter()
-    want = jax.jit(reference_function(program, dtype=dtype))(params, inputs, seeds)
+    groups = slot_groups(plan)
+    want = jax.jit(reference_function(program, dtype=dtype, groups=groups))(params, inputs, seeds)
     want_np = {k: np.asarray(v, dtype=np.float64) for k, v in want.items()}
     placed = tuple(
         {k: jax.device_put(v, _sharding(mesh, plan.home(k))) for k, v in group.items()}

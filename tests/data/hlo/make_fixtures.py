@@ -89,6 +89,35 @@ def nested_scan_layers(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.scan(block, x, w)[0]
 
 
+def scan_psum_shard_map(w: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A shard_map program: a psum over y in a 3-trip scan's body and one in the entry
+    (both print channel_id=1: two ops, not copies of one)."""
+
+    def body(w: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def step(c: jax.Array, wi: jax.Array) -> tuple[jax.Array, None]:
+            return c + jax.lax.psum(wi, "y"), None
+
+        c, _ = jax.lax.scan(step, jnp.zeros(w.shape[1:], w.dtype), w)
+        return c, jax.lax.psum(v, "y")
+
+    mapped = jax.shard_map(
+        body, mesh=MESH_2X4, in_specs=(P(), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return mapped(w, v)  # type: ignore[no-any-return]
+
+
+def scan_reduce_scatter(a: jax.Array, b: jax.Array) -> jax.Array:
+    """3 layers, each a K-sharded matmul whose result is pinned split over y and stacked:
+    the body's all-reduce is sliced by the fusion that writes the scan's output."""
+
+    def step(c: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        ai, bi = xs
+        return c, wsc(ai @ bi, sharding(MESH_2X4, "y", None))
+
+    _, ys = jax.lax.scan(step, jnp.zeros(()), (a, b))
+    return ys
+
+
 def batched_einsum(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("bmk,kn->bmn", a, b)
 
@@ -241,11 +270,35 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any]] = {
         ),
         sharding(S2, "x", None),
     ),
+    "scan_psum_shard_map_f32": (
+        scan_psum_shard_map,
+        (plain((3, 4), f32), plain((8,), f32)),
+        None,
+    ),
+    "scan_reduce_scatter_f32": (
+        scan_reduce_scatter,
+        (arg((3, 8, 16), f32, None, None, "y"), arg((3, 16, 4), f32, None, "y", None)),
+        sharding(MESH_2X4, None, "y", None),
+    ),
     "preferred_f32_bf16": (
         preferred_f32,
         (arg((M, K), bf16, "x", "y"), arg((K, N), bf16, "y", None)),
         sharding(S2, "x", None),
     ),
+}
+
+#: Compile options by case (the model validator's shard_map programs disable XLA's moving
+#: of all-reduces out of loops, which would merge a scan's per-layer reductions into one).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "scan_psum_shard_map_f32": {
+        "xla_backend_optimization_level": 0,
+        "xla_cpu_use_fusion_emitters": False,
+        "xla_disable_hlo_passes": "while-loop-all-reduce-code-motion",
+    },
+    "scan_reduce_scatter_f32": {
+        "xla_backend_optimization_level": 0,
+        "xla_cpu_use_fusion_emitters": False,
+    },
 }
 
 #: Cases whose module after spmd-partitioning (logical types) is saved too, as
@@ -259,7 +312,11 @@ def main(argv: list[str]) -> int:
         fn, args, out = CASES[name]
         lowered = jax.jit(fn, out_shardings=out).lower(*args)
         with tempfile.TemporaryDirectory() as dump:
-            options = {"xla_dump_to": dump, "xla_dump_hlo_pass_re": "spmd-partitioning"}
+            options = {
+                "xla_dump_to": dump,
+                "xla_dump_hlo_pass_re": "spmd-partitioning",
+                **OPTIONS.get(name, {}),
+            }
             text = lowered.compile(compiler_options=options).as_text()
             spmd = sorted(Path(dump).glob("*after_spmd-partitioning*.txt"))
             if name in SPMD_DUMPS and spmd:

@@ -226,9 +226,29 @@ def _slice_of(
             if sliced is None:
                 return None
             found = found or sliced
+        elif user.opcode == "fusion" and hops < _MAX_PASS_THROUGH_HOPS:
+            # a fusion whose body slices the value to 1/g (a scan writing this device's
+            # slice of a stacked gradient: dynamic-slice, then dynamic-update-slice)
+            sliced = _sliced_in_fusion(module, user, value, elements, group_size, hops)
+            if sliced is None:
+                return None
+            found = found or sliced
         else:
             return None
     return found
+
+
+def _sliced_in_fusion(  # noqa: PLR0917 (as _slice_of, and the fusion)
+    module: _Module, fusion: _Instr, value: _Instr, elements: int, group_size: int, hops: int
+) -> _Type | None:
+    """The 1/group_size slice the fused body makes of ``value`` (its one operand slot)."""
+    slots = [k for k, name in enumerate(fusion.operands) if name.lstrip("%") == value.name]
+    if len(slots) != 1:
+        return None
+    params = [i for i in _called(module, fusion) if i.param_index == slots[0]]
+    if len(params) != 1:
+        return None
+    return _slice_of(module, params[0], elements, group_size, hops + 1)
 
 
 def _leaf_values(module: _Module, instr: _Instr, num_leaves: int) -> list[_Instr | None]:
@@ -338,10 +358,12 @@ def dedupe_and_weight(colls: Sequence[HloCollective], text: str) -> tuple[HloCol
     """Count each collective once per execution, times the loops around it.
 
     Async collectives can be printed in several fused computations (a TPU start and done
-    half each hold a copy): ops of one kind with one ``channel_id`` in different
-    computations are one op (the first kept; ``is_async`` if any copy is); within one
-    computation they stay distinct ops. ``count`` becomes the number of times the op's
-    computation runs per step: the product of ``known_trip_count`` over the while loops
+    half each hold a copy): async ops of one kind, one ``channel_id`` and one result type in
+    different computations are one op (the first kept; ``is_async`` if any copy is); within
+    one computation, or synchronous, they stay distinct ops (a shard_map program prints
+    ``channel_id=1`` on every collective, in a scan's body as in its entry). ``count``
+    becomes the number of times the op's computation runs per step: the product of
+    ``known_trip_count`` over the while loops
     around it (nested loops multiply; a loop without a printed trip count counts once).
     """
     counts = _module(text).execution_counts()
@@ -358,9 +380,17 @@ def dedupe_and_weight(colls: Sequence[HloCollective], text: str) -> tuple[HloCol
             out.append(weighted)
             continue
         first = out[seen[key]]
-        if first.computation == coll.computation:
+        copy = (
+            first.computation != coll.computation
+            and (first.is_async or coll.is_async)
+            and (first.result_types, first.groups, first.pairs)
+            == (coll.result_types, coll.groups, coll.pairs)
+        )
+        if not copy:
             # two ops in one computation are two ops, whatever their channel ids (a shard_map
-            # program prints channel_id=1 on all of them); copies live in different ones
+            # program prints channel_id=1 on all of them), and so are synchronous ops in two
+            # (a scan's body and the entry of a shard_map program): copies are the halves of
+            # one async op, of one type, in different computations
             out.append(weighted)
             continue
         out[seen[key]] = replace(
