@@ -71,7 +71,7 @@ CASES: list[tuple[str, str, str, Remat]] = [
             "fsdp=x,tp=y",
             "fsdp=x,sp=y",
             "dp=x+y,cp=y",
-            "fsdp=x,cp=y",
+            "fsdp=x+y,cp=y",
         )
     ),
     ("dense", "x=2,y=4", "fsdp=x,tp=y", Remat.FULL),
@@ -86,8 +86,9 @@ CASES: list[tuple[str, str, str, Remat]] = [
 #: pipelined: (model, mesh, strategy, microbatches)
 PIPELINES = [
     ("dense", "x=2,y=4", "pp=x,dp=y", 2),
-    ("dense", "x=2,y=4", "pp=x,dp=y", 4),
+    ("dense-4", "x=2,y=4", "pp=x,dp=y", 2),
     ("dense-4", "x=4,y=2", "pp=x,dp=y", 4),
+    ("moe", "x=2,y=4", "pp=x,dp=y,ep=y", 2),
 ]
 
 

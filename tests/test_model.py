@@ -48,7 +48,11 @@ def tiny(**changes: object) -> ModelConfig:
 def test_every_shipped_model_config_loads_and_names_its_source(path: Path) -> None:
     config = load_model_config(path)
     assert config.source, f"{path.name} has no source"
-    assert config.params()["total"] > 1e9
+    if path.stem.startswith("tiny-"):  # toys for model --validate: small enough to compile
+        assert "not a published model" in config.source
+        assert config.params()["total"] < 1e5
+    else:
+        assert config.params()["total"] > 1e9
 
 
 def test_llama3_70b_parameter_count_is_the_books() -> None:

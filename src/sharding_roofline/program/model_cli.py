@@ -61,6 +61,21 @@ def add_model_parser(sub: Any, mesh_args: Any) -> None:
         help="also print the calibrated step, tokens/s, MFU and memory (fitted to public "
         "measurements; presets without data say so) beside the roofline",
     )
+    model.add_argument(
+        "--validate",
+        action="store_true",
+        help="compile the plan's whole training step (embedding, blocks, head, loss, "
+        "backward, AdamW) on JAX's simulated CPU devices and compare its collectives and "
+        "FLOPs (and with --execute its numbers) with the plan; a small config only",
+    )
+    model.add_argument(
+        "--scan",
+        action="store_true",
+        help="with --validate: run the blocks as a lax.scan over stacked layers (else unrolled)",
+    )
+    from ..xla.cli import add_validate_arguments  # noqa: PLC0415 (imports no JAX)
+
+    add_validate_arguments(model)
 
 
 def _training(args: argparse.Namespace, config: Any, strategy: Any) -> Any:
@@ -92,6 +107,13 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
     from .strategies import Strategy  # noqa: PLC0415
 
     config = load_model_config(args.config)
+    if args.scan and not args.validate:
+        raise SpecError("--scan says how --validate builds the step; add --validate or drop --scan")
+    if args.validate and args.search:
+        raise SpecError(
+            "--validate compiles one plan: pass --strategy (e.g. the search's best) instead "
+            "of --search"
+        )
     if args.search:
         from ..presets import load_preset  # noqa: PLC0415
         from ..topology import Topology  # noqa: PLC0415
@@ -133,4 +155,12 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
     if isinstance(plan, Rejected):
         raise SpecError(f"strategy {strategy.name} cannot train {config.name}: {plan.reason}")
     plans: list[ModelPlan] = [plan]
-    return model_dict(config, plans, args), format_model_plans(config, plans, args)
+    data, text = model_dict(config, plans, args), format_model_plans(config, plans, args)
+    if args.validate:
+        from ..xla.cli import format_model_validation, run_validate_model  # noqa: PLC0415
+
+        validation = run_validate_model(args, plan)
+        data["validation"] = validation
+        text += "\n\nvalidation against XLA of the training step:\n"
+        text += format_model_validation(validation)
+    return data, text

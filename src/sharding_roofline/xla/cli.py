@@ -24,6 +24,8 @@ from sharding_roofline.report import table
 from sharding_roofline.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
+    from sharding_roofline.program.model import ModelPlan
+
     from .compare import Validation
     from .program_compare import ProgramValidation
 
@@ -34,12 +36,14 @@ __all__ = [
     "check_execute_memory",
     "check_program_execute_memory",
     "execute_bytes",
+    "format_model_validation",
     "format_program_validation",
     "format_validation",
     "format_validations",
     "program_execute_bytes",
     "run_validate",
     "run_validate_many",
+    "run_validate_model",
     "run_validate_program",
     "validate_many",
 ]
@@ -70,7 +74,12 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _start_devices(args: argparse.Namespace, plans: Sequence[Plan | ProgramPlan]) -> None:
+def _start_devices(
+    args: argparse.Namespace,
+    plans: Sequence[Plan | ProgramPlan | ModelPlan],
+    *,
+    check_memory: bool = True,
+) -> None:
     from .devices import ensure_devices  # noqa: PLC0415 (imports JAX)
 
     needed = max(plan.mesh.num_devices for plan in plans)
@@ -86,11 +95,11 @@ def _start_devices(args: argparse.Namespace, plans: Sequence[Plan | ProgramPlan]
             f"the mesh has {needed} devices, more than the {MAX_SIMULATED_DEVICES} simulated "
             "CPU devices the validator starts; validate a smaller mesh of the same shape"
         )
-    if getattr(args, "execute", False):
+    if check_memory and getattr(args, "execute", False):
         for plan in plans:
             if isinstance(plan, ProgramPlan):
                 check_program_execute_memory(plan)
-            else:
+            elif isinstance(plan, Plan):
                 check_execute_memory(plan)
     if asked is not None and asked < needed:
         raise ValidationError(
@@ -186,6 +195,28 @@ def run_validate_program(args: argparse.Namespace, plan: ProgramPlan) -> dict[st
     from .program_compare import validate_program  # noqa: PLC0415 (imports JAX)
 
     return validate_program(plan, execute=bool(getattr(args, "execute", False))).as_dict()
+
+
+def run_validate_model(args: argparse.Namespace, plan: ModelPlan) -> dict[str, Any]:
+    """Validate a whole model's training step (``model --validate``: ``--devices``,
+    ``--execute``, ``--scan``): :func:`~.model_validate.validate_model`'s JSON object, or
+    :func:`~.model_pipeline.validate_pipeline`'s (``"pipeline": true``) for a pipelined plan.
+    Call it before anything in the process runs a JAX operation."""
+    if getattr(args, "processes", None):
+        raise ValidationError(
+            f"--processes {args.processes}: whole models validate in one process; drop "
+            "--processes (validate a layer across processes with layer --validate)"
+        )
+    _start_devices(args, [plan], check_memory=False)
+    execute = bool(getattr(args, "execute", False))
+    if plan.pipeline is not None:
+        from .model_pipeline import validate_pipeline  # noqa: PLC0415 (imports JAX)
+
+        return {"pipeline": True, **validate_pipeline(plan, execute=execute).as_dict()}
+    from .model_validate import validate_model  # noqa: PLC0415 (imports JAX)
+
+    scan = bool(getattr(args, "scan", False))
+    return {"pipeline": False, **validate_model(plan, scan=scan, execute=execute).as_dict()}
 
 
 def run_validate_many(
@@ -469,6 +500,85 @@ def format_program_validation(v: ProgramValidation | dict[str, Any]) -> str:
         lines.append(
             f"numerics ({n['dtype']}, against jax.vjp unsharded): "
             f"{'ok' if n['ok'] else 'WRONG'}: max relative error plan's program "
+            f"{n['shard_map_max_rel_error']:.3g}, XLA's {n['jit_max_rel_error']:.3g} "
+            f"(tolerance {n['tolerance']:g})"
+        )
+    for warning in d["warnings"]:
+        lines.append(f"XLA warning: {warning[:300]}")
+    return "\n".join(lines)
+
+
+def format_model_validation(d: dict[str, Any]) -> str:
+    """A model validation (:func:`run_validate_model`'s object) for people: the verdict and
+    why, the collectives per part, op and pass (the plan's, each block's times its layers,
+    and XLA's), FLOPs, whether XLA's step is its layers' programs composed, the numbers."""
+    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items()) if "mesh" in d else ""
+    if d["pipeline"]:
+        lines = [
+            f"{d['strategy']}   ({d['model']}, {d['stages']} stages, {d['microbatches']} "
+            "microbatches; GPipe as a shard_map with ppermute between stages)",
+            f"pipeline: {'ok' if d['ok'] else 'FAILED'}",
+        ]
+        lines += [f"  - {reason}" for reason in d["reasons"]]
+        lines.append(
+            f"stage sends per direction: XLA {d['forward_sends']} forward, {d['backward_sends']} "
+            f"backward (m + P - 2 = {d['expected_sends_per_direction']}), "
+            f"{format_count(d['plan_elements_per_send'])} elements per chip each (the plan's)"
+        )
+        lines.append(
+            f"send time: plan {_time(d['plan_permute_s'])}, XLA's sends "
+            f"{_time(d['observed_permute_s'])}"
+        )
+        if d["max_rel_error"] is not None:
+            lines.append(
+                f"numerics against the microbatched unsharded step: max relative error "
+                f"{d['max_rel_error']:.3g} (tolerance {d['tolerance']:g})"
+            )
+        return "\n".join(lines)
+    loop = "lax.scan over the layers" if d["scan"] else "unrolled"
+    lines = [
+        f"{d['strategy']}   ({d['model']}, {d['layers']} layers {loop}, on {d['hardware']} "
+        f"{mesh})",
+        f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
+    ]
+    lines += [f"  - {reason}" for reason in d["reasons"]]
+    if d["composes"] is not None:
+        lines.append(
+            "XLA's step is its layers' own jit programs composed: "
+            + ("yes (every difference is a layer's)" if d["composes"] else "NO")
+        )
+    rows = [
+        [
+            row["part"] or "?",
+            row["op"] or "?",
+            row["pass"] or "?",
+            ", ".join(row["predicted"]) or "-",
+            "same" if row["agrees"] else ", ".join(row["observed"]) or "-",
+        ]
+        for row in d["per_op"]
+    ]
+    lines.append("")
+    if rows:
+        lines.append("collectives per op, whole step (elements in->out per chip, x count):")
+        lines.append(_indent(table(rows, ["part", "op", "pass", "plan", "XLA's jit step"])))
+    else:
+        lines.append("collectives: none (neither the plan nor XLA communicates)")
+    lines.append("")
+    lines.append(
+        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
+        f"XLA {_time(d['xla_time_s'])}"
+    )
+    f = d["flops"]
+    sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
+    lines.append(
+        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, plan's step {sm_flops}, "
+        f"XLA {format_count(f['jit'])}" + ("" if f["jit_agrees"] else "  (XLA's differ)")
+    )
+    n = d.get("numerics")
+    if n is not None:
+        lines.append(
+            f"numerics ({n['dtype']}, against the unsharded step): "
+            f"{'ok' if n['ok'] else 'WRONG'}: max relative error plan's step "
             f"{n['shard_map_max_rel_error']:.3g}, XLA's {n['jit_max_rel_error']:.3g} "
             f"(tolerance {n['tolerance']:g})"
         )
