@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/cli_speed.py
 	$(BIN)/python benchmarks/validate_512.py
 	$(BIN)/python benchmarks/layer_agreement.py --random 300
+	$(BIN)/python benchmarks/model_agreement.py
 
 # Mutation testing of the cost core (collectives.py, mesh.py) with a fast test selection
 # ([tool.mutmut] in pyproject.toml); about 10 minutes on 2 cores, so not part of `make test`.
