@@ -537,8 +537,7 @@ def format_model_validation(d: dict[str, Any]) -> str:
         return "\n".join(lines)
     loop = "lax.scan over the layers" if d["scan"] else "unrolled"
     lines = [
-        f"{d['strategy']}   ({d['model']}, {d['layers']} layers {loop}, on {d['hardware']} "
-        f"{mesh})",
+        f"{d['strategy']}   ({d['model']}, {d['layers']} layers {loop}, on {d['hardware']} {mesh})",
         f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
     ]
     lines += [f"  - {reason}" for reason in d["reasons"]]
