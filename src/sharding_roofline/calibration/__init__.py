@@ -35,6 +35,7 @@ from .model import CollectiveFit as CollectiveFit
 from .model import CollectiveInterval as CollectiveInterval
 from .model import MatmulFit as MatmulFit
 from .model import MemoryOverheadFit as MemoryOverheadFit
+from .model import StallFit as StallFit
 from .model import RatioInterval as RatioInterval
 from .model import TrainingStepFit as TrainingStepFit
 from .model import collective_time_s as collective_time_s
@@ -54,6 +55,7 @@ __all__ = [
     "CollectiveInterval",
     "MatmulFit",
     "MemoryOverheadFit",
+    "StallFit",
     "RatioInterval",
     "StepFeatures",
     "TrainingStepFit",
