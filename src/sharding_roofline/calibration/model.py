@@ -501,7 +501,7 @@ class StallFit:
     median of the two-outcome distribution::
 
         P(stall) = 1 - (1 - hazard_per_node)^nodes
-                     · (1 - memory_pressure_probability·[memory > memory_pressure_fraction·capacity])
+                   · (1 - memory_pressure_probability·[memory > memory_pressure_fraction·C])
         stall_s  = (m + P - 1) · exchanges · stall_per_exchange_s
         step_s   = base step + [P(stall) >= 1/2] · stall_s
 

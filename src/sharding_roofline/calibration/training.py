@@ -263,16 +263,18 @@ def fit_stall(rows: StallRows, num_runs: int) -> tuple[StallFit, dict[str, Any]]
     candidates: list[tuple[str, float | None, bool]] = []
     for per_node in (False, True):
         candidates.append(("per-node hazard" if per_node else "one probability", None, per_node))
-        for threshold in MEMORY_PRESSURE_GRID:
+        for grid_value in MEMORY_PRESSURE_GRID:
             name = f"{'per-node hazard' if per_node else 'one probability'} + memory > "
-            candidates.append((name + f"{threshold:.2f}", threshold, per_node))
+            candidates.append((name + f"{grid_value:.2f}", grid_value, per_node))
     cv: dict[str, float] = {}
-    for name, threshold, per_node in candidates:
+    for name, candidate, per_node in candidates:
         loss = 0.0
         for fold in folds:
-            params = fit_stall_probability(rows.subset(~fold), threshold=threshold, per_node=per_node)
+            params = fit_stall_probability(
+                rows.subset(~fold), threshold=candidate, per_node=per_node
+            )
             held = rows.subset(fold)
-            cut = np.inf if threshold is None else threshold
+            cut = np.inf if candidate is None else candidate
             loss += _log_loss(
                 stall_probabilities(params, held, threshold=cut, per_node=per_node), held.stalled
             )
