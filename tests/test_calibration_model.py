@@ -21,6 +21,7 @@ from sharding_roofline.calibration import (
     MatmulFit,
     MemoryOverheadFit,
     RatioInterval,
+    StallFit,
     StepFeatures,
     TrainingStepFit,
     calibrate_model_plan,
@@ -39,7 +40,12 @@ from sharding_roofline.calibration.fit import (
     training_step_predict,
 )
 from sharding_roofline.calibration.runs import PlaybookRun, TorchtitanRun, spearman
-from sharding_roofline.calibration.step import memory_bytes, step_time_s
+from sharding_roofline.calibration.step import (
+    memory_bytes,
+    stall_probability,
+    stall_time_s,
+    step_time_s,
+)
 from sharding_roofline.cli import main
 from sharding_roofline.errors import ConfigError, SpecError
 from sharding_roofline.program.config import ModelConfig
@@ -628,9 +634,6 @@ def test_zero_microbatches_is_an_error() -> None:
 
 def test_stall_probability_and_size() -> None:
     """``StallFit``: the per-node hazard, the memory-pressure term and the stall's size."""
-    from sharding_roofline.calibration import StallFit
-    from sharding_roofline.calibration.step import stall_probability, stall_time_s
-
     stall = StallFit(
         stall_per_exchange_s=0.5,
         hazard_per_node_pipelined=0.02,
