@@ -1042,7 +1042,26 @@ def fit_training_step_part(
             "training step and memory describe nanotron as the Playbook ran it."
         ),
     )
-    fitted = dataclasses.replace(calibration, source=source, step=step, memory=memory)
+    stall = report["stall"]
+    print(
+        f"   stalls: {stall['stalled_runs']} of {len(runs)} calibration runs measured over "
+        f"{stall['stall_ratio']:g}x the base step; they lose "
+        f"{stall['stall_per_exchange_s']:.3f} s per slot and stage exchange (quartiles "
+        f"{stall['stall_per_exchange_quartiles_s'][0]:.3f}-"
+        f"{stall['stall_per_exchange_quartiles_s'][1]:.3f} s)"
+    )
+    for name, loss in stall["probability_selection"]["cv_log_loss_per_run"].items():
+        print(f"   stall probability {name:40} {training.NUM_FOLDS}-fold CV log loss {loss:.4f}")
+    print(
+        f"   chosen: {stall['probability_selection']['chosen']!r}: hazard per node "
+        f"{stall['hazard_per_node_pipelined']:.4f} pipelined, "
+        f"{stall['hazard_per_node_unpipelined']:.4f} unpipelined; memory pressure above "
+        f"{stall['memory_pressure_fraction']:.0%} of capacity stalls with probability "
+        f"{stall['memory_pressure_probability']:.2f}"
+    )
+    fitted = dataclasses.replace(
+        calibration, source=source, step=step, memory=memory, stall=result.stall
+    )
     return fitted, report
 
 

@@ -21,6 +21,7 @@ from sharding_roofline.calibration import (
     MatmulFit,
     MemoryOverheadFit,
     RatioInterval,
+    StallFit,
     StepFeatures,
     TrainingStepFit,
     calibrate_model_plan,
@@ -39,7 +40,12 @@ from sharding_roofline.calibration.fit import (
     training_step_predict,
 )
 from sharding_roofline.calibration.runs import PlaybookRun, TorchtitanRun, spearman
-from sharding_roofline.calibration.step import memory_bytes, step_time_s
+from sharding_roofline.calibration.step import (
+    memory_bytes,
+    stall_probability,
+    stall_time_s,
+    step_time_s,
+)
 from sharding_roofline.cli import main
 from sharding_roofline.errors import ConfigError, SpecError
 from sharding_roofline.program.config import ModelConfig
@@ -476,11 +482,26 @@ def test_shipped_step_and_memory_are_the_benchmarks_fit() -> None:
     assert shipped.step is not None
     assert shipped.memory is not None
     fitted = training.fit_playbook(_calibration_runs())
+    # rel 1e-4: the benchmark fits the step on its in-memory GEMM and collective fits and
+    # writes 6 significant digits; refitting on the written ones moves flat directions a bit
     for name in (*STEP_PARAMETERS, "gradient_reduce_dtype", "num_calibration_rows"):
         expected = getattr(fitted.step, name)
         actual = getattr(shipped.step, name)
         assert actual == (
-            pytest.approx(expected, rel=1e-5) if isinstance(expected, float) else expected
+            pytest.approx(expected, rel=1e-4) if isinstance(expected, float) else expected
+        ), name
+    assert shipped.stall is not None
+    for name in (
+        "stall_per_exchange_s",
+        "hazard_per_node_pipelined",
+        "hazard_per_node_unpipelined",
+        "memory_pressure_fraction",
+        "memory_pressure_probability",
+        "stall_ratio",
+        "num_stalled_rows",
+    ):
+        assert getattr(shipped.stall, name) == pytest.approx(
+            getattr(fitted.stall, name), rel=1e-3, abs=1e-9
         ), name
     for name in ("persistent_factor", "activation_factor", "workspace_bytes", "capacity_bytes"):
         assert getattr(shipped.memory, name) == pytest.approx(
@@ -609,3 +630,43 @@ def test_model_calibrated_on_a_tpu_says_so(
 def test_zero_microbatches_is_an_error() -> None:
     with pytest.raises(SpecError, match="microbatches=0 must be at least 1"):
         calibrate_model_plan(_tiny_plan(), microbatches=0)
+
+
+def test_stall_probability_and_size() -> None:
+    """``StallFit``: the per-node hazard, the memory-pressure term and the stall's size."""
+    stall = StallFit(
+        stall_per_exchange_s=0.5,
+        hazard_per_node_pipelined=0.02,
+        hazard_per_node_unpipelined=0.0,
+        memory_pressure_fraction=0.8,
+        memory_pressure_probability=0.5,
+        stall_ratio=1.8,
+        num_calibration_rows=10,
+        num_stalled_rows=2,
+        data_source="test",
+    )
+    base = StepFeatures(
+        matmul_s=0.1,
+        vector_s=0.0,
+        comm_s=0.0,
+        layers=4,
+        tp_ring_steps=0,
+        gradient_s=0.0,
+        optimizer_s=0.0,
+        stages=4,
+        microbatches=8,
+        persistent_bytes=0.0,
+        local_params=0.0,
+        activation_bytes=0.0,
+        transient_bytes=0.0,
+        nodes=8,
+    )
+    p = stall_probability(stall, base, memory_bytes=1e9, capacity_bytes=80e9)
+    assert p == pytest.approx(1 - 0.98**8)
+    high = stall_probability(stall, base, memory_bytes=70e9, capacity_bytes=80e9)
+    assert high == pytest.approx(1 - 0.98**8 * 0.5)
+    # two neighbours (P >= 3): 2 exchanges per slot, (m + P - 1) slots
+    assert stall_time_s(stall, base) == pytest.approx(11 * 2 * 0.5)
+    flat = dataclasses.replace(base, stages=1, nodes=64)
+    assert stall_probability(stall, flat, memory_bytes=1e9, capacity_bytes=80e9) == 0.0
+    assert stall_time_s(stall, flat) == pytest.approx(8 * 1 * 0.5)

@@ -492,6 +492,60 @@ class TrainingStepFit:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StallFit:
+    """The Playbook's second population of steps: runs that lose about half a second per
+    microbatch slot and per pipeline neighbour, in runs whose twins (the same model, nodes
+    and parallelism, another ZeRO stage or microbatch size) run at the predicted speed
+    (docs/calibration.md, "Stalls"). Whether a run stalls is not a function of its
+    configuration, so the model gives a probability, and the calibrated step is the
+    median of the two-outcome distribution::
+
+        P(stall) = 1 - (1 - hazard_per_node)^nodes
+                   · (1 - memory_pressure_probability·[memory > memory_pressure_fraction·C])
+        stall_s  = (m + P - 1) · exchanges · stall_per_exchange_s
+        step_s   = base step + [P(stall) >= 1/2] · stall_s
+
+    * ``stall_per_exchange_s``: the time a stalled step loses per microbatch slot and per
+      stage-to-stage exchange (``exchanges`` is 2 for a stage with two pipeline neighbours,
+      ``P >= 3``; 1 otherwise);
+    * ``hazard_per_node_pipelined``, ``hazard_per_node_unpipelined``: the probability that
+      one node makes the job stall (independent nodes; any one stalls every stage), for
+      pipelined and unpipelined runs;
+    * ``memory_pressure_fraction``: the predicted memory, as a share of the capacity, above
+      which the caching allocator runs short and the step stalls with probability
+      ``memory_pressure_probability``;
+    * ``stall_ratio``: a calibration run counts as stalled when measured over predicted
+      base step exceeds this (assumed: the gap in the calibration runs' ratios).
+    """
+
+    stall_per_exchange_s: float
+    hazard_per_node_pipelined: float
+    hazard_per_node_unpipelined: float
+    memory_pressure_fraction: float
+    memory_pressure_probability: float
+    stall_ratio: float
+    num_calibration_rows: int
+    num_stalled_rows: int
+    data_source: str
+
+    def __post_init__(self) -> None:
+        owner = "stall"
+        _finite(owner, "stall_per_exchange_s", self.stall_per_exchange_s)
+        for name in (
+            "hazard_per_node_pipelined",
+            "hazard_per_node_unpipelined",
+            "memory_pressure_probability",
+        ):
+            _finite(owner, name, getattr(self, name), high=1.0)
+        _finite(owner, "memory_pressure_fraction", self.memory_pressure_fraction, strict_low=True)
+        _finite(owner, "stall_ratio", self.stall_ratio, low=1.0, strict_low=True)
+        if self.num_calibration_rows < 1:
+            raise ConfigError(f"{owner}: num_calibration_rows must be >= 1")
+        if not 0 <= self.num_stalled_rows <= self.num_calibration_rows:
+            raise ConfigError(f"{owner}: num_stalled_rows must be in 0..num_calibration_rows")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryOverheadFit:
     """Measured memory per GPU from the planner's memory breakdown::
 
@@ -548,6 +602,7 @@ class Calibration:
     collective_intervals: tuple[CollectiveInterval, ...] = ()
     step: TrainingStepFit | None = None
     memory: MemoryOverheadFit | None = None
+    stall: StallFit | None = None
     path: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ from .model import (
     Calibration,
     MemoryOverheadFit,
     RatioInterval,
+    StallFit,
     TrainingStepFit,
     matmul_terms_s,
 )
@@ -80,6 +81,8 @@ class StepFeatures:
     activation_bytes: float
     transient_bytes: float
     uncalibrated: tuple[str, ...] = ()
+    #: NVLink domains (nodes) the mesh spans; sets the stall probability (``StallFit``)
+    nodes: int = 1
 
     @property
     def slots(self) -> int:
@@ -289,6 +292,8 @@ def step_features(
         activations *= min(m, stages) / in_flight
     memory = plan.memory
     tp_size = math.prod(mesh.axis_size(a) for a in strategy.tp)
+    nvlink = mesh.hardware.nvlink
+    per_node = nvlink.gpus_per_domain if nvlink is not None else mesh.num_devices
     return StepFeatures(
         matmul_s=matmul_s,
         vector_s=vector_s,
@@ -304,6 +309,7 @@ def step_features(
         activation_bytes=activations,
         transient_bytes=memory.transient,
         uncalibrated=tuple(missing),
+        nodes=max(1, math.ceil(mesh.num_devices / max(per_node, 1))),
     )
 
 
@@ -331,6 +337,32 @@ def step_time_s(fit: TrainingStepFit, features: StepFeatures) -> float:
         + features.optimizer_s
         + fit.fixed_step_s
     )
+
+
+def stall_exchanges(features: StepFeatures) -> int:
+    """Stage-to-stage exchanges a stalled slot waits on: 2 for a stage with two pipeline
+    neighbours (``P >= 3``), else 1."""
+    return 2 if features.stages >= 3 else 1
+
+
+def stall_time_s(stall: StallFit, features: StepFeatures) -> float:
+    """What a stalled step loses: ``(m + P - 1)·exchanges·stall_per_exchange_s``."""
+    return features.slots * stall_exchanges(features) * stall.stall_per_exchange_s
+
+
+def stall_probability(
+    stall: StallFit, features: StepFeatures, *, memory_bytes: float, capacity_bytes: float
+) -> float:
+    """``StallFit``'s probability that this run stalls."""
+    hazard = (
+        stall.hazard_per_node_pipelined
+        if features.stages > 1
+        else stall.hazard_per_node_unpipelined
+    )
+    calm = (1.0 - hazard) ** features.nodes
+    if memory_bytes > stall.memory_pressure_fraction * capacity_bytes:
+        calm *= 1.0 - stall.memory_pressure_probability
+    return 1.0 - calm
 
 
 def memory_bytes(fit: MemoryOverheadFit, features: StepFeatures) -> float:
@@ -373,6 +405,9 @@ class CalibratedModelTime:
     breakdown_s: tuple[tuple[str, float], ...]
     source: str
     uncalibrated: tuple[str, ...] = ()
+    #: the probability that the run stalls (``StallFit``), and what a stall costs
+    stall_probability: float | None = None
+    stall_s: float | None = None
 
     @property
     def is_calibrated(self) -> bool:
@@ -404,6 +439,7 @@ class CalibratedModelTime:
                 "tokens_per_s_per_chip": self.roofline_tokens_per_s_per_chip,
                 "memory_per_chip_bytes": self.roofline_memory_per_chip_bytes,
             },
+            "stall": {"probability": self.stall_probability, "stall_s": self.stall_s},
             "source": self.source,
             "uncalibrated": list(self.uncalibrated),
         }
@@ -438,6 +474,12 @@ class CalibratedModelTime:
                 f"({format_bytes(m_low)}..{format_bytes(m_high)}), roofline "
                 f"{format_bytes(self.roofline_memory_per_chip_bytes)}: {verdict} "
                 f"(limit {capacity})"
+            )
+        if self.stall_probability is not None and self.stall_s is not None:
+            included = "included" if self.stall_probability >= 0.5 else "not included"
+            lines.append(
+                f"stall risk {self.stall_probability:.0%}: a stalled step takes "
+                f"{format_seconds(self.stall_s)} longer ({included} in the step)"
             )
         terms = ", ".join(f"{name} {format_seconds(value)}" for name, value in self.breakdown_s)
         lines.append(f"calibrated step terms: {terms}")
@@ -514,6 +556,27 @@ def calibrate_model_plan(
     low, high = _scaled(step, fit.interval)
     memory = memory_bytes(memory_fit, features)
     m_low, m_high = _scaled(memory, memory_fit.interval)
+    stall_p: float | None = None
+    stall_s: float | None = None
+    stalled = 0.0
+    if resolved.stall is not None:
+        stall_s = stall_time_s(resolved.stall, features)
+        stall_p = stall_probability(
+            resolved.stall,
+            features,
+            memory_bytes=memory,
+            capacity_bytes=memory_fit.capacity_bytes,
+        )
+        # the median of the two outcomes; the interval reaches the other when it is likely
+        base = step
+        if stall_p >= 0.5:
+            stalled = stall_s
+            step = base + stall_s
+            low, high = _scaled(step, fit.interval)
+            if stall_p < 0.9:
+                low = min(low, base)
+        elif stall_p >= 0.1:
+            high = max(high, base + stall_s)
     slot = slot_time_s(fit, features)
     device = features.matmul_s + fit.vector_time_factor * features.vector_s
     useful = features.microbatches
@@ -528,6 +591,7 @@ def calibrate_model_plan(
         ),
         ("optimizer", features.optimizer_s),
         ("fixed", fit.fixed_step_s),
+        ("stall", stalled),
     )
     where = resolved.path or f"{resolved.preset}.json"
     source = (
@@ -553,4 +617,6 @@ def calibrate_model_plan(
         breakdown_s=breakdown,
         source=source,
         uncalibrated=features.uncalibrated,
+        stall_probability=stall_p,
+        stall_s=stall_s,
     )

@@ -39,7 +39,7 @@ from .fit import (
     ratio_quantiles,
     training_step_predict,
 )
-from .model import Calibration, MemoryOverheadFit, RatioInterval, TrainingStepFit
+from .model import Calibration, MemoryOverheadFit, RatioInterval, StallFit, TrainingStepFit
 from .runs import PlaybookRun, RunLayout, RunPlanner, playbook_model_configs
 from .step import StepFeatures, step_features
 
@@ -54,6 +54,13 @@ GRAD_ACCUMULATION_BYTES_PER_PARAM = 4.0  # nanotron's fp32 gradient accumulation
 CAPACITY_BYTES = 80e9
 NUM_FOLDS = 5
 LOSSES: dict[str, float | None] = {"least squares": None, "Huber 0.1": 0.1, "Huber 0.3": 0.3}
+#: A calibration run counts as stalled above this measured/predicted step (assumed: the
+#: calibration runs' ratios have a gap between about 1.4 and 2, see the docs' "Stalls").
+STALL_RATIO = 1.8
+#: Candidate memory-pressure thresholds (share of the capacity), chosen by cross-validation.
+MEMORY_PRESSURE_GRID = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
+_HAZARD_GRID = np.linspace(0.0, 0.3, 601)
+_PROBABILITY_GRID = np.linspace(0.0, 1.0, 201)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,11 +176,155 @@ def memory_rows(runs: list[PlannedRun]) -> MemoryRows:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StallRows:
+    """What the stall fit reads per calibration run."""
+
+    stalled: np.ndarray  # bool: measured/predicted base step > STALL_RATIO
+    excess_per_exchange_s: np.ndarray  # (measured - predicted)/(slots·exchanges)
+    nodes: np.ndarray
+    pipelined: np.ndarray  # bool
+    memory_share: np.ndarray  # predicted memory / capacity
+
+    def subset(self, keep: np.ndarray) -> StallRows:
+        return StallRows(
+            stalled=self.stalled[keep],
+            excess_per_exchange_s=self.excess_per_exchange_s[keep],
+            nodes=self.nodes[keep],
+            pipelined=self.pipelined[keep],
+            memory_share=self.memory_share[keep],
+        )
+
+
+def _log_loss(probability: np.ndarray, stalled: np.ndarray) -> float:
+    q = np.clip(probability, 1e-6, 1.0 - 1e-6)
+    return float(-np.sum(np.where(stalled, np.log(q), np.log(1.0 - q))))
+
+
+def stall_probabilities(
+    params: tuple[float, float, float], rows: StallRows, *, threshold: float, per_node: bool
+) -> np.ndarray:
+    """``StallFit``'s probability (``per_node=False``: one probability per run, whatever
+    its node count, the alternative the cross-validation compares)."""
+    h_pipe, h_flat, q = params
+    exponent = rows.nodes if per_node else np.ones_like(rows.nodes)
+    calm = (1.0 - np.where(rows.pipelined, h_pipe, h_flat)) ** exponent
+    calm = calm * np.where(rows.memory_share > threshold, 1.0 - q, 1.0)
+    result: np.ndarray = 1.0 - calm
+    return result
+
+
+def fit_stall_probability(
+    rows: StallRows, *, threshold: float | None, per_node: bool
+) -> tuple[float, float, float]:
+    """Maximum likelihood of the stalled labels: (pipelined hazard, unpipelined hazard,
+    memory-pressure probability), by coordinate search on grids (``threshold=None``: no
+    memory-pressure term)."""
+    cut = np.inf if threshold is None else threshold
+    params = [0.01, 0.01, 0.0]
+    grids = [_HAZARD_GRID, _HAZARD_GRID, _PROBABILITY_GRID if threshold is not None else [0.0]]
+    for _ in range(8):
+        for i, grid in enumerate(grids):
+            losses = []
+            for value in grid:
+                trial = (*params[:i], float(value), *params[i + 1 :])
+                probability = stall_probabilities(
+                    (trial[0], trial[1], trial[2]), rows, threshold=cut, per_node=per_node
+                )
+                losses.append(_log_loss(probability, rows.stalled))
+            params[i] = float(grid[int(np.argmin(losses))])
+    return params[0], params[1], params[2]
+
+
+def stall_rows(
+    runs: list[PlannedRun], step: FitResult, steps: StepRows, memory: np.ndarray
+) -> StallRows:
+    features = [r.features for r in runs if r.features is not None]
+    ratios = np.array(step.ratios)
+    predicted = steps.time_s / ratios
+    exchanges = np.array([2.0 if f.stages >= 3 else 1.0 for f in features])
+    slots = np.array([float(f.slots) for f in features])
+    return StallRows(
+        stalled=ratios > STALL_RATIO,
+        excess_per_exchange_s=(steps.time_s - predicted) / (slots * exchanges),
+        nodes=np.array([float(f.nodes) for f in features]),
+        pipelined=np.array([f.stages > 1 for f in features]),
+        memory_share=memory / CAPACITY_BYTES,
+    )
+
+
+def fit_stall(rows: StallRows, num_runs: int) -> tuple[StallFit, dict[str, Any]]:
+    """The stall part: its size from the stalled calibration runs, its probability's form
+    (per-node hazard or one probability; with or without a memory-pressure term, and the
+    threshold) by 5-fold cross-validated log loss on the stalled labels."""
+    if not rows.stalled.any():
+        raise ConfigError("fit_stall: no stalled calibration run")
+    size = float(np.median(rows.excess_per_exchange_s[rows.stalled]))
+    folds = fold_masks(rows.stalled.size, NUM_FOLDS)
+    candidates: list[tuple[str, float | None, bool]] = []
+    for per_node in (False, True):
+        candidates.append(("per-node hazard" if per_node else "one probability", None, per_node))
+        for grid_value in MEMORY_PRESSURE_GRID:
+            name = f"{'per-node hazard' if per_node else 'one probability'} + memory > "
+            candidates.append((name + f"{grid_value:.2f}", grid_value, per_node))
+    cv: dict[str, float] = {}
+    for name, candidate, per_node in candidates:
+        loss = 0.0
+        for fold in folds:
+            params = fit_stall_probability(
+                rows.subset(~fold), threshold=candidate, per_node=per_node
+            )
+            held = rows.subset(fold)
+            cut = np.inf if candidate is None else candidate
+            loss += _log_loss(
+                stall_probabilities(params, held, threshold=cut, per_node=per_node), held.stalled
+            )
+        cv[name] = loss / rows.stalled.size
+    chosen = min(cv, key=lambda n: cv[n])
+    _, threshold, per_node = next(c for c in candidates if c[0] == chosen)
+    if not per_node:
+        raise ConfigError(
+            "fit_stall: cross-validation prefers one stall probability for every node count; "
+            "StallFit describes a per-node hazard"
+        )
+    h_pipe, h_flat, q = fit_stall_probability(rows, threshold=threshold, per_node=True)
+    stall = StallFit(
+        stall_per_exchange_s=size,
+        hazard_per_node_pipelined=h_pipe,
+        hazard_per_node_unpipelined=h_flat,
+        memory_pressure_fraction=1.0 if threshold is None else threshold,
+        memory_pressure_probability=q,
+        stall_ratio=STALL_RATIO,
+        num_calibration_rows=num_runs,
+        num_stalled_rows=int(rows.stalled.sum()),
+        data_source=(
+            f"{sd.PLAYBOOK_RUNS_FILE}: {int(rows.stalled.sum())} of the {num_runs} calibration "
+            f"runs measured over {STALL_RATIO:g}x the base step ({chosen}, by cross-validated "
+            "log loss)"
+        ),
+    )
+    report = {
+        "stall_ratio": STALL_RATIO,
+        "stalled_runs": int(rows.stalled.sum()),
+        "stall_per_exchange_s": size,
+        "stall_per_exchange_quartiles_s": [
+            float(x) for x in np.percentile(rows.excess_per_exchange_s[rows.stalled], [25, 75])
+        ],
+        "probability_selection": {"chosen": chosen, "cv_log_loss_per_run": cv},
+        "hazard_per_node_pipelined": h_pipe,
+        "hazard_per_node_unpipelined": h_flat,
+        "memory_pressure_fraction": stall.memory_pressure_fraction,
+        "memory_pressure_probability": q,
+    }
+    return stall, report
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PlaybookFit:
-    """The fitted step and memory parts, and how they were chosen."""
+    """The fitted step, memory and stall parts, and how they were chosen."""
 
     step: TrainingStepFit
     memory: MemoryOverheadFit
+    stall: StallFit
     step_fit: FitResult
     memory_fit: FitResult
     report: dict[str, Any]
@@ -250,6 +401,10 @@ def fit_playbook(runs: list[PlannedRun]) -> PlaybookFit:
             f"1e9 bytes; least squares on log memory)"
         ),
     )
+    stall, stall_report = fit_stall(
+        stall_rows(runs, step_result, steps, memory_predict(memory_result.params, memory_table)),
+        len(runs),
+    )
     report = {
         "loss_selection": {"chosen": chosen, "cross_validation": cv},
         "step_parameters": values,
@@ -264,7 +419,13 @@ def fit_playbook(runs: list[PlannedRun]) -> PlaybookFit:
         ),  # |pred/meas - 1|
         "calibration_runs": len(runs),
         "bytes_per_param_bf16": dtype_bytes("bfloat16"),
+        "stall": stall_report,
     }
     return PlaybookFit(
-        step=step, memory=memory, step_fit=step_result, memory_fit=memory_result, report=report
+        step=step,
+        memory=memory,
+        stall=stall,
+        step_fit=step_result,
+        memory_fit=memory_result,
+        report=report,
     )
