@@ -154,9 +154,10 @@ class _Parts:
             )
         if plan.training.microbatches != 1:
             raise ValidationError(
-                f"{plan.name}: validate_model runs one microbatch per step; plan with "
-                "microbatches=1 (gradient accumulation only moves the data-parallel "
-                "reductions to the last microbatch)"
+                f"{plan.name}: {plan.training.microbatches} microbatches; the validator runs "
+                "one microbatch per step: drop mb= and --microbatches (Training(microbatches="
+                "1) in Python) to validate it (gradient accumulation only moves the "
+                "data-parallel reductions to the last microbatch)"
             )
         self.plan = plan
         config = plan.config
