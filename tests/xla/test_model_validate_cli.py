@@ -63,7 +63,7 @@ def test_model_validate_a_pipeline_checks_the_stage_sends(
         (["--strategy", "dp=x+y", "--scan"], "add --validate or drop --scan"),
         (["--search", "--validate"], "pass --strategy"),
         (["--strategy", "dp=x+y", "--validate", "--processes", "2"], "drop --processes"),
-        (["--strategy", "dp=x,fsdp=y,mb=2", "--validate"], "drop mb= and --microbatches"),
+        (["--strategy", "dp=x,tp=y,mb=2", "--validate"], "drop mb= and --microbatches"),
     ],
 )
 def test_model_validate_refuses_what_it_cannot_do(
