@@ -332,3 +332,30 @@ def test_run_with_a_user_config_draws_only_its_own_figures(
         "report.md", "results.json", "collectives.png",
         "mine_breakdown.png", "mine_roofline.png", "mine_crossover.png",
     }  # fmt: skip
+
+
+def test_a_strategy_that_cannot_split_the_batch_says_how_to_fix_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 8 sequences in 2 microbatches of 4 cannot split over x+y (8 chips)
+    argv = [
+        "model",
+        "--config",
+        "configs/models/tiny-dense.toml",
+        "--hardware",
+        "tpu-v5e",
+        "--topology",
+        "2x4",
+        "--mesh",
+        "x=2,y=4",
+        "--batch-tokens",
+        "128",
+        "--strategy",
+        "dp=x,fsdp=y,mb=2",
+    ]
+    assert main([*argv, "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)
+    assert "does not divide over x+y" in error["error"]
+    assert "--search" in error["fix"]
+    assert main(argv) == 1
+    assert "fix: change the strategy's axes" in capsys.readouterr().err

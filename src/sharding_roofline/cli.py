@@ -227,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": str(exc), "fix": exc.fix}))
         else:
             print(f"sharding-roofline: error: {exc}", file=sys.stderr)
+            if exc.fix and exc.fix not in str(exc):
+                print(f"  fix: {exc.fix}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sharding-roofline: interrupted (Ctrl-C); nothing more was written", file=sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SpecError
+from ..errors import SpecError, fix_of
 
 if TYPE_CHECKING:
     from ..mesh import DeviceMesh
@@ -153,7 +153,13 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
         config, mesh, strategy, _training(args, config, strategy), idle_axes=not args.no_idle_axes
     )
     if isinstance(plan, Rejected):
-        raise SpecError(f"strategy {strategy.name} cannot train {config.name}: {plan.reason}")
+        message = f"strategy {strategy.name} cannot train {config.name}: {plan.reason}"
+        raise SpecError(
+            message,
+            fix=fix_of(plan.reason)
+            or "change the strategy's axes, --batch-tokens or --microbatches so that each "
+            "split divides evenly, or run --search to see the layouts that do",
+        )
     plans: list[ModelPlan] = [plan]
     data, text = model_dict(config, plans, args), format_model_plans(config, plans, args)
     if args.validate:
