@@ -163,6 +163,12 @@ def run_serve(
         from ..xla.cli import format_serve_validation, run_validate_serve  # noqa: PLC0415
 
         validation = run_validate_serve(args, result.best)
+        if result.prefill is not None:  # the time to first token's: the search's best
+            validation["notes"].append(
+                f"the time to first token's prefill ({result.prefill.name}, found by search) "
+                "is not validated here; validate it with --prefill --batch 1 --context "
+                f"{result.prefill.serving.context} --strategy {result.prefill.name} --validate"
+            )
         data["validation"] = validation
         text += f"\n\nvalidation against XLA of the {serving.phase.value} step:\n"
         text += format_serve_validation(validation)
