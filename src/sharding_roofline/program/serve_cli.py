@@ -4,7 +4,7 @@
 --topology 4x8 --batch 64 --context 8192 [--weights int8] [--kv int8] [--compute bfloat16]
 [--prefill | --decode] [--strategy tp=x+y,kvb=y | --search [--top N]] [--prompt T]
 [--prefill-topology 4x4 [--prefill-mesh x=4,y=4] [--decode-tokens 512]] [--json]
-[--plot FILE [--force]]``
+[--plot FILE [--force]] [--validate [--execute] [--devices N]]``
 
 Without ``--mesh`` the topology's dimensions are the axes (``x=4,y=8``), as for ``model``.
 Without ``--strategy`` the command searches. Importing this module imports nothing heavy;
@@ -85,6 +85,17 @@ def add_serve_parser(sub: Any, mesh_args: Any) -> None:
         "--plot", metavar="FILE.png", help="also draw latency against throughput over the batch"
     )
     serve.add_argument("--force", action="store_true", help="replace an existing --plot file")
+    serve.add_argument(
+        "--validate",
+        action="store_true",
+        help="compile one layer of each part of the --strategy plan's step (the block, the "
+        "embedding and head) on JAX's simulated CPU devices and compare its collectives and "
+        "FLOPs (and with --execute its numbers, a dense decode block's also against numpy) "
+        "with the plan",
+    )
+    from ..xla.cli import add_validate_arguments  # noqa: PLC0415 (imports no JAX)
+
+    add_validate_arguments(serve)
 
 
 def _pool(args: argparse.Namespace, mesh: DeviceMesh) -> DeviceMesh | None:
@@ -111,6 +122,7 @@ def run_serve(
     from .serve_report import format_serve, serve_dict  # noqa: PLC0415
     from .serving import ServePhase, Serving  # noqa: PLC0415
 
+    _check_validate_arguments(args)
     plot = None
     if args.plot:  # checked before any work, so a bad path costs nothing
         plot = check_output_path(args.plot, force=args.force, formats=FIGURE_FORMATS)
@@ -146,7 +158,46 @@ def run_serve(
         decode_tokens=args.decode_tokens,
         overlap=Overlap(args.overlap),
     )
-    return serve_dict(result), format_serve(result), plot, result
+    data, text = serve_dict(result), format_serve(result)
+    if args.validate:
+        from ..xla.cli import format_serve_validation, run_validate_serve  # noqa: PLC0415
+
+        validation = run_validate_serve(args, result.best)
+        if result.prefill is not None:  # the time to first token's: the search's best
+            validation["notes"].append(
+                f"the time to first token's prefill ({result.prefill.name}, found by search) "
+                "is not validated here; validate it with --prefill --batch 1 --context "
+                f"{result.prefill.serving.context} --strategy {result.prefill.name} --validate"
+            )
+        data["validation"] = validation
+        text += f"\n\nvalidation against XLA of the {serving.phase.value} step:\n"
+        text += format_serve_validation(validation)
+    return data, text, plot, result
+
+
+def _check_validate_arguments(args: argparse.Namespace) -> None:
+    """Refuse what ``--validate`` cannot do before any work."""
+    if not args.validate:
+        given = [
+            flag
+            for flag, value in (
+                ("--execute", args.execute),
+                ("--devices", args.devices is not None),
+                ("--processes", args.processes is not None),
+            )
+            if value
+        ]
+        if given:
+            raise SpecError(
+                f"{' and '.join(given)} say{'s' if len(given) == 1 else ''} how --validate "
+                f"checks the plan; add --validate or drop {' and '.join(given)}"
+            )
+        return
+    if not args.strategy:
+        raise SpecError(
+            "--validate compiles one plan: pass --strategy (e.g. the search's best) instead "
+            "of --search"
+        )
 
 
 def save_serve_plot(result: Any, path: Path, *, force: bool) -> Path:

@@ -1,4 +1,5 @@
-"""The validator's side of the command line: ``validate`` and ``plan --validate``.
+"""The validator's side of the command line: ``validate``, ``plan --validate``, ``layer
+--validate``, ``model --validate`` and ``serve --validate``.
 
 Importing this module does not import JAX (``add_validate_arguments`` is needed to build the
 parser of every command); the functions that validate import it when called.
@@ -25,6 +26,7 @@ from sharding_roofline.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:  # the validator imports JAX: only when a function needs it
     from sharding_roofline.program.model import ModelPlan
+    from sharding_roofline.program.serve_plan import ServePlan
 
     from .compare import Validation
     from .program_compare import ProgramValidation
@@ -38,6 +40,7 @@ __all__ = [
     "execute_bytes",
     "format_model_validation",
     "format_program_validation",
+    "format_serve_validation",
     "format_validation",
     "format_validations",
     "program_execute_bytes",
@@ -45,6 +48,8 @@ __all__ = [
     "run_validate_many",
     "run_validate_model",
     "run_validate_program",
+    "run_validate_serve",
+    "serve_execute_bytes",
     "validate_many",
 ]
 
@@ -217,6 +222,60 @@ def run_validate_model(args: argparse.Namespace, plan: ModelPlan) -> dict[str, A
 
     scan = bool(getattr(args, "scan", False))
     return {"pipeline": False, **validate_model(plan, scan=scan, execute=execute).as_dict()}
+
+
+def serve_execute_bytes(plan: ServePlan) -> int:
+    """An estimate of the host memory ``serve --validate --execute`` needs: its largest part's
+    (the parts run one after another, :func:`program_execute_bytes`), and for a dense decode
+    block the numpy reference's inputs in float32 and float64 on top."""
+    need = 0
+    for name, layer, _ in plan._one:
+        part = program_execute_bytes(layer)
+        if name == "block" and plan.serving.is_decode:
+            program = layer.program
+            given = (*program.inputs, *program.params)
+            part += sum(program.elements(t.name) for t in given) * (4 + 8)
+        need = max(need, part)
+    return need
+
+
+def run_validate_serve(args: argparse.Namespace, plan: ServePlan) -> dict[str, Any]:
+    """Validate a serving step (``serve --validate``: ``--devices``, ``--execute``): one
+    layer of each part, :meth:`~.serving.ServeValidation.as_dict`. Call it before anything
+    in the process runs a JAX operation (it sets the simulated device count)."""
+    if getattr(args, "processes", None):
+        raise ValidationError(
+            f"--processes {args.processes}: serving steps validate in one process; drop "
+            "--processes (validate a layer across processes with layer --validate)"
+        )
+    execute = bool(getattr(args, "execute", False))
+    if execute:
+        need = serve_execute_bytes(plan)
+        if need > EXECUTE_BUDGET_BYTES:
+            raise ValidationError(
+                f"--execute on the {plan.serving.phase.value} step of "
+                f"{plan.config.name if plan.config else 'the program'} (batch "
+                f"{plan.serving.batch}, context {plan.serving.context}) would need about "
+                f"{format_bytes(need)} of host memory, more than the "
+                f"{format_bytes(EXECUTE_BUDGET_BYTES)} the simulated devices may use; drop "
+                "--execute (compiling needs no data) or validate a smaller --batch, --context "
+                "or config (e.g. configs/models/tiny-dense.toml) with the same strategy"
+            )
+    parts = [layer for _, layer, _ in plan._one]
+    _start_devices(args, parts, check_memory=False)
+    import jax  # noqa: PLC0415
+
+    from .serving import validate_serving  # noqa: PLC0415 (imports JAX)
+
+    try:
+        return validate_serving(plan, execute=execute).as_dict()
+    except jax.errors.JaxRuntimeError as exc:  # e.g. the host out of memory
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ValidationError(
+            f"XLA could not compile or run the {plan.serving.phase.value} step on "
+            f"{plan.mesh.num_devices} simulated CPU devices: {first}; drop --execute or "
+            "validate a smaller --batch, --context or config with the same strategy"
+        ) from None
 
 
 def run_validate_many(
@@ -583,6 +642,35 @@ def format_model_validation(d: dict[str, Any]) -> str:
         )
     for warning in d["warnings"]:
         lines.append(f"XLA warning: {warning[:300]}")
+    return "\n".join(lines)
+
+
+def format_serve_validation(d: dict[str, Any]) -> str:
+    """A serving step's validation (:func:`run_validate_serve`'s object) for people: the
+    overall verdict, then each part's (one layer, :func:`format_program_validation`), the
+    numpy decode reference and the notes."""
+    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items())
+    lines = [
+        f"{d['phase']} step of {d['model']}: {d['strategy']} on {d['hardware']} {mesh}, "
+        f"batch {d['batch']}, context {d['context']}; one layer of each part",
+        f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
+    ]
+    for part in d["parts"]:
+        layers = part["layers"]
+        runs = "once per step" if layers == 1 else f"one layer of {layers} per step"
+        lines.append("")
+        lines.append(f"part {part['part']} ({runs}):")
+        body = format_program_validation(part).splitlines()
+        lines += [f"  {line}" if line else "" for line in body]
+    if d["numpy_rel_error"] is not None:
+        lines.append("")
+        lines.append(
+            "XLA's decode block against a decode step written in numpy: max relative error "
+            f"{d['numpy_rel_error']:.3g}" + ("" if d["numerics_ok"] else "  <- WRONG")
+        )
+    if d["notes"]:
+        lines.append("")
+        lines += [f"note: {note}" for note in d["notes"]]
     return "\n".join(lines)
 
 
