@@ -61,6 +61,7 @@ def test_model_validate_a_pipeline_checks_the_stage_sends(
     ("extra", "message"),
     [
         (["--strategy", "dp=x+y", "--scan"], "add --validate or drop --scan"),
+        (["--strategy", "dp=x+y", "--execute"], "add --validate or drop --execute"),
         (["--search", "--validate"], "pass --strategy"),
         (["--strategy", "dp=x+y", "--validate", "--processes", "2"], "drop --processes"),
         (["--strategy", "dp=x,tp=y,mb=2", "--validate"], "drop mb= and --microbatches"),

@@ -107,13 +107,9 @@ def run_model(args: argparse.Namespace, mesh: DeviceMesh | None) -> tuple[dict[s
     from .strategies import Strategy  # noqa: PLC0415
 
     config = load_model_config(args.config)
-    if args.scan and not args.validate:
-        raise SpecError("--scan says how --validate builds the step; add --validate or drop --scan")
-    if args.validate and args.search:
-        raise SpecError(
-            "--validate compiles one plan: pass --strategy (e.g. the search's best) instead "
-            "of --search"
-        )
+    from ..xla.cli import check_validate_arguments  # noqa: PLC0415 (imports no JAX)
+
+    check_validate_arguments(args, also=[("--scan", args.scan)])
     if args.search:
         from ..presets import load_preset  # noqa: PLC0415
         from ..topology import Topology  # noqa: PLC0415

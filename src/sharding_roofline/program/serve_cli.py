@@ -117,12 +117,13 @@ def run_serve(
     """The command's JSON object, its text, where to plot (checked first) and the result."""
     from ..estimate import Overlap  # noqa: PLC0415
     from ..files import FIGURE_FORMATS, check_output_path  # noqa: PLC0415
+    from ..xla.cli import check_validate_arguments  # noqa: PLC0415 (imports no JAX)
     from .config import load_model_config  # noqa: PLC0415
     from .serve_plan import serve  # noqa: PLC0415
     from .serve_report import format_serve, serve_dict  # noqa: PLC0415
     from .serving import ServePhase, Serving  # noqa: PLC0415
 
-    _check_validate_arguments(args)
+    check_validate_arguments(args)
     plot = None
     if args.plot:  # checked before any work, so a bad path costs nothing
         plot = check_output_path(args.plot, force=args.force, formats=FIGURE_FORMATS)
@@ -173,31 +174,6 @@ def run_serve(
         text += f"\n\nvalidation against XLA of the {serving.phase.value} step:\n"
         text += format_serve_validation(validation)
     return data, text, plot, result
-
-
-def _check_validate_arguments(args: argparse.Namespace) -> None:
-    """Refuse what ``--validate`` cannot do before any work."""
-    if not args.validate:
-        given = [
-            flag
-            for flag, value in (
-                ("--execute", args.execute),
-                ("--devices", args.devices is not None),
-                ("--processes", args.processes is not None),
-            )
-            if value
-        ]
-        if given:
-            raise SpecError(
-                f"{' and '.join(given)} say{'s' if len(given) == 1 else ''} how --validate "
-                f"checks the plan; add --validate or drop {' and '.join(given)}"
-            )
-        return
-    if not args.strategy:
-        raise SpecError(
-            "--validate compiles one plan: pass --strategy (e.g. the search's best) instead "
-            "of --search"
-        )
 
 
 def save_serve_plot(result: Any, path: Path, *, force: bool) -> Path:

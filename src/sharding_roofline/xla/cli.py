@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sharding_roofline.dtypes import dtype_bytes
-from sharding_roofline.errors import ValidationError
+from sharding_roofline.errors import SpecError, ValidationError
 from sharding_roofline.limits import MAX_SIMULATED_DEVICES
 from sharding_roofline.plans import Plan
 from sharding_roofline.program.evaluate import ProgramPlan
@@ -37,6 +37,7 @@ __all__ = [
     "add_validate_arguments",
     "check_execute_memory",
     "check_program_execute_memory",
+    "check_validate_arguments",
     "execute_bytes",
     "format_model_validation",
     "format_program_validation",
@@ -77,6 +78,33 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run both programs on random data and compare with numpy (small shapes: "
         "execution takes seconds at hundreds of devices)",
     )
+
+
+def check_validate_arguments(
+    args: argparse.Namespace, *, also: Sequence[tuple[str, object]] = ()
+) -> None:
+    """Refuse what ``--validate`` cannot do before any work (``model`` and ``serve``): the
+    validation flags (``--execute``, ``--devices``, ``--processes`` and ``also``'s, as
+    ``(flag, value)``) without ``--validate``, and ``--validate`` without ``--strategy``."""
+    if not getattr(args, "validate", False):
+        flags = [
+            ("--execute", getattr(args, "execute", False)),
+            ("--devices", getattr(args, "devices", None) is not None),
+            ("--processes", getattr(args, "processes", None) is not None),
+            *also,
+        ]
+        given = [flag for flag, value in flags if value]
+        if given:
+            raise SpecError(
+                f"{' and '.join(given)} say{'s' if len(given) == 1 else ''} how --validate "
+                f"checks the plan; add --validate or drop {' and '.join(given)}"
+            )
+        return
+    if not getattr(args, "strategy", None):
+        raise SpecError(
+            "--validate compiles one plan: pass --strategy (e.g. the search's best) instead "
+            "of --search"
+        )
 
 
 def _start_devices(
