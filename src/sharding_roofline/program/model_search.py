@@ -482,15 +482,18 @@ def _screen(
             tokens * d * itemsize / tp
         )
         permute = 2 * (pp - 1) * send * virtual
+    # the head's matmul (vocabulary-parallel over tp; the embedding is a gather), per
+    # microbatch: on the last stage under a pipeline, which sets the pace the bubble stretches
+    # (not spread over the stages)
+    micro += 6 * config.vocab * d * tokens / tp / peak
     step = m * micro / (1 - bubble) + max(once.values(), default=0.0) + permute
-    # the ends (embedding, head) and the optimizer: per step, memory-bound or small
-    ends_flops = 6 * ends_params * batch / (data * cp * tp * pp) / peak
+    # the optimizer: per step, memory-bound
     state = optimizer.state_bytes_per_param
     params_per_chip = (layers * layer_params + ends_params / pp) / (tp * fsdp)
     if config.is_moe:
         params_per_chip -= layers * expert_params * (1 - 1 / ep) / (tp * fsdp)
     optimizer_s = params_per_chip / (dp if layout.zero else 1) * (2 * state + 3 * itemsize) / hbm_bw
-    step += ends_flops + optimizer_s
+    step += optimizer_s
     # memory per chip
     grads_bytes = params_per_chip * itemsize
     opt_bytes = params_per_chip * state / (dp if layout.zero else 1)
