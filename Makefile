@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/calibration.py
 	$(BIN)/python benchmarks/layer_speed.py
 	$(BIN)/python benchmarks/model_search_speed.py
+	$(BIN)/python benchmarks/model_search_recall.py
 	$(BIN)/python benchmarks/cli_speed.py
 	$(BIN)/python benchmarks/validate_512.py
 	$(BIN)/python benchmarks/layer_agreement.py --random 300
