@@ -2,7 +2,8 @@
 
 ``sharding-roofline model --config configs/models/llama3-70b.toml --hardware tpu-v5p
 --topology 16x16x8 --mesh x=16,y=16,z=8 [--num-slices 2] --batch-tokens 4194304
---seq-len 8192 [--strategy fsdp=x+y,sp=z | --search [--top N]] [--remat ...] [--json]``
+--seq-len 8192 [--strategy fsdp=x+y,sp=z | --search [--top N]] [--remat ...] [--json]
+[--validate [--scan] [--execute] [--devices N]]``
 
 Importing this module imports nothing heavy (the parser is built at start-up); the command
 imports the planner when it runs.
