@@ -22,11 +22,12 @@ shared experts: the tokens' view) and ``experts`` (the expert MLPs: the experts'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..errors import SpecError
 from .config import ModelConfig
-from .graph import LetterRoles, Op, OpInput, OpKind, Program, Tensor, TensorKind
+from .graph import LetterRoles, Op, OpInput, OpKind, Program, TensorKind
 from .layers import _Builder
 from .model import block_spec
 
@@ -49,81 +50,7 @@ def moe_block(config: ModelConfig, tokens: int, seq_len: int) -> Program:
     a = builder.attention(n1)
     r1 = builder.pointwise("residual1", fn="add", inputs=("x", a), out="resid1", stage="io")
     n2 = builder.norm("norm2", r1, "norm2_scale", "xn2", "io")
-    # the router: logits, then the gates (softmax and top-k), a stop-gradient
-    builder.param("w_router", "de")
-    logits = builder.einsum(
-        "router", (n2, "btd"), ("w_router", "de"), "router_logits", "bte", "moe"
-    )
-    builder.tensors["gates"] = Tensor(
-        name="gates", letters="bte", dtype=config.dtype, kind=TensorKind.ACTIVATION, no_grad=True
-    )
-    builder.ops.append(
-        Op(
-            name="route",
-            kind=OpKind.SOFTMAX,
-            inputs=(OpInput(tensor=logits, letters="bte"),),
-            output="gates",
-            out_letters="bte",
-            fn="router",
-            reduce_letters="e",
-            stage="moe",
-        )
-    )
-    relabel = (("c", "bt"),)
-    builder.tensor("x_e", "ecd", TensorKind.ACTIVATION)
-    builder.ops.append(
-        Op(
-            name="dispatch",
-            kind=OpKind.RELABEL,
-            inputs=(OpInput(tensor=n2, letters="btd"),),
-            output="x_e",
-            out_letters="ecd",
-            fn="dispatch",
-            relabel=relabel,
-            stage="moe",
-        )
-    )
-    for name in ("w_gate_e", "w_up_e"):
-        builder.param(name, "edf")
-    builder.param("w_down_e", "efd")
-    st = "experts"
-    gate = builder.einsum("expert_gate", ("x_e", "ecd"), ("w_gate_e", "edf"), "gate_e", "ecf", st)
-    up = builder.einsum("expert_up", ("x_e", "ecd"), ("w_up_e", "edf"), "up_e", "ecf", st)
-    act = builder.pointwise("expert_act", fn="silu", inputs=(gate,), out="act_e", stage=st)
-    hidden = builder.pointwise(
-        "expert_gating", fn="mul", inputs=(act, up), out="hidden_e", stage=st
-    )
-    y_e = builder.einsum("expert_down", (hidden, "ecf"), ("w_down_e", "efd"), "y_e", "ecd", st)
-    builder.tensor("moe_out", "btd", TensorKind.ACTIVATION)
-    builder.ops.append(
-        Op(
-            name="combine",
-            kind=OpKind.RELABEL,
-            inputs=(OpInput(tensor=y_e, letters="ecd"), OpInput(tensor="gates", letters="bte")),
-            output="moe_out",
-            out_letters="btd",
-            fn="combine",
-            relabel=relabel,
-            stage="moe",
-        )
-    )
-    mlp_out = "moe_out"
-    if config.shared_experts:
-        builder.param("w_gate_s", "dj")
-        builder.param("w_up_s", "dj")
-        builder.param("w_down_s", "jd")
-        sg = builder.einsum("shared_gate", (n2, "btd"), ("w_gate_s", "dj"), "gate_s", "btj", "moe")
-        su = builder.einsum("shared_up", (n2, "btd"), ("w_up_s", "dj"), "up_s", "btj", "moe")
-        sa = builder.pointwise("shared_act", fn="silu", inputs=(sg,), out="act_s", stage="moe")
-        sh = builder.pointwise(
-            "shared_gating", fn="mul", inputs=(sa, su), out="hidden_s", stage="moe"
-        )
-        sd = builder.einsum(
-            "shared_down", (sh, "btj"), ("w_down_s", "jd"), "shared_out", "btd", "moe"
-        )
-        mlp_out = builder.pointwise(
-            "moe_sum", fn="add", inputs=("moe_out", sd), out="mlp_out", stage="moe"
-        )
+    mlp_out = moe_mlp(builder, config, n2, "bt")
     y = builder.pointwise("residual2", fn="add", inputs=(r1, mlp_out), out="block_out", stage="io")
     dims = [
         ("b", tokens // seq_len),
@@ -155,4 +82,81 @@ def moe_block(config: ModelConfig, tokens: int, seq_len: int) -> Program:
         outputs=(y,),
         stages=(("io", "boundary"), ("attn", "matmul"), ("moe", "matmul"), ("experts", "matmul")),
         tokens=tokens,
+    )
+
+
+def moe_mlp(builder: _Builder, config: ModelConfig, x: str, tokens: str) -> str:
+    """The mixture of experts after the second norm, into ``builder``: the router's logits
+    and gates (softmax and top-k, a stop-gradient), dispatch of ``x[tokens, d]`` to the
+    experts' capacity slots, each expert's gated MLP, combine, and the shared experts if
+    any. ``tokens`` are the token letters (``bt`` in training and prefill, ``b`` in a decode
+    step); returns the MLP's output tensor."""
+    xd, te = f"{tokens}d", f"{tokens}e"
+    builder.param("w_router", "de")
+    logits = builder.einsum("router", (x, xd), ("w_router", "de"), "router_logits", te, "moe")
+    builder.tensor("gates", te, TensorKind.ACTIVATION)
+    builder.tensors["gates"] = dataclasses.replace(builder.tensors["gates"], no_grad=True)
+    builder.ops.append(
+        Op(
+            name="route",
+            kind=OpKind.SOFTMAX,
+            inputs=(OpInput(tensor=logits, letters=te),),
+            output="gates",
+            out_letters=te,
+            fn="router",
+            reduce_letters="e",
+            stage="moe",
+        )
+    )
+    relabel = (("c", tokens),)
+    builder.tensor("x_e", "ecd", TensorKind.ACTIVATION)
+    builder.ops.append(
+        Op(
+            name="dispatch",
+            kind=OpKind.RELABEL,
+            inputs=(OpInput(tensor=x, letters=xd),),
+            output="x_e",
+            out_letters="ecd",
+            fn="dispatch",
+            relabel=relabel,
+            stage="moe",
+        )
+    )
+    for name in ("w_gate_e", "w_up_e"):
+        builder.param(name, "edf")
+    builder.param("w_down_e", "efd")
+    st = "experts"
+    gate = builder.einsum("expert_gate", ("x_e", "ecd"), ("w_gate_e", "edf"), "gate_e", "ecf", st)
+    up = builder.einsum("expert_up", ("x_e", "ecd"), ("w_up_e", "edf"), "up_e", "ecf", st)
+    act = builder.pointwise("expert_act", fn="silu", inputs=(gate,), out="act_e", stage=st)
+    hidden = builder.pointwise(
+        "expert_gating", fn="mul", inputs=(act, up), out="hidden_e", stage=st
+    )
+    y_e = builder.einsum("expert_down", (hidden, "ecf"), ("w_down_e", "efd"), "y_e", "ecd", st)
+    builder.tensor("moe_out", xd, TensorKind.ACTIVATION)
+    builder.ops.append(
+        Op(
+            name="combine",
+            kind=OpKind.RELABEL,
+            inputs=(OpInput(tensor=y_e, letters="ecd"), OpInput(tensor="gates", letters=te)),
+            output="moe_out",
+            out_letters=xd,
+            fn="combine",
+            relabel=relabel,
+            stage="moe",
+        )
+    )
+    if not config.shared_experts:
+        return "moe_out"
+    tj = f"{tokens}j"
+    builder.param("w_gate_s", "dj")
+    builder.param("w_up_s", "dj")
+    builder.param("w_down_s", "jd")
+    sg = builder.einsum("shared_gate", (x, xd), ("w_gate_s", "dj"), "gate_s", tj, "moe")
+    su = builder.einsum("shared_up", (x, xd), ("w_up_s", "dj"), "up_s", tj, "moe")
+    sa = builder.pointwise("shared_act", fn="silu", inputs=(sg,), out="act_s", stage="moe")
+    sh = builder.pointwise("shared_gating", fn="mul", inputs=(sa, su), out="hidden_s", stage="moe")
+    sd = builder.einsum("shared_down", (sh, tj), ("w_down_s", "jd"), "shared_out", xd, "moe")
+    return builder.pointwise(
+        "moe_sum", fn="add", inputs=("moe_out", sd), out="mlp_out", stage="moe"
     )

@@ -283,7 +283,7 @@ def decode_moe_block(config: ModelConfig, serving: Serving) -> Program:
     """One mixture-of-experts block's decode step: attention over the cache as in
     ``decode_block``, then the router, dispatch to ``E`` experts' capacity slots, the
     experts' gated MLPs, combine (and shared experts), as ``moe.moe_block`` has them."""
-    from .moe import capacity  # noqa: PLC0415 (moe imports model, which imports layers)
+    from .moe import capacity, moe_mlp  # noqa: PLC0415 (moe imports model, which imports layers)
 
     if not config.is_moe:
         raise SpecError(f"model {config.name!r} has no experts")
@@ -294,76 +294,7 @@ def decode_moe_block(config: ModelConfig, serving: Serving) -> Program:
     a = _decode_attention(builder, n1, serving)
     r1 = builder.pointwise("residual1", fn="add", inputs=(x, a), out="resid1", stage="io")
     n2 = _norm(builder, "norm2", r1, scale="norm2_scale", out="xn2", stage="io")
-    builder.param("w_router", "de")
-    logits = builder.einsum("router", (n2, "bd"), ("w_router", "de"), "router_logits", "be", "moe")
-    builder.tensor("gates", "be", TensorKind.ACTIVATION)
-    builder.ops.append(
-        Op(
-            name="route",
-            kind=OpKind.SOFTMAX,
-            inputs=(OpInput(tensor=logits, letters="be"),),
-            output="gates",
-            out_letters="be",
-            fn="router",
-            reduce_letters="e",
-            stage="moe",
-        )
-    )
-    relabel = (("c", "b"),)
-    builder.tensor("x_e", "ecd", TensorKind.ACTIVATION)
-    builder.ops.append(
-        Op(
-            name="dispatch",
-            kind=OpKind.RELABEL,
-            inputs=(OpInput(tensor=n2, letters="bd"),),
-            output="x_e",
-            out_letters="ecd",
-            fn="dispatch",
-            relabel=relabel,
-            stage="moe",
-        )
-    )
-    for name in ("w_gate_e", "w_up_e"):
-        builder.param(name, "edf")
-    builder.param("w_down_e", "efd")
-    st = "experts"
-    gate = builder.einsum("expert_gate", ("x_e", "ecd"), ("w_gate_e", "edf"), "gate_e", "ecf", st)
-    up = builder.einsum("expert_up", ("x_e", "ecd"), ("w_up_e", "edf"), "up_e", "ecf", st)
-    act = builder.pointwise("expert_act", fn="silu", inputs=(gate,), out="act_e", stage=st)
-    hidden = builder.pointwise(
-        "expert_gating", fn="mul", inputs=(act, up), out="hidden_e", stage=st
-    )
-    y_e = builder.einsum("expert_down", (hidden, "ecf"), ("w_down_e", "efd"), "y_e", "ecd", st)
-    builder.tensor("moe_out", "bd", TensorKind.ACTIVATION)
-    builder.ops.append(
-        Op(
-            name="combine",
-            kind=OpKind.RELABEL,
-            inputs=(OpInput(tensor=y_e, letters="ecd"), OpInput(tensor="gates", letters="be")),
-            output="moe_out",
-            out_letters="bd",
-            fn="combine",
-            relabel=relabel,
-            stage="moe",
-        )
-    )
-    mlp_out = "moe_out"
-    if config.shared_experts:
-        builder.param("w_gate_s", "dj")
-        builder.param("w_up_s", "dj")
-        builder.param("w_down_s", "jd")
-        sg = builder.einsum("shared_gate", (n2, "bd"), ("w_gate_s", "dj"), "gate_s", "bj", "moe")
-        su = builder.einsum("shared_up", (n2, "bd"), ("w_up_s", "dj"), "up_s", "bj", "moe")
-        sa = builder.pointwise("shared_act", fn="silu", inputs=(sg,), out="act_s", stage="moe")
-        sh = builder.pointwise(
-            "shared_gating", fn="mul", inputs=(sa, su), out="hidden_s", stage="moe"
-        )
-        sd = builder.einsum(
-            "shared_down", (sh, "bj"), ("w_down_s", "jd"), "shared_out", "bd", "moe"
-        )
-        mlp_out = builder.pointwise(
-            "moe_sum", fn="add", inputs=("moe_out", sd), out="mlp_out", stage="moe"
-        )
+    mlp_out = moe_mlp(builder, config, n2, "b")
     y = builder.pointwise("residual2", fn="add", inputs=(r1, mlp_out), out="block_out", stage="io")
     dims = [
         *_attention_dims(config, serving),
