@@ -552,76 +552,61 @@ def format_program_validation(v: ProgramValidation | dict[str, Any]) -> str:
         f"verdict: {d['verdict']} ({_MEANING[d['verdict']]})",
     ]
     lines += [f"  - {reason}" for reason in d["reasons"]]
-    rows = []
-    for op in d["per_op"]:
-        same = op["agrees"]
-        rows.append(
-            [
-                op["op"] or "?",
-                op["pass"] or "?",
-                ", ".join(op["predicted"]) or "-",
-                "same" if same else ", ".join(op["observed"]) or "-",
-            ]
-        )
-    lines.append("")
-    if rows:
-        lines.append("collectives per op (elements in->out per chip):")
-        lines.append(_indent(table(rows, ["op", "pass", "plan", "XLA's jit program"])))
-    else:
-        lines.append("collectives: none (neither the plan nor XLA communicates)")
-    lines.append("")
-    lines.append(
-        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
-        f"XLA {_time(d['xla_time_s'])}"
-    )
+    keys = ("op", "pass")
+    lines += _per_op_lines(d, keys, "collectives per op (elements in->out per chip):", "program")
+    lines += _totals_lines(d, own="plan's program", reference="jax.vjp unsharded")
+    return "\n".join(lines)
+
+
+def _per_op_lines(d: dict[str, Any], keys: Sequence[str], heading: str, xla: str) -> list[str]:
+    """The plan's collectives and XLA's side by side, one row per ``keys`` (op and pass, or
+    part, op and pass), "same" where they agree."""
+    rows = [
+        [
+            *(row[key] or "?" for key in keys),
+            ", ".join(row["predicted"]) or "-",
+            "same" if row["agrees"] else ", ".join(row["observed"]) or "-",
+        ]
+        for row in d["per_op"]
+    ]
+    if not rows:
+        return ["", "collectives: none (neither the plan nor XLA communicates)"]
+    return ["", heading, _indent(table(rows, [*keys, "plan", f"XLA's jit {xla}"]))]
+
+
+def _totals_lines(d: dict[str, Any], *, own: str, reference: str) -> list[str]:
+    """Communication time on the hardware, matmul FLOPs per chip (the plan's, its own
+    program's, XLA's), the numbers when executed, XLA's warnings."""
     f = d["flops"]
-    sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
-    lines.append(
-        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, plan's program {sm_flops}, "
+    own_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
+    lines = [
+        "",
+        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
+        f"XLA {_time(d['xla_time_s'])}",
+        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, {own} {own_flops}, "
         f"XLA {format_count(f['jit'])}"
-        + ("" if f["ok"] else "  <- the plan's program differs")
-        + ("" if f["jit_agrees"] else "  (XLA's differ)")
-    )
+        + ("" if f["ok"] else f"  <- the {own} differs")
+        + ("" if f["jit_agrees"] else "  (XLA's differ)"),
+    ]
     n = d.get("numerics")
     if n is not None:
         lines.append(
-            f"numerics ({n['dtype']}, against jax.vjp unsharded): "
-            f"{'ok' if n['ok'] else 'WRONG'}: max relative error plan's program "
+            f"numerics ({n['dtype']}, against {reference}): "
+            f"{'ok' if n['ok'] else 'WRONG'}: max relative error {own} "
             f"{n['shard_map_max_rel_error']:.3g}, XLA's {n['jit_max_rel_error']:.3g} "
             f"(tolerance {n['tolerance']:g})"
         )
-    for warning in d["warnings"]:
-        lines.append(f"XLA warning: {warning[:300]}")
-    return "\n".join(lines)
+    lines += [f"XLA warning: {warning[:300]}" for warning in d["warnings"]]
+    return lines
 
 
 def format_model_validation(d: dict[str, Any]) -> str:
     """A model validation (:func:`run_validate_model`'s object) for people: the verdict and
     why, the collectives per part, op and pass (the plan's, each block's times its layers,
     and XLA's), FLOPs, whether XLA's step is its layers' programs composed, the numbers."""
-    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items()) if "mesh" in d else ""
     if d["pipeline"]:
-        lines = [
-            f"{d['strategy']}   ({d['model']}, {d['stages']} stages, {d['microbatches']} "
-            "microbatches; GPipe as a shard_map with ppermute between stages)",
-            f"pipeline: {'ok' if d['ok'] else 'FAILED'}",
-        ]
-        lines += [f"  - {reason}" for reason in d["reasons"]]
-        lines.append(
-            f"stage sends per direction: XLA {d['forward_sends']} forward, {d['backward_sends']} "
-            f"backward (m + P - 2 = {d['expected_sends_per_direction']}), "
-            f"{format_count(d['plan_elements_per_send'])} elements per chip each (the plan's)"
-        )
-        lines.append(
-            f"send time: plan {_time(d['plan_permute_s'])}, XLA's sends "
-            f"{_time(d['observed_permute_s'])}"
-        )
-        if d["max_rel_error"] is not None:
-            lines.append(
-                f"numerics against the microbatched unsharded step: max relative error "
-                f"{d['max_rel_error']:.3g} (tolerance {d['tolerance']:g})"
-            )
-        return "\n".join(lines)
+        return _format_pipeline_validation(d)
+    mesh = ",".join(f"{k}={n}" for k, n in d["mesh"].items())
     loop = "lax.scan over the layers" if d["scan"] else "unrolled"
     lines = [
         f"{d['strategy']}   ({d['model']}, {d['layers']} layers {loop}, on {d['hardware']} {mesh})",
@@ -633,43 +618,34 @@ def format_model_validation(d: dict[str, Any]) -> str:
             "XLA's step is its layers' own jit programs composed: "
             + ("yes (every difference is a layer's)" if d["composes"] else "NO")
         )
-    rows = [
-        [
-            row["part"] or "?",
-            row["op"] or "?",
-            row["pass"] or "?",
-            ", ".join(row["predicted"]) or "-",
-            "same" if row["agrees"] else ", ".join(row["observed"]) or "-",
-        ]
-        for row in d["per_op"]
+    heading = "collectives per op, whole step (elements in->out per chip, x count):"
+    lines += _per_op_lines(d, ("part", "op", "pass"), heading, "step")
+    lines += _totals_lines(d, own="plan's step", reference="the unsharded step")
+    return "\n".join(lines)
+
+
+def _format_pipeline_validation(d: dict[str, Any]) -> str:
+    """A pipelined plan's validation: the stage sends against the plan's, the numbers."""
+    lines = [
+        f"{d['strategy']}   ({d['model']}, {d['stages']} stages, {d['microbatches']} "
+        "microbatches; GPipe as a shard_map with ppermute between stages)",
+        f"pipeline: {'ok' if d['ok'] else 'FAILED'}",
     ]
-    lines.append("")
-    if rows:
-        lines.append("collectives per op, whole step (elements in->out per chip, x count):")
-        lines.append(_indent(table(rows, ["part", "op", "pass", "plan", "XLA's jit step"])))
-    else:
-        lines.append("collectives: none (neither the plan nor XLA communicates)")
-    lines.append("")
+    lines += [f"  - {reason}" for reason in d["reasons"]]
     lines.append(
-        f"communication on {d['hardware']}: plan {_time(d['plan_time_s'])}, "
-        f"XLA {_time(d['xla_time_s'])}"
+        f"stage sends per direction: XLA {d['forward_sends']} forward, {d['backward_sends']} "
+        f"backward (m + P - 2 = {d['expected_sends_per_direction']}), "
+        f"{format_count(d['plan_elements_per_send'])} elements per chip each (the plan's)"
     )
-    f = d["flops"]
-    sm_flops = "not compiled" if f["shard_map"] is None else format_count(f["shard_map"])
     lines.append(
-        f"matmul FLOPs per chip: plan {format_count(f['plan'])}, plan's step {sm_flops}, "
-        f"XLA {format_count(f['jit'])}" + ("" if f["jit_agrees"] else "  (XLA's differ)")
+        f"send time: plan {_time(d['plan_permute_s'])}, XLA's sends "
+        f"{_time(d['observed_permute_s'])}"
     )
-    n = d.get("numerics")
-    if n is not None:
+    if d["max_rel_error"] is not None:
         lines.append(
-            f"numerics ({n['dtype']}, against the unsharded step): "
-            f"{'ok' if n['ok'] else 'WRONG'}: max relative error plan's step "
-            f"{n['shard_map_max_rel_error']:.3g}, XLA's {n['jit_max_rel_error']:.3g} "
-            f"(tolerance {n['tolerance']:g})"
+            f"numerics against the microbatched unsharded step: max relative error "
+            f"{d['max_rel_error']:.3g} (tolerance {d['tolerance']:g})"
         )
-    for warning in d["warnings"]:
-        lines.append(f"XLA warning: {warning[:300]}")
     return "\n".join(lines)
 
 

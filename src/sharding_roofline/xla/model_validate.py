@@ -69,6 +69,7 @@ from .compare import (
 from .devices import jax_mesh, named_sharding, partition_spec
 from .hlo import dot_flops, op_name, read_collectives, split_combined
 from .program_compare import (
+    OpAgreement,
     ProgramValidation,
     _members,
     _origin_of_path,
@@ -725,29 +726,14 @@ def _observed(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ModelOpAgreement:
+class ModelOpAgreement(OpAgreement):
     """One part's forward op and pass: the plan's collectives there (times the part's
     layers) and XLA's."""
 
     part: str
-    op: str
-    pass_name: str
-    predicted: tuple[CollectiveRecord, ...]
-    observed: tuple[CollectiveRecord, ...]
-
-    @property
-    def agrees(self) -> bool:
-        return multiset(self.predicted) == multiset(self.observed)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "part": self.part,
-            "op": self.op,
-            "pass": self.pass_name,
-            "agrees": self.agrees,
-            "predicted": [r.label() for r in self.predicted],
-            "observed": [r.label() for r in self.observed],
-        }
+        return {"part": self.part, **OpAgreement.as_dict(self)}
 
 
 def _per_op(
