@@ -54,6 +54,7 @@ __all__ = [
     "agreement",
     "difference_lines",
     "hlo_records",
+    "judge",
     "multiset",
     "observed_collectives",
     "plan_key",
@@ -269,6 +270,25 @@ def multiset(records: Iterable[CollectiveRecord]) -> Counter[tuple[Any, ...]]:
     for record in records:
         counts[record.key] += record.count
     return counts
+
+
+def judge(
+    reasons: list[str],
+    want: Counter[tuple[Any, ...]],
+    observed: Sequence[CollectiveRecord],
+    what: str = "XLA's jit program",
+) -> Verdict:
+    """The verdict rule every validator applies: ``mismatch`` when the plan's own program
+    gave ``reasons`` against it; else ``match`` when XLA's ``observed`` collectives are the
+    plan's ``want``; else ``xla-differs``, with what XLA lacks and adds appended to
+    ``reasons``."""
+    got = multiset(observed)
+    if reasons:
+        return Verdict.MISMATCH
+    if got == want:
+        return Verdict.MATCH
+    reasons += difference_lines(want, got, what)
+    return Verdict.XLA_DIFFERS
 
 
 def difference_lines(
@@ -545,13 +565,7 @@ def validate_plan(
                 )
             if not layout_ok:
                 into.append(f"{name} does not leave the output laid out as {plan.out.text()}")
-    if reasons:
-        verdict = Verdict.MISMATCH
-    elif jit_agrees:
-        verdict = Verdict.MATCH
-    else:
-        verdict = Verdict.XLA_DIFFERS
-        reasons += difference_lines(want, multiset(observed), "XLA's jit program")
+    verdict = judge(reasons, want, observed)
     return Validation(
         plan=plan,
         verdict=verdict,

@@ -63,6 +63,7 @@ from .compare import (
     Verdict,
     difference_lines,
     hlo_records,
+    judge,
     multiset,
     total_time_s,
 )
@@ -1047,13 +1048,7 @@ def validate_model(
             )
     layers: list[tuple[str, ProgramValidation]] = []
     composes: bool | None = None
-    if reasons:
-        verdict = Verdict.MISMATCH
-    elif jit_agrees:
-        verdict = Verdict.MATCH
-    else:
-        verdict = Verdict.XLA_DIFFERS
-        reasons += difference_lines(want, multiset(observed), "XLA's jit step")
+    verdict = judge(reasons, want, observed, "XLA's jit step")
     if explain and not jit_agrees:
         composed: Counter[Any] = Counter()
         for name, part in parts.parts.items():

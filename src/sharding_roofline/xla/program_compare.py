@@ -47,6 +47,7 @@ from .compare import (
     Verdict,
     difference_lines,
     hlo_records,
+    judge,
     multiset,
     total_time_s,
 )
@@ -441,13 +442,7 @@ def validate_program(
                 )
             if not layout_ok:
                 into.append(f"{name} does not leave its results in the plan's layouts")
-    if reasons:
-        verdict = Verdict.MISMATCH
-    elif jit_agrees:
-        verdict = Verdict.MATCH
-    else:
-        verdict = Verdict.XLA_DIFFERS
-        reasons += difference_lines(want, multiset(observed), "XLA's jit program")
+    verdict = judge(reasons, want, observed)
     return ProgramValidation(
         plan=plan,
         verdict=verdict,
