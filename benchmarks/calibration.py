@@ -52,6 +52,7 @@ from sharding_roofline.calibration import (
     CollectiveInterval,
     MatmulFit,
     RatioInterval,
+    StallDecision,
     calibrate_model_plan,
     calibrated_collective,
     calibrated_matmul,
@@ -1052,12 +1053,24 @@ def fit_training_step_part(
     )
     for name, loss in stall["probability_selection"]["cv_log_loss_per_run"].items():
         print(f"   stall probability {name:40} {training.NUM_FOLDS}-fold CV log loss {loss:.4f}")
+    zero0 = stall["hazard_per_node_pipelined_zero0"]
     print(
         f"   chosen: {stall['probability_selection']['chosen']!r}: hazard per node "
-        f"{stall['hazard_per_node_pipelined']:.4f} pipelined, "
-        f"{stall['hazard_per_node_unpipelined']:.4f} unpipelined; memory pressure above "
+        f"{stall['hazard_per_node_pipelined']:.4f} pipelined"
+        + ("" if zero0 is None else f" ({zero0:.4f} with ZeRO-0 and data parallelism)")
+        + f", {stall['hazard_per_node_unpipelined']:.4f} unpipelined; memory pressure above "
         f"{stall['memory_pressure_fraction']:.0%} of capacity stalls with probability "
         f"{stall['memory_pressure_probability']:.2f}"
+    )
+    selection = stall["decision_selection"]
+    for name, scores in selection["cross_validation"].items():
+        print(
+            f"   stall decision {name:16} {training.NUM_FOLDS}-fold CV tokens/s MAPE "
+            f"{pct(scores['cv_mape'])}, Spearman median {scores['cv_spearman_median']:.3f}"
+        )
+    print(
+        f"   chosen decision: {selection['chosen']!r} (the lowest CV MAPE with Spearman >= "
+        f"{selection['spearman_goal']:g})"
     )
     fitted = dataclasses.replace(
         calibration, source=source, step=step, memory=memory, stall=result.stall
@@ -1098,12 +1111,28 @@ def evaluate_playbook(data_dir: Path) -> dict[str, Any]:
         count = sum(r.rejected == reason for r in unmapped)
         print(f"   not mappable ({count} runs): {reason}")
     rows: dict[str, list[dict[str, Any]]] = {"calibration": [], "heldout": []}
+    # the other stall decisions, for comparison only (the shipped one was chosen by
+    # cross-validation on the calibration runs)
+    others: dict[str, Calibration] = {}
+    if calibration.stall is not None:
+        for decision in StallDecision:
+            if decision is not calibration.stall.decision:
+                others[decision.value] = dataclasses.replace(
+                    calibration, stall=dataclasses.replace(calibration.stall, decision=decision)
+                )
     for planned in data.runs:
         if planned.plan is None:
             continue
         figure = calibrate_model_plan(
             planned.plan, calibration=calibration, microbatches=planned.layout.microbatches
         )
+        alternatives = {
+            name: calibrate_model_plan(
+                planned.plan, calibration=other, microbatches=planned.layout.microbatches
+            ).tokens_per_s_per_chip
+            or 0.0
+            for name, other in others.items()
+        }
         if figure.step_s is None or figure.tokens_per_s_per_chip is None:
             raise SystemExit(f"run {planned.run.run_id}: {figure.source}")
         run = planned.run
@@ -1123,6 +1152,9 @@ def evaluate_playbook(data_dir: Path) -> dict[str, Any]:
                 "predicted_tps": figure.tokens_per_s_per_chip,
                 "roofline_tps": figure.roofline_tokens_per_s_per_chip,
                 "error": abs(figure.tokens_per_s_per_chip - measured) / measured,
+                "other_decisions_tps": alternatives,
+                "stall_probability": figure.stall_probability,
+                "stall_included": figure.stall_included,
                 "roofline_error": abs(figure.roofline_tokens_per_s_per_chip - measured) / measured,
                 "in_interval": low <= measured <= high,
                 "excess_per_slot_s": (measured_step - figure.step_s) / slots,
@@ -1157,6 +1189,28 @@ def evaluate_playbook(data_dir: Path) -> dict[str, Any]:
         out[f"{side}_roofline_mape"] = float(roof.mean())
         out[f"{side}_roofline_median_error"] = float(np.median(roof))
         out[f"{side}_interval_coverage"] = float(inside)
+        out[f"{side}_other_decisions"] = {}
+        for name in others:
+            pairs = [(r["other_decisions_tps"][name], r["measured_tps"]) for r in members]
+            alt = np.array([abs(p - m) / m for p, m in pairs])
+            by_group: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+            for r, pair in zip(members, pairs, strict=True):
+                by_group[r["model"], r["nodes"]].append(pair)
+            rhos = [
+                g["spearman"]
+                for g in (_group_metrics(v) for v in by_group.values() if len(v) >= 3)
+                if g["spearman"] is not None
+            ]
+            print(
+                f"   {'':11} with the stall decision {name!r} (not shipped): MAPE "
+                f"{pct(float(alt.mean()))}, median {pct(float(np.median(alt)))}, Spearman "
+                f"median {float(np.median(rhos)):.3f}"
+            )
+            out[f"{side}_other_decisions"][name] = {
+                "mape": float(alt.mean()),
+                "median_error": float(np.median(alt)),
+                "spearman_median": float(np.median(rhos)),
+            }
     held = rows["heldout"]
     # The stall: a run measured at least 2x slower than predicted, by 0.3-2 s per
     # microbatch slot (the ~1 s per slot the data show); not used in any fit.

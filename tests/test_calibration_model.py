@@ -21,6 +21,7 @@ from sharding_roofline.calibration import (
     MatmulFit,
     MemoryOverheadFit,
     RatioInterval,
+    StallDecision,
     StallFit,
     StepFeatures,
     TrainingStepFit,
@@ -342,7 +343,23 @@ def test_calibrated_plan_on_h100() -> None:
     features = step_features(
         plan, calibration, gradient_reduce_dtype=calibration.step.gradient_reduce_dtype
     )
-    assert figure.step_s == pytest.approx(step_time_s(calibration.step, features))
+    base = step_time_s(calibration.step, features)
+    # the stall, summarised as the shipped decision says (StallDecision's docstring)
+    stall = calibration.stall
+    assert stall is not None
+    assert figure.memory_per_chip_bytes is not None
+    p = stall_probability(
+        stall, features, memory_bytes=figure.memory_per_chip_bytes, capacity_bytes=80e9
+    )
+    extra = stall_time_s(stall, features)
+    share = {
+        StallDecision.MEDIAN: float(p >= 0.5),
+        StallDecision.MEAN: p,
+        StallDecision.RELATIVE_ERROR: float(p * (base + extra) / base > 1 - p),
+    }[stall.decision]
+    assert figure.stall_probability == pytest.approx(p)
+    assert figure.step_s == pytest.approx(base + share * extra)
+    assert dict(figure.breakdown_s)["stall"] == pytest.approx(share * extra)
     assert figure.tokens_per_s_per_chip == pytest.approx(
         plan.training.batch_tokens / figure.step_s / plan.mesh.num_devices
     )
@@ -497,12 +514,14 @@ def test_shipped_step_and_memory_are_the_benchmarks_fit() -> None:
         "hazard_per_node_unpipelined",
         "memory_pressure_fraction",
         "memory_pressure_probability",
+        "hazard_per_node_pipelined_zero0",
         "stall_ratio",
         "num_stalled_rows",
     ):
         assert getattr(shipped.stall, name) == pytest.approx(
             getattr(fitted.stall, name), rel=1e-3, abs=1e-9
         ), name
+    assert shipped.stall.decision is fitted.stall.decision
     for name in ("persistent_factor", "activation_factor", "workspace_bytes", "capacity_bytes"):
         assert getattr(shipped.memory, name) == pytest.approx(
             getattr(fitted.memory, name), rel=1e-5
@@ -670,3 +689,134 @@ def test_stall_probability_and_size() -> None:
     flat = dataclasses.replace(base, stages=1, nodes=64)
     assert stall_probability(stall, flat, memory_bytes=1e9, capacity_bytes=80e9) == 0.0
     assert stall_time_s(stall, flat) == pytest.approx(8 * 1 * 0.5)
+    # a class of its own for pipelined ZeRO-0 data-parallel runs, when the fit has one
+    zero0 = dataclasses.replace(base, data_parallel=4, zero=0)
+    assert stall_probability(stall, zero0, memory_bytes=1e9, capacity_bytes=80e9) == p
+    classed = dataclasses.replace(stall, hazard_per_node_pipelined_zero0=0.1)
+    assert stall_probability(classed, zero0, memory_bytes=1e9, capacity_bytes=80e9) == (
+        pytest.approx(1 - 0.9**8)
+    )
+    for other in (
+        dataclasses.replace(zero0, zero=1),  # the optimizer state sharded
+        dataclasses.replace(zero0, data_parallel=1),  # no data parallelism
+    ):
+        assert stall_probability(classed, other, memory_bytes=1e9, capacity_bytes=80e9) == p
+    unpipelined = dataclasses.replace(zero0, stages=1, nodes=64)
+    assert stall_probability(classed, unpipelined, memory_bytes=1e9, capacity_bytes=80e9) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("decision", "probability", "ratio", "share"),
+    [
+        ("median", 0.49, 20.0, 0.0),
+        ("median", 0.5, 1.1, 1.0),
+        ("mean", 0.3, 20.0, 0.3),
+        ("mean", 0.0, 5.0, 0.0),
+        # P·r > 1 - P: 0.1·20 = 2 > 0.9, the stalled outcome; 0.1·5 = 0.5 < 0.9, not
+        ("relative-error", 0.1, 20.0, 1.0),
+        ("relative-error", 0.1, 5.0, 0.0),
+        ("relative-error", 0.6, 1.1, 1.0),
+    ],
+)
+def test_stall_decisions(decision: str, probability: float, ratio: float, share: float) -> None:
+    """``StallDecision``: the share of a stall the calibrated step carries."""
+    stall = StallFit(
+        stall_per_exchange_s=0.5,
+        hazard_per_node_pipelined=0.02,
+        hazard_per_node_unpipelined=0.0,
+        memory_pressure_fraction=0.8,
+        memory_pressure_probability=0.5,
+        stall_ratio=1.8,
+        num_calibration_rows=10,
+        num_stalled_rows=2,
+        data_source="test",
+        decision=decision,  # type: ignore[arg-type]  # a string is taken, by value
+    )
+    assert stall.decision is StallDecision(decision)
+    assert stall.share(probability, ratio) == pytest.approx(share)
+
+
+def test_stall_decision_must_be_known() -> None:
+    with pytest.raises(ConfigError, match="decision 'mode'; expected one of 'median', 'mean'"):
+        StallFit(
+            stall_per_exchange_s=0.5,
+            hazard_per_node_pipelined=0.02,
+            hazard_per_node_unpipelined=0.0,
+            memory_pressure_fraction=0.8,
+            memory_pressure_probability=0.5,
+            stall_ratio=1.8,
+            num_calibration_rows=10,
+            num_stalled_rows=2,
+            data_source="test",
+            decision="mode",  # type: ignore[arg-type]
+        )
+
+
+def _stall_rows(seed: int = 0, runs: int = 400) -> training.StallRows:
+    """Synthetic calibration runs: pipelined ZeRO-0 data-parallel runs stall with a per-node
+    hazard of 0.2, the others of 0.005; a stall costs 0.5 s per slot and exchange."""
+    rng = np.random.default_rng(seed)
+    nodes = rng.choice([1, 2, 4, 8], runs).astype(float)
+    pipelined = rng.random(runs) < 0.6
+    zero0 = rng.random(runs) < 0.4
+    hazard = np.where(pipelined & zero0, 0.2, 0.005)
+    stalled = rng.random(runs) < 1 - (1 - hazard) ** nodes
+    exchange_s = rng.choice([4.0, 8.0, 16.0], runs)
+    base = rng.uniform(1.0, 10.0, runs)
+    measured = base * rng.uniform(0.9, 1.1, runs) + np.where(stalled, 0.5 * exchange_s, 0.0)
+    return training.StallRows(
+        stalled=stalled,
+        excess_per_exchange_s=(measured - base) / exchange_s,
+        nodes=nodes,
+        pipelined=pipelined,
+        zero0_data_parallel=zero0,
+        memory_share=rng.uniform(0.1, 0.7, runs),
+        exchange_s=exchange_s,
+        base_step_s=base,
+        measured_step_s=measured,
+        group=np.array([f"m/{int(n)}" for n in nodes]),
+    )
+
+
+@pytest.mark.slow
+def test_fit_stall_finds_the_zero0_class_and_applies_its_decision_rule() -> None:
+    """On runs drawn from a known stall model, ``fit_stall`` picks a form with the ZeRO-0
+    class and recovers its hazards; its decision is the lowest CV MAPE among those whose CV
+    Spearman meets the goal (the rule it documents), read back from its own report."""
+    rows = _stall_rows()
+    stall, report = training.fit_stall(rows, rows.stalled.size)
+    assert "ZeRO-0 pipelined class" in report["probability_selection"]["chosen"]
+    assert stall.hazard_per_node_pipelined_zero0 == pytest.approx(0.2, abs=0.05)
+    assert stall.hazard_per_node_pipelined == pytest.approx(0.005, abs=0.005)
+    assert stall.stall_per_exchange_s == pytest.approx(0.5, abs=0.05)
+    scores = report["decision_selection"]["cross_validation"]
+    eligible = {
+        name: s["cv_mape"]
+        for name, s in scores.items()
+        if s["cv_spearman_median"] >= training.SPEARMAN_GOAL
+    }
+    expected = (
+        min(eligible, key=lambda n: eligible[n])
+        if eligible
+        else max(scores, key=lambda n: scores[n]["cv_spearman_median"])
+    )
+    assert stall.decision.value == expected
+
+
+def test_decision_scores_by_hand() -> None:
+    """``decision_scores``: tokens/s MAPE |measured step / predicted - 1|, and the median of
+    the groups' Spearman (groups of at least 3 runs)."""
+    rows = dataclasses.replace(
+        _stall_rows(runs=7),
+        measured_step_s=np.array([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 5.0]),
+        group=np.array(["a", "a", "a", "a", "b", "b", "b"]),
+    )
+    steps = np.array([1.0, 2.0, 4.0, 3.0, 2.0, 1.0, 5.0])
+    mape, rho = training.decision_scores(rows, steps)
+    errors = [0, 0, 0.25, 1 / 3, 0.5, 1.0, 0]
+    assert mape == pytest.approx(sum(errors) / 7)
+    # group a: ranks 1,2,4,3 against 1,2,3,4: rho = 1 - 6·2/(4·15) = 0.8; group b: ranks
+    # 2,1,3 against 1,2,3: rho = 1 - 6·2/(3·8) = 0.5; median 0.65
+    assert rho == pytest.approx(0.65)
+    steps_s = training.decision_steps(rows, np.full(7, 0.25), 0.5, StallDecision.MEAN)
+    assert steps_s == pytest.approx(rows.base_step_s + 0.25 * 0.5 * rows.exchange_s)

@@ -36,6 +36,7 @@ from .model import CollectiveInterval as CollectiveInterval
 from .model import MatmulFit as MatmulFit
 from .model import MemoryOverheadFit as MemoryOverheadFit
 from .model import RatioInterval as RatioInterval
+from .model import StallDecision as StallDecision
 from .model import StallFit as StallFit
 from .model import TrainingStepFit as TrainingStepFit
 from .model import collective_time_s as collective_time_s
@@ -56,6 +57,7 @@ __all__ = [
     "MatmulFit",
     "MemoryOverheadFit",
     "RatioInterval",
+    "StallDecision",
     "StallFit",
     "StepFeatures",
     "TrainingStepFit",

@@ -32,8 +32,10 @@ term.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..collectives import Collective
 from ..dtypes import canonical_dtype, dtype_bytes
@@ -491,19 +493,48 @@ class TrainingStepFit:
             raise ConfigError(f"{owner}: num_calibration_rows must be >= 1")
 
 
+class StallDecision(enum.Enum):
+    """How the calibrated step summarises a stall's two outcomes (``StallFit.decision``):
+    the step is ``base + share·stall_s`` with
+
+    * ``median``: share 1 where ``P(stall) >= 1/2``, else 0 (the likelier outcome);
+    * ``mean``: share ``P(stall)`` (the expected step time: what a run's wall-clock budget
+      needs, over the runs of a cluster that stalls this often);
+    * ``relative-error``: share 1 where ``P·r > 1 - P``, else 0, with ``r`` the stalled over
+      the unstalled step: the outcome whose tokens/s has the smaller expected error
+      relative to the measurement (missing a stall costs ``r - 1``, calling one that does
+      not happen at most ``1 - 1/r``).
+    """
+
+    MEDIAN = "median"
+    MEAN = "mean"
+    RELATIVE_ERROR = "relative-error"
+
+
+def stall_share(decision: StallDecision, probability: Any, stall_ratio: Any) -> Any:
+    """The share of the stall the reported step carries under ``decision`` (numbers or
+    numpy arrays alike); ``stall_ratio`` is the stalled over the unstalled step."""
+    if decision is StallDecision.MEAN:
+        return probability * (stall_ratio * 0.0 + 1.0)
+    if decision is StallDecision.MEDIAN:
+        chosen = probability >= 0.5
+    else:
+        chosen = probability * stall_ratio > 1.0 - probability
+    return chosen * 1.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StallFit:
     """The Playbook's second population of steps: runs that lose about half a second per
     microbatch slot and per pipeline neighbour, in runs whose twins (the same model, nodes
-    and parallelism, another ZeRO stage or microbatch size) run at the predicted speed
-    (docs/calibration.md, "Stalls"). Whether a run stalls is not a function of its
-    configuration, so the model gives a probability, and the calibrated step is the
-    median of the two-outcome distribution::
+    and parallelism, another ZeRO stage or microbatch size) often run at the predicted
+    speed (docs/calibration.md, "Stalls"). Whether a given run stalls is not a function of
+    its configuration, only how often runs like it do, so the model gives a probability::
 
-        P(stall) = 1 - (1 - hazard_per_node)^nodes
+        P(stall) = 1 - (1 - hazard_per_node[class])^nodes
                    · (1 - memory_pressure_probability·[memory > memory_pressure_fraction·C])
         stall_s  = (m + P - 1) · exchanges · stall_per_exchange_s
-        step_s   = base step + [P(stall) >= 1/2] · stall_s
+        step_s   = base step + share · stall_s        (share: ``decision``, 0..1)
 
     * ``stall_per_exchange_s``: the time a stalled step loses per microbatch slot and per
       stage-to-stage exchange (``exchanges`` is 2 for a stage with two pipeline neighbours,
@@ -511,9 +542,13 @@ class StallFit:
     * ``hazard_per_node_pipelined``, ``hazard_per_node_unpipelined``: the probability that
       one node makes the job stall (independent nodes; any one stalls every stage), for
       pipelined and unpipelined runs;
+    * ``hazard_per_node_pipelined_zero0``: the same for pipelined runs with data
+      parallelism and ZeRO-0 (each data-parallel rank holds the whole optimizer state);
+      None: as ``hazard_per_node_pipelined`` (the fit chose one class for both);
     * ``memory_pressure_fraction``: the predicted memory, as a share of the capacity, above
       which the caching allocator runs short and the step stalls with probability
       ``memory_pressure_probability``;
+    * ``decision``: how the calibrated step summarises the two outcomes (``StallDecision``);
     * ``stall_ratio``: a calibration run counts as stalled when measured over predicted
       base step exceeds this (assumed: the gap in the calibration runs' ratios).
     """
@@ -527,6 +562,8 @@ class StallFit:
     num_calibration_rows: int
     num_stalled_rows: int
     data_source: str
+    hazard_per_node_pipelined_zero0: float | None = None
+    decision: StallDecision = StallDecision.MEDIAN
 
     def __post_init__(self) -> None:
         owner = "stall"
@@ -537,12 +574,40 @@ class StallFit:
             "memory_pressure_probability",
         ):
             _finite(owner, name, getattr(self, name), high=1.0)
+        if self.hazard_per_node_pipelined_zero0 is not None:
+            _finite(
+                owner,
+                "hazard_per_node_pipelined_zero0",
+                self.hazard_per_node_pipelined_zero0,
+                high=1.0,
+            )
+        decision: object = self.decision
+        if not isinstance(decision, StallDecision):  # a string from Python code
+            valid = [d.value for d in StallDecision]
+            if decision not in valid:
+                raise ConfigError(
+                    f"{owner}: decision {decision!r}; expected one of {', '.join(map(repr, valid))}"
+                )
+            object.__setattr__(self, "decision", StallDecision(decision))
         _finite(owner, "memory_pressure_fraction", self.memory_pressure_fraction, strict_low=True)
         _finite(owner, "stall_ratio", self.stall_ratio, low=1.0, strict_low=True)
         if self.num_calibration_rows < 1:
             raise ConfigError(f"{owner}: num_calibration_rows must be >= 1")
         if not 0 <= self.num_stalled_rows <= self.num_calibration_rows:
             raise ConfigError(f"{owner}: num_stalled_rows must be in 0..num_calibration_rows")
+
+    def hazard_per_node(self, *, pipelined: bool, zero0_data_parallel: bool) -> float:
+        """The per-node hazard of a run's class."""
+        if not pipelined:
+            return self.hazard_per_node_unpipelined
+        if zero0_data_parallel and self.hazard_per_node_pipelined_zero0 is not None:
+            return self.hazard_per_node_pipelined_zero0
+        return self.hazard_per_node_pipelined
+
+    def share(self, probability: float, stall_ratio: float) -> float:
+        """The share of the stall the calibrated step carries (``decision``), for a run
+        that stalls with ``probability`` and is then ``stall_ratio`` times slower."""
+        return float(stall_share(self.decision, probability, stall_ratio))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

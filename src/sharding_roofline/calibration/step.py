@@ -83,6 +83,15 @@ class StepFeatures:
     uncalibrated: tuple[str, ...] = ()
     #: NVLink domains (nodes) the mesh spans; sets the stall probability (``StallFit``)
     nodes: int = 1
+    #: the data-parallel degree (replicas over the ``dp`` axes) and the ZeRO stage: a
+    #: pipelined data-parallel run with ZeRO-0 has its own stall hazard (``StallFit``)
+    data_parallel: int = 1
+    zero: int = 0
+
+    @property
+    def zero0_data_parallel(self) -> bool:
+        """Data-parallel with the optimizer state replicated (ZeRO-0)."""
+        return self.data_parallel > 1 and self.zero == 0
 
     @property
     def slots(self) -> int:
@@ -310,6 +319,8 @@ def step_features(
         transient_bytes=memory.transient,
         uncalibrated=tuple(missing),
         nodes=max(1, math.ceil(mesh.num_devices / max(per_node, 1))),
+        data_parallel=math.prod(mesh.axis_size(a) for a in strategy.dp),
+        zero=strategy.zero,
     )
 
 
@@ -354,10 +365,8 @@ def stall_probability(
     stall: StallFit, features: StepFeatures, *, memory_bytes: float, capacity_bytes: float
 ) -> float:
     """``StallFit``'s probability that this run stalls."""
-    hazard = (
-        stall.hazard_per_node_pipelined
-        if features.stages > 1
-        else stall.hazard_per_node_unpipelined
+    hazard = stall.hazard_per_node(
+        pipelined=features.stages > 1, zero0_data_parallel=features.zero0_data_parallel
     )
     calm = (1.0 - hazard) ** features.nodes
     if memory_bytes > stall.memory_pressure_fraction * capacity_bytes:
@@ -405,9 +414,12 @@ class CalibratedModelTime:
     breakdown_s: tuple[tuple[str, float], ...]
     source: str
     uncalibrated: tuple[str, ...] = ()
-    #: the probability that the run stalls (``StallFit``), and what a stall costs
+    #: the probability that the run stalls (``StallFit``), what a stall costs, and whether
+    #: the calibrated step carries any of it (the fit's ``decision``; ``breakdown_s``
+    #: "stall" says how much)
     stall_probability: float | None = None
     stall_s: float | None = None
+    stall_included: bool | None = None
 
     @property
     def is_calibrated(self) -> bool:
@@ -439,7 +451,11 @@ class CalibratedModelTime:
                 "tokens_per_s_per_chip": self.roofline_tokens_per_s_per_chip,
                 "memory_per_chip_bytes": self.roofline_memory_per_chip_bytes,
             },
-            "stall": {"probability": self.stall_probability, "stall_s": self.stall_s},
+            "stall": {
+                "probability": self.stall_probability,
+                "stall_s": self.stall_s,
+                "included": self.stall_included,
+            },
             "source": self.source,
             "uncalibrated": list(self.uncalibrated),
         }
@@ -476,10 +492,18 @@ class CalibratedModelTime:
                 f"(limit {capacity})"
             )
         if self.stall_probability is not None and self.stall_s is not None:
-            included = "included" if self.stall_probability >= 0.5 else "not included"
+            carried = dict(self.breakdown_s).get("stall", 0.0)
+            unstalled = self.step_s - carried
+            if carried <= 0.0:
+                which = "the unstalled one"
+            elif carried >= self.stall_s * (1 - 1e-9):
+                which = "the stalled one"
+            else:
+                which = "their expectation"
             lines.append(
-                f"stall risk {self.stall_probability:.0%}: a stalled step takes "
-                f"{format_seconds(self.stall_s)} longer ({included} in the step)"
+                f"stall risk {self.stall_probability:.0%}: unstalled step "
+                f"{format_seconds(unstalled)}, stalled {format_seconds(unstalled + self.stall_s)}"
+                f"; the calibrated step is {which}"
             )
         terms = ", ".join(f"{name} {format_seconds(value)}" for name, value in self.breakdown_s)
         lines.append(f"calibrated step terms: {terms}")
@@ -558,6 +582,7 @@ def calibrate_model_plan(
     m_low, m_high = _scaled(memory, memory_fit.interval)
     stall_p: float | None = None
     stall_s: float | None = None
+    included: bool | None = None
     stalled = 0.0
     if resolved.stall is not None:
         stall_s = stall_time_s(resolved.stall, features)
@@ -567,15 +592,17 @@ def calibrate_model_plan(
             memory_bytes=memory,
             capacity_bytes=memory_fit.capacity_bytes,
         )
-        # the median of the two outcomes; the interval reaches the other when it is likely
+        # the fit's summary of the two outcomes; the interval reaches each outcome that
+        # has at least a 10% chance
         base = step
-        if stall_p >= 0.5:
-            stalled = stall_s
-            step = base + stall_s
-            low, high = _scaled(step, fit.interval)
-            if stall_p < 0.9:
-                low = min(low, base)
-        elif stall_p >= 0.1:
+        share = resolved.stall.share(stall_p, (base + stall_s) / base)
+        included = share > 0.0
+        stalled = share * stall_s
+        step = base + stalled
+        low, high = _scaled(step, fit.interval)
+        if stall_p < 0.9:
+            low = min(low, base * min(fit.interval.low_ratio, 1.0))
+        if stall_p >= 0.1:
             high = max(high, base + stall_s)
     slot = slot_time_s(fit, features)
     device = features.matmul_s + fit.vector_time_factor * features.vector_s
@@ -619,4 +646,5 @@ def calibrate_model_plan(
         uncalibrated=features.uncalibrated,
         stall_probability=stall_p,
         stall_s=stall_s,
+        stall_included=included,
     )

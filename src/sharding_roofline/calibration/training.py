@@ -15,6 +15,7 @@ this procedure gives. Steps:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,16 @@ from .fit import (
     ratio_quantiles,
     training_step_predict,
 )
-from .model import Calibration, MemoryOverheadFit, RatioInterval, StallFit, TrainingStepFit
-from .runs import PlaybookRun, RunLayout, RunPlanner, playbook_model_configs
+from .model import (
+    Calibration,
+    MemoryOverheadFit,
+    RatioInterval,
+    StallDecision,
+    StallFit,
+    TrainingStepFit,
+    stall_share,
+)
+from .runs import PlaybookRun, RunLayout, RunPlanner, playbook_model_configs, spearman
 from .step import StepFeatures, step_features
 
 #: What the Playbook's runs are (nanotron's bench defaults, shared/data/README.md).
@@ -59,6 +68,9 @@ LOSSES: dict[str, float | None] = {"least squares": None, "Huber 0.1": 0.1, "Hub
 STALL_RATIO = 1.8
 #: Candidate memory-pressure thresholds (share of the capacity), chosen by cross-validation.
 MEMORY_PRESSURE_GRID = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
+#: The issue's goal for the rank correlation within (model, nodes) groups: the stall's
+#: decision must keep it on the calibration runs (``fit_stall``).
+SPEARMAN_GOAL = 0.8
 _HAZARD_GRID = np.linspace(0.0, 0.3, 601)
 _PROBABILITY_GRID = np.linspace(0.0, 1.0, 201)
 
@@ -183,61 +195,97 @@ class StallRows:
     excess_per_exchange_s: np.ndarray  # (measured - predicted)/(slots·exchanges)
     nodes: np.ndarray
     pipelined: np.ndarray  # bool
+    zero0_data_parallel: np.ndarray  # bool: dp > 1 with ZeRO-0
     memory_share: np.ndarray  # predicted memory / capacity
+    exchange_s: np.ndarray  # slots·exchanges: a stall costs this times the stall's size
+    base_step_s: np.ndarray  # the out-of-fold predicted base step (for the decision)
+    measured_step_s: np.ndarray
+    group: np.ndarray  # "model/nodes": the Spearman's groups
 
     def subset(self, keep: np.ndarray) -> StallRows:
-        return StallRows(
-            stalled=self.stalled[keep],
-            excess_per_exchange_s=self.excess_per_exchange_s[keep],
-            nodes=self.nodes[keep],
-            pipelined=self.pipelined[keep],
-            memory_share=self.memory_share[keep],
-        )
+        return StallRows(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
 
 
-def _log_loss(probability: np.ndarray, stalled: np.ndarray) -> float:
+@dataclass(frozen=True, slots=True)
+class StallForm:
+    """A candidate form of the stall probability: a per-node hazard (or one probability
+    per run), a separate class for pipelined ZeRO-0 data-parallel runs or not, and a
+    memory-pressure threshold (None: no such term)."""
+
+    per_node: bool
+    zero0_class: bool
+    threshold: float | None
+
+    @property
+    def name(self) -> str:
+        text = "per-node hazard" if self.per_node else "one probability"
+        if self.zero0_class:
+            text += " + ZeRO-0 pipelined class"
+        if self.threshold is not None:
+            text += f" + memory > {self.threshold:.2f}"
+        return text
+
+
+def _log_loss(probability: np.ndarray, stalled: np.ndarray) -> Any:
+    """The log loss of the stalled labels, summed over the last axis (a float for one row
+    of probabilities, an array for a grid of them)."""
     q = np.clip(probability, 1e-6, 1.0 - 1e-6)
-    return float(-np.sum(np.where(stalled, np.log(q), np.log(1.0 - q))))
+    return -np.sum(np.where(stalled, np.log(q), np.log(1.0 - q)), axis=-1)
 
 
-def stall_probabilities(
-    params: tuple[float, float, float], rows: StallRows, *, threshold: float, per_node: bool
-) -> np.ndarray:
-    """``StallFit``'s probability (``per_node=False``: one probability per run, whatever
-    its node count, the alternative the cross-validation compares)."""
-    h_pipe, h_flat, q = params
-    exponent = rows.nodes if per_node else np.ones_like(rows.nodes)
-    calm = (1.0 - np.where(rows.pipelined, h_pipe, h_flat)) ** exponent
-    calm = calm * np.where(rows.memory_share > threshold, 1.0 - q, 1.0)
+#: hazards: (unpipelined, pipelined, pipelined ZeRO-0 data-parallel), then q (numbers, or
+#: arrays that broadcast against the rows: a grid of candidates)
+StallParams = tuple[Any, Any, Any, Any]
+
+
+def stall_probabilities(params: StallParams, rows: StallRows, form: StallForm) -> np.ndarray:
+    """``StallFit``'s probability under ``form`` (``per_node=False``: one probability per
+    run, whatever its node count, the alternative the cross-validation compares)."""
+    h_flat, h_pipe, h_zero0, q = params
+    hazard: Any = np.where(rows.pipelined, h_pipe, h_flat)
+    if form.zero0_class:
+        hazard = np.where(rows.pipelined & rows.zero0_data_parallel, h_zero0, hazard)
+    exponent = rows.nodes if form.per_node else np.ones_like(rows.nodes)
+    calm = (1.0 - hazard) ** exponent
+    if form.threshold is not None:
+        calm = calm * np.where(rows.memory_share > form.threshold, 1.0 - q, 1.0)
     result: np.ndarray = 1.0 - calm
     return result
 
 
-def fit_stall_probability(
-    rows: StallRows, *, threshold: float | None, per_node: bool
-) -> tuple[float, float, float]:
-    """Maximum likelihood of the stalled labels: (pipelined hazard, unpipelined hazard,
-    memory-pressure probability), by coordinate search on grids (``threshold=None``: no
-    memory-pressure term)."""
-    cut = np.inf if threshold is None else threshold
-    params = [0.01, 0.01, 0.0]
-    grids = [_HAZARD_GRID, _HAZARD_GRID, _PROBABILITY_GRID if threshold is not None else [0.0]]
+def fit_stall_probability(rows: StallRows, form: StallForm) -> StallParams:
+    """Maximum likelihood of the stalled labels: (unpipelined hazard, pipelined hazard,
+    ZeRO-0 pipelined hazard, memory-pressure probability), by coordinate search on grids
+    (the parameters ``form`` does not use stay 0; a grid is scored at once, broadcast)."""
+    params = [0.01, 0.01, 0.01 if form.zero0_class else 0.0, 0.0]
+    grids = [
+        _HAZARD_GRID,
+        _HAZARD_GRID,
+        _HAZARD_GRID if form.zero0_class else np.zeros(1),
+        _PROBABILITY_GRID if form.threshold is not None else np.zeros(1),
+    ]
     for _ in range(8):
+        before = list(params)
         for i, grid in enumerate(grids):
-            losses = []
-            for value in grid:
-                trial = (*params[:i], float(value), *params[i + 1 :])
-                probability = stall_probabilities(
-                    (trial[0], trial[1], trial[2]), rows, threshold=cut, per_node=per_node
-                )
-                losses.append(_log_loss(probability, rows.stalled))
-            params[i] = float(grid[int(np.argmin(losses))])
-    return params[0], params[1], params[2]
+            trial = [np.full((grid.size, 1), value) for value in params]
+            trial[i] = grid[:, None]
+            probability = stall_probabilities((trial[0], trial[1], trial[2], trial[3]), rows, form)
+            params[i] = float(grid[int(np.argmin(_log_loss(probability, rows.stalled)))])
+        if params == before:  # a fixed point of the search
+            break
+    return params[0], params[1], params[2], params[3]
 
 
 def stall_rows(
-    runs: list[PlannedRun], step: FitResult, steps: StepRows, memory: np.ndarray
+    runs: list[PlannedRun],
+    step: FitResult,
+    steps: StepRows,
+    memory: np.ndarray,
+    out_of_fold: np.ndarray,
 ) -> StallRows:
+    """The stall fit's rows: stalled labels and sizes from the base step fitted on every run
+    (``step``); for the decision, the base step predicted out of fold (``out_of_fold``:
+    measured over predicted)."""
     features = [r.features for r in runs if r.features is not None]
     ratios = np.array(step.ratios)
     predicted = steps.time_s / ratios
@@ -248,58 +296,107 @@ def stall_rows(
         excess_per_exchange_s=(steps.time_s - predicted) / (slots * exchanges),
         nodes=np.array([float(f.nodes) for f in features]),
         pipelined=np.array([f.stages > 1 for f in features]),
+        zero0_data_parallel=np.array([f.zero0_data_parallel for f in features]),
         memory_share=memory / CAPACITY_BYTES,
+        exchange_s=slots * exchanges,
+        base_step_s=steps.time_s / np.asarray(out_of_fold, dtype=float),
+        measured_step_s=steps.time_s,
+        group=np.array([f"{r.run.model}/{r.run.nodes}" for r in runs if r.features is not None]),
     )
 
 
+def decision_steps(
+    rows: StallRows, probability: np.ndarray, size_s: float, decision: StallDecision
+) -> np.ndarray:
+    """The steps of ``rows`` with the stall summarised as ``decision`` says (base steps out
+    of fold)."""
+    stall_s = rows.exchange_s * size_s
+    ratio = (rows.base_step_s + stall_s) / rows.base_step_s
+    steps: np.ndarray = rows.base_step_s + stall_share(decision, probability, ratio) * stall_s
+    return steps
+
+
+def decision_scores(rows: StallRows, steps: np.ndarray) -> tuple[float, float]:
+    """(tokens/s MAPE, median Spearman within the (model, nodes) groups of at least 3 runs)
+    of predicted ``steps``: the issue's two time goals."""
+    mape = float(np.mean(np.abs(rows.measured_step_s / steps - 1.0)))
+    rhos = []
+    for group in sorted(set(rows.group.tolist())):
+        members = rows.group == group
+        if members.sum() >= 3:
+            # tokens/s per GPU ranks as 1/step within a group of one batch and GPU count
+            rho = spearman(
+                (1.0 / steps[members]).tolist(), (1.0 / rows.measured_step_s[members]).tolist()
+            )
+            if not np.isnan(rho):
+                rhos.append(rho)
+    return mape, float(np.median(rhos)) if rhos else float("nan")
+
+
+#: The candidate forms of the stall probability, compared by cross-validated log loss.
+STALL_FORMS = tuple(
+    StallForm(per_node=per_node, zero0_class=zero0, threshold=threshold)
+    for per_node in (False, True)
+    for zero0 in (False, True)
+    for threshold in (None, *MEMORY_PRESSURE_GRID)
+)
+
+
 def fit_stall(rows: StallRows, num_runs: int) -> tuple[StallFit, dict[str, Any]]:
-    """The stall part: its size from the stalled calibration runs, its probability's form
-    (per-node hazard or one probability; with or without a memory-pressure term, and the
-    threshold) by 5-fold cross-validated log loss on the stalled labels."""
+    """The stall part: its size from the stalled calibration runs; its probability's form
+    (per-node hazard or one probability; a ZeRO-0 pipelined class or not; with or without
+    a memory-pressure term, and its threshold) by 5-fold cross-validated log loss of the
+    stalled labels; then the decision (``StallDecision``) on the same folds: the lowest
+    tokens/s MAPE among the decisions whose within-group Spearman meets ``SPEARMAN_GOAL``
+    (the issue's two time goals; without one that meets it, the best Spearman)."""
     if not rows.stalled.any():
         raise ConfigError("fit_stall: no stalled calibration run")
     size = float(np.median(rows.excess_per_exchange_s[rows.stalled]))
     folds = fold_masks(rows.stalled.size, NUM_FOLDS)
-    candidates: list[tuple[str, float | None, bool]] = []
-    for per_node in (False, True):
-        candidates.append(("per-node hazard" if per_node else "one probability", None, per_node))
-        for grid_value in MEMORY_PRESSURE_GRID:
-            name = f"{'per-node hazard' if per_node else 'one probability'} + memory > "
-            candidates.append((name + f"{grid_value:.2f}", grid_value, per_node))
     cv: dict[str, float] = {}
-    for name, candidate, per_node in candidates:
+    out_of_fold: dict[str, np.ndarray] = {}
+    for form in STALL_FORMS:
         loss = 0.0
+        probability = np.empty(rows.stalled.size)
         for fold in folds:
-            params = fit_stall_probability(
-                rows.subset(~fold), threshold=candidate, per_node=per_node
-            )
+            params = fit_stall_probability(rows.subset(~fold), form)
             held = rows.subset(fold)
-            cut = np.inf if candidate is None else candidate
-            loss += _log_loss(
-                stall_probabilities(params, held, threshold=cut, per_node=per_node), held.stalled
-            )
-        cv[name] = loss / rows.stalled.size
-    chosen = min(cv, key=lambda n: cv[n])
-    _, threshold, per_node = next(c for c in candidates if c[0] == chosen)
-    if not per_node:
+            probability[fold] = stall_probabilities(params, held, form)
+            loss += float(_log_loss(probability[fold], held.stalled))
+        cv[form.name] = loss / rows.stalled.size
+        out_of_fold[form.name] = probability
+    chosen = min(STALL_FORMS, key=lambda f: cv[f.name])
+    if not chosen.per_node:
         raise ConfigError(
             "fit_stall: cross-validation prefers one stall probability for every node count; "
             "StallFit describes a per-node hazard"
         )
-    h_pipe, h_flat, q = fit_stall_probability(rows, threshold=threshold, per_node=True)
+    scores = {
+        d: decision_scores(rows, decision_steps(rows, out_of_fold[chosen.name], size, d))
+        for d in StallDecision
+    }
+    eligible = [d for d in StallDecision if scores[d][1] >= SPEARMAN_GOAL]
+    if eligible:
+        decision = min(eligible, key=lambda d: scores[d][0])
+    else:
+        decision = max(StallDecision, key=lambda d: scores[d][1])
+    h_flat, h_pipe, h_zero0, q = fit_stall_probability(rows, chosen)
     stall = StallFit(
         stall_per_exchange_s=size,
         hazard_per_node_pipelined=h_pipe,
         hazard_per_node_unpipelined=h_flat,
-        memory_pressure_fraction=1.0 if threshold is None else threshold,
+        hazard_per_node_pipelined_zero0=h_zero0 if chosen.zero0_class else None,
+        memory_pressure_fraction=1.0 if chosen.threshold is None else chosen.threshold,
         memory_pressure_probability=q,
+        decision=decision,
         stall_ratio=STALL_RATIO,
         num_calibration_rows=num_runs,
         num_stalled_rows=int(rows.stalled.sum()),
         data_source=(
             f"{sd.PLAYBOOK_RUNS_FILE}: {int(rows.stalled.sum())} of the {num_runs} calibration "
-            f"runs measured over {STALL_RATIO:g}x the base step ({chosen}, by cross-validated "
-            "log loss)"
+            f"runs measured over {STALL_RATIO:g}x the base step ({chosen.name}, by "
+            f"cross-validated log loss; decision {decision.value}, by cross-validated MAPE "
+            f"with Spearman >= {SPEARMAN_GOAL:g})"
         ),
     )
     report = {
@@ -309,9 +406,18 @@ def fit_stall(rows: StallRows, num_runs: int) -> tuple[StallFit, dict[str, Any]]
         "stall_per_exchange_quartiles_s": [
             float(x) for x in np.percentile(rows.excess_per_exchange_s[rows.stalled], [25, 75])
         ],
-        "probability_selection": {"chosen": chosen, "cv_log_loss_per_run": cv},
+        "probability_selection": {"chosen": chosen.name, "cv_log_loss_per_run": cv},
+        "decision_selection": {
+            "chosen": decision.value,
+            "spearman_goal": SPEARMAN_GOAL,
+            "cross_validation": {
+                d.value: {"cv_mape": mape, "cv_spearman_median": rho}
+                for d, (mape, rho) in scores.items()
+            },
+        },
         "hazard_per_node_pipelined": h_pipe,
         "hazard_per_node_unpipelined": h_flat,
+        "hazard_per_node_pipelined_zero0": h_zero0 if chosen.zero0_class else None,
         "memory_pressure_fraction": stall.memory_pressure_fraction,
         "memory_pressure_probability": q,
     }
@@ -402,7 +508,13 @@ def fit_playbook(runs: list[PlannedRun]) -> PlaybookFit:
         ),
     )
     stall, stall_report = fit_stall(
-        stall_rows(runs, step_result, steps, memory_predict(memory_result.params, memory_table)),
+        stall_rows(
+            runs,
+            step_result,
+            steps,
+            memory_predict(memory_result.params, memory_table),
+            oof[chosen],
+        ),
         len(runs),
     )
     report = {
