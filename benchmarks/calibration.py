@@ -1069,8 +1069,8 @@ def fit_training_step_part(
             f"{pct(scores['cv_mape'])}, Spearman median {scores['cv_spearman_median']:.3f}"
         )
     print(
-        f"   chosen decision: {selection['chosen']!r} (the lowest CV MAPE with Spearman >= "
-        f"{selection['spearman_goal']:g})"
+        f"   shipped decision: {selection['chosen']!r} (by definition: the expected step; the "
+        "others for comparison)"
     )
     fitted = dataclasses.replace(
         calibration, source=source, step=step, memory=memory, stall=result.stall

@@ -360,6 +360,8 @@ def test_calibrated_plan_on_h100() -> None:
     assert figure.stall_probability == pytest.approx(p)
     assert figure.step_s == pytest.approx(base + share * extra)
     assert dict(figure.breakdown_s)["stall"] == pytest.approx(share * extra)
+    assert figure.unstalled_step_s == pytest.approx(base)
+    assert figure.as_dict()["stall"]["unstalled_step_time_s"] == pytest.approx(base)
     assert figure.tokens_per_s_per_chip == pytest.approx(
         plan.training.batch_tokens / figure.step_s / plan.mesh.num_devices
     )
@@ -412,7 +414,7 @@ def test_playbook_run_layout() -> None:
     layout = run.layout()
     assert layout.mesh_spec == "pp=4,dp=2,tp=4"  # nanotron's (pp, dp, tp) rank order
     assert layout.topology == "4x8"
-    assert layout.strategy == "dp=dp,sp=tp,pp=pp,zero=1"
+    assert layout.strategy == "dp=dp,sp=tp,pp=pp,zero=1,regather=1"
     # 2 microbatches cannot fill 4 stages in the planner: plan 4, cost 2
     assert layout.training.microbatches == 4
     assert layout.microbatches == 2
@@ -779,10 +781,10 @@ def _stall_rows(seed: int = 0, runs: int = 400) -> training.StallRows:
 
 
 @pytest.mark.slow
-def test_fit_stall_finds_the_zero0_class_and_applies_its_decision_rule() -> None:
+def test_fit_stall_finds_the_zero0_class_and_its_hazards() -> None:
     """On runs drawn from a known stall model, ``fit_stall`` picks a form with the ZeRO-0
-    class and recovers its hazards; its decision is the lowest CV MAPE among those whose CV
-    Spearman meets the goal (the rule it documents), read back from its own report."""
+    class and recovers its hazards and the stall's size; it reports every decision's CV
+    scores and ships the expectation."""
     rows = _stall_rows()
     stall, report = training.fit_stall(rows, rows.stalled.size)
     assert "ZeRO-0 pipelined class" in report["probability_selection"]["chosen"]
@@ -790,17 +792,8 @@ def test_fit_stall_finds_the_zero0_class_and_applies_its_decision_rule() -> None
     assert stall.hazard_per_node_pipelined == pytest.approx(0.005, abs=0.005)
     assert stall.stall_per_exchange_s == pytest.approx(0.5, abs=0.05)
     scores = report["decision_selection"]["cross_validation"]
-    eligible = {
-        name: s["cv_mape"]
-        for name, s in scores.items()
-        if s["cv_spearman_median"] >= training.SPEARMAN_GOAL
-    }
-    expected = (
-        min(eligible, key=lambda n: eligible[n])
-        if eligible
-        else max(scores, key=lambda n: scores[n]["cv_spearman_median"])
-    )
-    assert stall.decision.value == expected
+    assert set(scores) == {d.value for d in StallDecision}
+    assert stall.decision is training.SHIPPED_DECISION is StallDecision.MEAN
 
 
 def test_decision_scores_by_hand() -> None:

@@ -12,9 +12,10 @@ import pytest
 from sharding_roofline import DeviceMesh, Einsum, PlanError, Planner, SpecError, load_preset
 from sharding_roofline.cli import main
 from sharding_roofline.errors import ConfigError
+from sharding_roofline.plans import Rejected
 from sharding_roofline.program.analysis import critical_batch, max_model_parallel
 from sharding_roofline.program.autodiff import Remat, training
-from sharding_roofline.program.evaluate import Placement, evaluate
+from sharding_roofline.program.evaluate import Placement, ProgramPlan, evaluate
 from sharding_roofline.program.graph import (
     LetterRoles,
     Op,
@@ -178,7 +179,16 @@ def test_a_summed_free_letter_has_no_gradient_einsum() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["dp=x", "fsdp=x+y", "fsdp=x,tp=y", "fsdp=x,sp=y", "dp=x,zero=1", "fsdp=x,mlp.f=y"]
+    "text",
+    [
+        "dp=x",
+        "fsdp=x+y",
+        "fsdp=x,tp=y",
+        "fsdp=x,sp=y",
+        "dp=x,zero=1",
+        "fsdp=x,mlp.f=y",
+        "dp=x,sp=y,regather=1",
+    ],
 )
 def test_strategy_names_parse_back(text: str) -> None:
     assert Strategy.parse(text).name == text
@@ -192,12 +202,50 @@ def test_strategy_names_parse_back(text: str) -> None:
         ("dq=x", "unknown key 'dq'"),
         ("fsdp", "is not KEY=AXES"),
         ("zero=4", "expected 0, 1, 2 or 3"),
+        ("dp=x,regather=yes", "regather='yes'; expected 1"),
         ("", "empty strategy"),
     ],
 )
 def test_bad_strategies_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         Strategy.parse(text)
+
+
+def test_regather_saves_the_shard_and_gathers_it_again_in_the_backward() -> None:
+    """``regather=1``: the normed inputs that sequence parallelism all-gathers before the
+    attention and MLP matmuls are saved as their shard (1/|y| of the gathered bytes) and
+    all-gathered again in the backward: one more all-gather of each, of the forward's size;
+    nothing else changes."""
+    program = training(block())
+    mesh = v5e()
+    plain = evaluate(program, mesh, place(program, mesh, "dp=x,sp=y"))
+    regather = evaluate(program, mesh, place(program, mesh, "dp=x,sp=y,regather=1"))
+    assert not isinstance(plain, Rejected)
+    assert not isinstance(regather, Rejected)
+    # xn1 and xn2: [tokens, d] in bf16, split over dp (x=2); gathered over y=4 at the
+    # matmuls, a quarter of that as the norm left them
+    tokens, d, itemsize = 64 * 64, BLOCK["d"], 2
+    gathered = tokens // 2 * d * itemsize
+    assert plain.memory.activations - regather.memory.activations == pytest.approx(
+        2 * (gathered - gathered / 4)
+    )
+    saved = {t: b for c, t, b in regather.memory.items if c == "activations"}
+    assert saved["xn1"] == saved["xn2"] == gathered / 4
+
+    def gathers(plan: ProgramPlan) -> list[tuple[str, int]]:
+        return [
+            (s.operand, s.cost.elements_in_per_chip)
+            for op_plan in plan.ops
+            if op_plan.op.phase is Phase.BACKWARD
+            for s in op_plan.collectives
+            if s.cost is not None and s.cost.kind.value == "all-gather"
+        ]
+
+    extra = sorted(gathers(regather))
+    for item in gathers(plain):
+        extra.remove(item)
+    assert extra == [("xn1", tokens // 2 * d // 4), ("xn2", tokens // 2 * d // 4)]
+    assert regather.cost.flops == plain.cost.flops
 
 
 def test_a_strategy_on_axes_the_mesh_lacks_is_an_error() -> None:

@@ -7,14 +7,15 @@ is in docs/calibration.md ("Mapping the runs").
 
 **Playbook (nanotron).** Ranks are laid out pp-major, then dp, then tp (nanotron's
 ``ParallelContext`` reshapes the world as ``(pp, dp, tp)``), so the mesh is
-``pp=P,dp=D,tp=T`` on ``NODESx8`` with tensor parallelism innermost (inside a node up to
-8). The strategy is ``dp=dp,sp=tp,pp=pp,zero=Z`` (nanotron's ``tp_mode: REDUCE_SCATTER``
-is sequence parallelism), 1F1B, no recomputation, AdamW with fp32 master weights and
-moments; ``grad_accum_steps`` microbatches of ``micro_batch_size`` sequences of 4096
-tokens. Runs with fewer microbatches than stages (which the planner refuses) are planned
-with ``m = P`` and costed with the real ``m`` (``step.step_features``); runs with more
-stages than layers (3B on 32 stages: nanotron counts the embedding and head as pipeline
-blocks) cannot be mapped.
+``pp=P,dp=D,tp=T`` on ``NODESx8`` with tensor parallelism innermost (inside a node up to 8).
+The strategy is ``dp=dp,sp=tp,pp=pp,zero=Z,regather=1`` (nanotron's ``tp_mode:
+REDUCE_SCATTER`` is sequence parallelism, and its default ``tp_recompute_allgather`` saves
+the gathered inputs as shards and gathers them again in the backward), 1F1B, no
+recomputation, AdamW with fp32 master weights and moments; ``grad_accum_steps`` microbatches
+of ``micro_batch_size`` sequences of 4096 tokens. Runs with fewer microbatches than stages
+(which the planner refuses) are planned with ``m = P`` and costed with the real ``m``
+(``step.step_features``); runs with more stages than layers (3B on 32 stages: nanotron
+counts the embedding and head as pipeline blocks) cannot be mapped.
 
 **torchtitan.** World mesh ``pp, dp_shard, cp, tp`` (torchtitan's order), strategy
 ``fsdp=fsdp+cp,cp=cp,sp=tp,pp=pp`` (FSDP shards over the data and context axes; TP with
@@ -172,7 +173,9 @@ class PlaybookRun:
             model=self.model,
             mesh_spec=f"pp={self.pp},dp={self.dp},tp={self.tp}",
             topology=f"{self.nodes}x{GPUS_PER_NODE}",
-            strategy=f"dp=dp,sp=tp,pp=pp,zero={self.zero}",
+            # nanotron's tp_recompute_allgather (its default): SP's gathered inputs are
+            # saved as shards and gathered again in the backward
+            strategy=f"dp=dp,sp=tp,pp=pp,zero={self.zero},regather=1",
             training=Training(
                 batch_tokens=sequences * self.seq_len,
                 seq_len=self.seq_len,

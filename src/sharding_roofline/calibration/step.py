@@ -425,6 +425,13 @@ class CalibratedModelTime:
     def is_calibrated(self) -> bool:
         return self.step_s is not None
 
+    @property
+    def unstalled_step_s(self) -> float | None:
+        """The calibrated step without any of the stall (None when not calibrated)."""
+        if self.step_s is None:
+            return None
+        return self.step_s - dict(self.breakdown_s).get("stall", 0.0)
+
     def as_dict(self) -> dict[str, object]:
         """The ``model`` JSON's ``calibrated`` object (None fields stay null)."""
         return {
@@ -455,6 +462,7 @@ class CalibratedModelTime:
                 "probability": self.stall_probability,
                 "stall_s": self.stall_s,
                 "included": self.stall_included,
+                "unstalled_step_time_s": self.unstalled_step_s,
             },
             "source": self.source,
             "uncalibrated": list(self.uncalibrated),

@@ -65,6 +65,9 @@ class Placement:
     #: ZeRO stage, for memory: gradients are held sharded (as ``grads``) from stage 2 on;
     #: below, each chip holds a full gradient buffer (as ``storage``)
     zero: int = 0
+    #: a saved activation the forward op gathered is kept as its producer left it, and the
+    #: backward op gathers it again (``Strategy.regather``)
+    regather: bool = False
     idle_axes: bool = True
     notes: tuple[str, ...] = ()
 
@@ -148,6 +151,8 @@ class OpPlan:
     steps_in: tuple[Step, ...]
     steps_out: tuple[Step, ...]
     cost: Cost
+    #: per input: where it is read from (its home, or the layout it was saved in)
+    sources: tuple[Dims, ...] = ()
 
     @property
     def name(self) -> str:
@@ -503,10 +508,17 @@ class _Evaluator:
         return False
 
     def source(self, op: Op, item: OpInput) -> Dims:
-        """Where an op's input comes from: a saved layout, or the tensor's home."""
+        """Where an op's input comes from: a saved layout, or the tensor's home. Under
+        ``regather``, an activation its forward op read gathered is saved as its home (a
+        shard) when that holds fewer bytes and is no partial sum."""
         if item.saved_at:
             saved_op = self.program.op(item.saved_at)
-            return self.at_op(saved_op, item.letters)
+            saved = self.at_op(saved_op, item.letters)
+            if self.placement.regather and not self.partial(item.tensor):
+                home = self.home(item.tensor)
+                if self._bytes(item.tensor, home) < self._bytes(item.tensor, saved):
+                    return home
+            return saved
         return self.home(item.tensor)
 
     # -- one op ---------------------------------------------------------------------------
@@ -680,6 +692,7 @@ class _Evaluator:
             steps_in=tuple(steps_in),
             steps_out=tuple(self._steps(op.output, post, op)),
             cost=cost,
+            sources=srcs,
         )
 
     def _indivisible(self, op: Op, tensor: str, src: Dims, dst: Dims) -> Rejected:

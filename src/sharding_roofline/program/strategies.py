@@ -15,6 +15,11 @@ first):
 * ``sp=y``: tensor parallelism with sequence parallelism: as ``tp=y``, and the activations
   between blocks are split along the sequence over ``y`` (all-gather before, reduce-scatter
   after, instead of the all-reduce);
+* ``regather=1``: saved activations are kept as their producer laid them out, and a
+  backward op that needs one gathered gathers it again (Megatron's sequence parallelism,
+  nanotron's ``tp_recompute_allgather``): the saved copy of an activation that the forward
+  op all-gathered (SP's normed inputs, CP's keys and values) costs its shard, not the
+  whole, for one more all-gather in the backward pass;
 * ``<stage>.<letter>=axes``: pins a letter of one stage (``mlp.f=y+z``, ``io.t=y``),
   overriding what the named parts say; the layout search names its placements this way.
 
@@ -71,6 +76,7 @@ class Strategy:
     schedule: str = ""
     vs: int = 0  # virtual stages per device (interleaved)
     remat: str = ""
+    regather: bool = False
     pins: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
@@ -131,11 +137,19 @@ class Strategy:
                 raise SpecError(
                     f"strategy {text!r}: {item.strip()!r} is not KEY=AXES; write e.g. "
                     "fsdp=x,tp=y (keys: dp, fsdp, tp, sp, pp, ep, cp, zero, mb, schedule, "
-                    "vs, remat, or stage.letter pins)"
+                    "vs, remat, regather, or stage.letter pins)"
                 )
             if key in ("zero", "mb", "vs"):
                 if not (value.isascii() and value.isdigit()):
                     raise SpecError(f"strategy {text!r}: {key}={value!r} must be a whole number")
+                numbers[key] = int(value)
+                continue
+            if key == "regather":
+                if value not in ("0", "1"):
+                    raise SpecError(
+                        f"strategy {text!r}: regather={value!r}; expected 1 (gather saved "
+                        "activations again in the backward pass) or 0"
+                    )
                 numbers[key] = int(value)
                 continue
             if key in ("schedule", "remat"):
@@ -161,7 +175,7 @@ class Strategy:
                 continue
             raise SpecError(
                 f"strategy {text!r}: unknown key {key!r}; expected dp, fsdp, tp, sp, pp, ep, "
-                "cp, zero, mb, schedule, vs, remat, or a pin like mlp.f=y"
+                "cp, zero, mb, schedule, vs, remat, regather, or a pin like mlp.f=y"
             )
         return cls(
             dp=parts.get("dp", ()),
@@ -176,6 +190,7 @@ class Strategy:
             vs=numbers.get("vs", 0),
             schedule=words.get("schedule", ""),
             remat=words.get("remat", ""),
+            regather=bool(numbers.get("regather", 0)),
             pins=tuple(pins),
         )
 
@@ -202,6 +217,8 @@ class Strategy:
             parts.append(f"vs={self.vs}")
         if self.remat:
             parts.append(f"remat={self.remat}")
+        if self.regather:
+            parts.append("regather=1")
         parts += [f"{s}.{c}={'+'.join(a) or '-'}" for s, c, a in self.pins]
         return ",".join(parts) or "replicated"
 
@@ -374,6 +391,7 @@ def place(
         fsdp=strategy.fsdp,
         dp=strategy.dp,
         zero=strategy.zero,
+        regather=strategy.regather,
         idle_axes=idle_axes,
         notes=notes,
     )
@@ -389,6 +407,7 @@ def build_placement(
     fsdp: tuple[str, ...] = (),
     dp: tuple[str, ...] = (),
     zero: int = 0,
+    regather: bool = False,
     idle_axes: bool = True,
     notes: Iterable[str] = (),
 ) -> Placement:
@@ -444,6 +463,7 @@ def build_placement(
         grads=tuple(grads),
         optimizer=tuple(optimizer),
         zero=3 if fsdp and not dp else zero,
+        regather=regather,
         idle_axes=idle_axes,
         notes=tuple(dict.fromkeys(remarks)),
     )

@@ -167,6 +167,15 @@ class PlanPins(Pins):
         self.mesh = mesh
         self.ops = {op_plan.op.name: op_plan for op_plan in plan.ops}
         self.saved = set(saved_activations(plan.program))
+        #: (forward op, tensor) the backward reads from the tensor's home, not from the
+        #: op's layout (``Strategy.regather``): saved before the op's gather
+        self.regathered = {
+            (item.saved_at, item.tensor)
+            for op_plan in plan.ops
+            for item, src in zip(op_plan.op.inputs, op_plan.sources, strict=True)
+            if item.saved_at
+            and src != tuple(dict(self.ops[item.saved_at].sigma).get(c, ()) for c in item.letters)
+        }
 
     def _pin(self, value: jax.Array, dims: Dims) -> jax.Array:
         where = (
@@ -177,8 +186,13 @@ class PlanPins(Pins):
     def input(self, op: Op, index: int, value: jax.Array) -> jax.Array:
         op_plan = self.ops[op.name]
         tensor, dims = op_plan.at_op[index]
+        saved = (op.name, tensor) in self.saved
+        if saved and (op.name, tensor) in self.regathered:
+            # saved as its producer left it; the gather to the op's layout is recomputed
+            value = _checkpoint_name(value, checkpoint_label(op.name, tensor))
+            return self._pin(value, dims)
         value = self._pin(value, dims)
-        if (op.name, tensor) in self.saved:
+        if saved:
             value = _checkpoint_name(value, checkpoint_label(op.name, tensor))
         return value
 
@@ -258,11 +272,8 @@ class Replay:
         )
 
     def source(self, op_plan: OpPlan, index: int) -> Dims:
-        item = op_plan.op.inputs[index]
-        if item.saved_at:
-            sigma = dict(self.plan.op(item.saved_at).sigma)
-            return tuple(sigma.get(c, ()) for c in item.letters)
-        return self.plan.home(item.tensor)
+        """Where the plan reads the op's input from (its home, or where it was saved)."""
+        return op_plan.sources[index]
 
     def start(self) -> None:
         """Forget what a previous run left: which results are partial sums, the stash."""
