@@ -763,17 +763,17 @@ def _stall_rows(seed: int = 0, runs: int = 400) -> training.StallRows:
     zero0 = rng.random(runs) < 0.4
     hazard = np.where(pipelined & zero0, 0.2, 0.005)
     stalled = rng.random(runs) < 1 - (1 - hazard) ** nodes
-    exchange_s = rng.choice([4.0, 8.0, 16.0], runs)
+    stall_exchanges = rng.choice([4.0, 8.0, 16.0], runs)
     base = rng.uniform(1.0, 10.0, runs)
-    measured = base * rng.uniform(0.9, 1.1, runs) + np.where(stalled, 0.5 * exchange_s, 0.0)
+    measured = base * rng.uniform(0.9, 1.1, runs) + np.where(stalled, 0.5 * stall_exchanges, 0.0)
     return training.StallRows(
         stalled=stalled,
-        excess_per_exchange_s=(measured - base) / exchange_s,
+        excess_per_exchange_s=(measured - base) / stall_exchanges,
         nodes=nodes,
         pipelined=pipelined,
         zero0_data_parallel=zero0,
         memory_share=rng.uniform(0.1, 0.7, runs),
-        exchange_s=exchange_s,
+        stall_exchanges=stall_exchanges,
         base_step_s=base,
         measured_step_s=measured,
         group=np.array([f"m/{int(n)}" for n in nodes]),
@@ -812,4 +812,4 @@ def test_decision_scores_by_hand() -> None:
     # 2,1,3 against 1,2,3: rho = 1 - 6·2/(3·8) = 0.5; median 0.65
     assert rho == pytest.approx(0.65)
     steps_s = training.decision_steps(rows, np.full(7, 0.25), 0.5, StallDecision.MEAN)
-    assert steps_s == pytest.approx(rows.base_step_s + 0.25 * 0.5 * rows.exchange_s)
+    assert steps_s == pytest.approx(rows.base_step_s + 0.25 * 0.5 * rows.stall_exchanges)

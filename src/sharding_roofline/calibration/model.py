@@ -515,7 +515,7 @@ def stall_share(decision: StallDecision, probability: Any, stall_ratio: Any) -> 
     """The share of the stall the reported step carries under ``decision`` (numbers or
     numpy arrays alike); ``stall_ratio`` is the stalled over the unstalled step."""
     if decision is StallDecision.MEAN:
-        return probability * (stall_ratio * 0.0 + 1.0)
+        return probability * (stall_ratio * 0.0 + 1.0)  # broadcast to the ratio's shape
     if decision is StallDecision.MEDIAN:
         chosen = probability >= 0.5
     else:

@@ -500,8 +500,8 @@ class CalibratedModelTime:
                 f"(limit {capacity})"
             )
         if self.stall_probability is not None and self.stall_s is not None:
-            carried = dict(self.breakdown_s).get("stall", 0.0)
-            unstalled = self.step_s - carried
+            unstalled = self.unstalled_step_s or 0.0
+            carried = self.step_s - unstalled
             if carried <= 0.0:
                 which = "the unstalled one"
             elif carried >= self.stall_s * (1 - 1e-9):

@@ -198,7 +198,7 @@ class StallRows:
     pipelined: np.ndarray  # bool
     zero0_data_parallel: np.ndarray  # bool: dp > 1 with ZeRO-0
     memory_share: np.ndarray  # predicted memory / capacity
-    exchange_s: np.ndarray  # slots·exchanges: a stall costs this times the stall's size
+    stall_exchanges: np.ndarray  # slots·exchanges (a count): a stall costs this x its size
     base_step_s: np.ndarray  # the out-of-fold predicted base step (for the decision)
     measured_step_s: np.ndarray
     group: np.ndarray  # "model/nodes": the Spearman's groups
@@ -299,7 +299,7 @@ def stall_rows(
         pipelined=np.array([f.stages > 1 for f in features]),
         zero0_data_parallel=np.array([f.zero0_data_parallel for f in features]),
         memory_share=memory / CAPACITY_BYTES,
-        exchange_s=slots * exchanges,
+        stall_exchanges=slots * exchanges,
         base_step_s=steps.time_s / np.asarray(out_of_fold, dtype=float),
         measured_step_s=steps.time_s,
         group=np.array([f"{r.run.model}/{r.run.nodes}" for r in runs if r.features is not None]),
@@ -311,7 +311,7 @@ def decision_steps(
 ) -> np.ndarray:
     """The steps of ``rows`` with the stall summarised as ``decision`` says (base steps out
     of fold)."""
-    stall_s = rows.exchange_s * size_s
+    stall_s = rows.stall_exchanges * size_s
     ratio = (rows.base_step_s + stall_s) / rows.base_step_s
     steps: np.ndarray = rows.base_step_s + stall_share(decision, probability, ratio) * stall_s
     return steps
