@@ -92,6 +92,23 @@ def _memory_fit(**changes: object) -> MemoryOverheadFit:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
+def _stall_fit(**changes: object) -> StallFit:
+    """A stall fit with round numbers; ``changes`` go to the constructor (so that
+    ``__post_init__`` sees them)."""
+    fields: dict[str, object] = {
+        "stall_per_exchange_s": 0.5,
+        "hazard_per_node_pipelined": 0.02,
+        "hazard_per_node_unpipelined": 0.0,
+        "memory_pressure_fraction": 0.8,
+        "memory_pressure_probability": 0.5,
+        "stall_ratio": 1.8,
+        "num_calibration_rows": 10,
+        "num_stalled_rows": 2,
+        "data_source": "test",
+    }
+    return StallFit(**{**fields, **changes})  # type: ignore[arg-type]
+
+
 def _features(**changes: object) -> StepFeatures:
     base = StepFeatures(
         matmul_s=0.1,
@@ -655,33 +672,8 @@ def test_zero_microbatches_is_an_error() -> None:
 
 def test_stall_probability_and_size() -> None:
     """``StallFit``: the per-node hazard, the memory-pressure term and the stall's size."""
-    stall = StallFit(
-        stall_per_exchange_s=0.5,
-        hazard_per_node_pipelined=0.02,
-        hazard_per_node_unpipelined=0.0,
-        memory_pressure_fraction=0.8,
-        memory_pressure_probability=0.5,
-        stall_ratio=1.8,
-        num_calibration_rows=10,
-        num_stalled_rows=2,
-        data_source="test",
-    )
-    base = StepFeatures(
-        matmul_s=0.1,
-        vector_s=0.0,
-        comm_s=0.0,
-        layers=4,
-        tp_ring_steps=0,
-        gradient_s=0.0,
-        optimizer_s=0.0,
-        stages=4,
-        microbatches=8,
-        persistent_bytes=0.0,
-        local_params=0.0,
-        activation_bytes=0.0,
-        transient_bytes=0.0,
-        nodes=8,
-    )
+    stall = _stall_fit()
+    base = _features(stages=4, microbatches=8, nodes=8)
     p = stall_probability(stall, base, memory_bytes=1e9, capacity_bytes=80e9)
     assert p == pytest.approx(1 - 0.98**8)
     high = stall_probability(stall, base, memory_bytes=70e9, capacity_bytes=80e9)
@@ -722,36 +714,14 @@ def test_stall_probability_and_size() -> None:
 )
 def test_stall_decisions(decision: str, probability: float, ratio: float, share: float) -> None:
     """``StallDecision``: the share of a stall the calibrated step carries."""
-    stall = StallFit(
-        stall_per_exchange_s=0.5,
-        hazard_per_node_pipelined=0.02,
-        hazard_per_node_unpipelined=0.0,
-        memory_pressure_fraction=0.8,
-        memory_pressure_probability=0.5,
-        stall_ratio=1.8,
-        num_calibration_rows=10,
-        num_stalled_rows=2,
-        data_source="test",
-        decision=decision,  # type: ignore[arg-type]  # a string is taken, by value
-    )
+    stall = _stall_fit(decision=decision)  # a string is taken, by value
     assert stall.decision is StallDecision(decision)
     assert stall.share(probability, ratio) == pytest.approx(share)
 
 
 def test_stall_decision_must_be_known() -> None:
     with pytest.raises(ConfigError, match="decision 'mode'; expected one of 'median', 'mean'"):
-        StallFit(
-            stall_per_exchange_s=0.5,
-            hazard_per_node_pipelined=0.02,
-            hazard_per_node_unpipelined=0.0,
-            memory_pressure_fraction=0.8,
-            memory_pressure_probability=0.5,
-            stall_ratio=1.8,
-            num_calibration_rows=10,
-            num_stalled_rows=2,
-            data_source="test",
-            decision="mode",  # type: ignore[arg-type]
-        )
+        _stall_fit(decision="mode")
 
 
 def _stall_rows(seed: int = 0, runs: int = 400) -> training.StallRows:

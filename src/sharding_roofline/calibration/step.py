@@ -414,16 +414,21 @@ class CalibratedModelTime:
     breakdown_s: tuple[tuple[str, float], ...]
     source: str
     uncalibrated: tuple[str, ...] = ()
-    #: the probability that the run stalls (``StallFit``), what a stall costs, and whether
-    #: the calibrated step carries any of it (the fit's ``decision``; ``breakdown_s``
-    #: "stall" says how much)
+    #: the probability that the run stalls (``StallFit``) and what a stall costs; how much
+    #: of it the step carries is ``breakdown_s``'s "stall" (the fit's ``decision``)
     stall_probability: float | None = None
     stall_s: float | None = None
-    stall_included: bool | None = None
 
     @property
     def is_calibrated(self) -> bool:
         return self.step_s is not None
+
+    @property
+    def stall_included(self) -> bool | None:
+        """Whether the calibrated step carries any of the stall (None without a stall fit)."""
+        if self.stall_probability is None:
+            return None
+        return dict(self.breakdown_s).get("stall", 0.0) > 0.0
 
     @property
     def unstalled_step_s(self) -> float | None:
@@ -590,7 +595,6 @@ def calibrate_model_plan(
     m_low, m_high = _scaled(memory, memory_fit.interval)
     stall_p: float | None = None
     stall_s: float | None = None
-    included: bool | None = None
     stalled = 0.0
     if resolved.stall is not None:
         stall_s = stall_time_s(resolved.stall, features)
@@ -604,7 +608,6 @@ def calibrate_model_plan(
         # has at least a 10% chance
         base = step
         share = resolved.stall.share(stall_p, (base + stall_s) / base)
-        included = share > 0.0
         stalled = share * stall_s
         step = base + stalled
         low, high = _scaled(step, fit.interval)
@@ -654,5 +657,4 @@ def calibrate_model_plan(
         uncalibrated=features.uncalibrated,
         stall_probability=stall_p,
         stall_s=stall_s,
-        stall_included=included,
     )
